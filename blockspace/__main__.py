@@ -1,0 +1,3 @@
+from blockspace.cli import main
+
+raise SystemExit(main())
