@@ -1,0 +1,44 @@
+# Blockspace: `make demo` and `make test` are all a fresh Debian 12 machine (as root) needs;
+# both run `make setup` first, which installs what is missing and is quick once done.
+
+REPO := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
+VENV := $(REPO)/.venv
+PY   := $(VENV)/bin/python
+
+# Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-k layouts -x"`.
+PYTEST_ARGS ?=
+
+# pytest exit codes are propagated; 5 ("no tests collected") is a failure too, with a word why.
+define run_pytest
+	@cd "$(REPO)" && "$(PY)" -m pytest $(1) $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make: pytest collected no tests: failing" >&2; fi; \
+	exit $$rc
+endef
+
+.PHONY: help setup test test-slow lint demo demo-clean
+
+help:
+	@echo "make setup       install system packages, .venv and the package (idempotent)"
+	@echo "make test        setup, then the default test suite (not slow)"
+	@echo "make test-slow   setup, then the slow tests only"
+	@echo "make lint        setup, then ruff check"
+	@echo "make demo        setup, then build and mount a demo pool under ./demo"
+	@echo "make demo-clean  unmount and remove ./demo"
+
+setup:
+	@bash "$(REPO)/tools/setup-env.sh"
+
+test: setup
+	$(call run_pytest,-q -m "not slow")
+
+test-slow: setup
+	$(call run_pytest,-q -m slow)
+
+lint: setup
+	cd "$(REPO)" && "$(VENV)/bin/ruff" check .
+
+demo: setup
+	@bash "$(REPO)/tools/demo.sh"
+
+demo-clean:
+	@bash "$(REPO)/tools/demo-clean.sh"
