@@ -1,0 +1,207 @@
+"""Resiliency layouts: the geometry of a slab, as pure functions.
+
+A slab is `width` extents on distinct disks; `positions` below index that extent list.
+Volume data in a slab is striped over the data columns in `interleave`-byte units; a row
+is one unit at the same offset in every extent of the slab.
+
+- simple: data column c lives at position c.
+- mirror: copy j of data column c lives at position c * copies + j.
+- parity: code fragment i (0..k-1 data, k..k+m-1 parity) of row r lives at position
+  (i + r) % width, so parity rotates over all disks of the slab.
+"""
+
+from dataclasses import dataclass
+
+from blockspace.errors import InvalidInput
+
+KINDS = ("simple", "mirror", "parity")
+DEFAULT_INTERLEAVE = 64 << 10
+MAX_DEFAULT_WIDTH = 8
+
+
+@dataclass(frozen=True)
+class LayoutSpec:
+    kind: str
+    columns: int
+    copies: int = 1
+    parity: int = 0
+    interleave: int = DEFAULT_INTERLEAVE
+
+    @property
+    def width(self) -> int:
+        """Extents per slab, each on its own disk."""
+        return self.columns * self.copies + self.parity
+
+    @property
+    def tolerance(self) -> int:
+        """How many disks a slab can lose and still be read."""
+        return {"simple": 0, "mirror": self.copies - 1, "parity": self.parity}[self.kind]
+
+    @property
+    def efficiency(self) -> float:
+        return self.columns / self.width
+
+    def slab_data_size(self, slab_size: int) -> int:
+        """Volume bytes one slab holds."""
+        return self.columns * slab_size
+
+    def describe(self) -> str:
+        if self.kind == "mirror":
+            return f"mirror-{self.copies}"
+        if self.kind == "parity":
+            return f"parity-{self.parity} ({self.columns}+{self.parity})"
+        return f"simple ({self.columns} col)"
+
+    def to_dict(self) -> dict[str, int | str]:
+        return {
+            "kind": self.kind,
+            "columns": self.columns,
+            "copies": self.copies,
+            "parity": self.parity,
+            "interleave": self.interleave,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, int | str]) -> "LayoutSpec":
+        return cls(
+            kind=str(data["kind"]),
+            columns=int(data["columns"]),
+            copies=int(data["copies"]),
+            parity=int(data["parity"]),
+            interleave=int(data["interleave"]),
+        )
+
+    def validate(self, slab_size: int, disk_count: int) -> None:
+        """InvalidInput unless this layout can be placed on `disk_count` disks."""
+        if self.kind not in KINDS:
+            raise InvalidInput(f"unknown resiliency {self.kind!r} (choose {', '.join(KINDS)})")
+        if self.kind == "mirror" and self.copies not in (2, 3):
+            raise InvalidInput(f"mirror needs --copies 2 or 3, not {self.copies}")
+        if self.kind == "parity" and self.parity not in (1, 2):
+            raise InvalidInput(f"parity needs --parity 1 or 2, not {self.parity}")
+        if self.kind != "mirror" and self.copies != 1:
+            raise InvalidInput("--copies applies to mirror volumes only")
+        if self.kind != "parity" and self.parity != 0:
+            raise InvalidInput("--parity applies to parity volumes only")
+        min_columns = 2 if self.kind == "parity" else 1
+        if self.columns < min_columns:
+            raise InvalidInput(f"{self.kind} needs at least {min_columns} data columns")
+        interleave = self.interleave
+        if interleave < 4096 or interleave & (interleave - 1) or interleave > slab_size:
+            raise InvalidInput(
+                f"interleave must be a power of two from 4K to the slab size, not {interleave}"
+            )
+        if self.width > disk_count:
+            raise InvalidInput(
+                f"{self.describe()} needs at least {self.width} disks, the pool has {disk_count}"
+            )
+
+
+def default_layout(
+    kind: str,
+    disk_count: int,
+    *,
+    copies: int | None = None,
+    parity: int | None = None,
+    columns: int | None = None,
+    interleave: int | None = None,
+) -> LayoutSpec:
+    """The layout a user gets when they name only the resiliency.
+
+    Like Storage Spaces: simple stripes over every disk (up to 8); parity uses every disk
+    (up to 8) with m of them for parity, so dual parity works on 4 disks (2+2). Mirror
+    defaults to one column: each slab then needs only `copies` disks, which lets the
+    allocator fill uneven disks completely.
+    """
+    if kind not in KINDS:
+        raise InvalidInput(f"unknown resiliency {kind!r} (choose {', '.join(KINDS)})")
+    if kind == "mirror":
+        copies = 2 if copies is None else copies
+        columns = 1 if columns is None else columns
+        spec = LayoutSpec(kind, columns, copies=copies, parity=parity or 0)
+    elif kind == "parity":
+        parity = 1 if parity is None else parity
+        if columns is None:
+            columns = max(2, min(disk_count, MAX_DEFAULT_WIDTH) - parity)
+        spec = LayoutSpec(kind, columns, copies=copies or 1, parity=parity)
+    else:
+        columns = max(1, min(disk_count, MAX_DEFAULT_WIDTH)) if columns is None else columns
+        spec = LayoutSpec(kind, columns, copies=copies or 1, parity=parity or 0)
+    if interleave is not None:
+        spec = LayoutSpec(spec.kind, spec.columns, spec.copies, spec.parity, interleave)
+    return spec
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A contiguous part of a request that lives in one data column of one slab."""
+
+    row: int  # first row the piece touches
+    column: int  # data column, 0..columns-1
+    column_offset: int  # byte offset inside the column's extent
+    length: int
+    buf_offset: int  # offset of the piece inside the request buffer
+
+
+def split(spec: LayoutSpec, offset: int, length: int) -> list[Piece]:
+    """Cut a slab-relative byte range into pieces, one per (row, data column).
+
+    For simple and mirror, consecutive pieces of one column that are contiguous both on
+    disk and in the buffer are merged (one column: the whole request is one piece). Parity
+    pieces never cross a row, because the column's disk changes from row to row.
+    """
+    unit = spec.interleave
+    stride = unit * spec.columns
+    pieces: list[Piece] = []
+    position = offset
+    end = offset + length
+    while position < end:
+        row, within_row = divmod(position, stride)
+        column, unit_offset = divmod(within_row, unit)
+        take = min(unit - unit_offset, end - position)
+        column_offset = row * unit + unit_offset
+        piece = Piece(row, column, column_offset, take, position - offset)
+        last = pieces[-1] if pieces else None
+        if (
+            last is not None
+            and spec.kind != "parity"
+            and last.column == column
+            and last.column_offset + last.length == column_offset
+            and last.buf_offset + last.length == piece.buf_offset
+        ):
+            merged = last.length + take
+            pieces[-1] = Piece(last.row, column, last.column_offset, merged, last.buf_offset)
+        else:
+            pieces.append(piece)
+        position += take
+    return pieces
+
+
+def unit_range(spec: LayoutSpec, piece: Piece) -> tuple[int, int]:
+    """The [start, end) byte range of a single-row piece inside its interleave unit."""
+    start = piece.column_offset - piece.row * spec.interleave
+    return start, start + piece.length
+
+
+def data_positions(spec: LayoutSpec, row: int, column: int) -> list[int]:
+    """Extent positions holding data column `column` in `row`, preferred copy first."""
+    if spec.kind == "mirror":
+        first = row % spec.copies  # spread reads of a mirror over its copies
+        return [column * spec.copies + (first + j) % spec.copies for j in range(spec.copies)]
+    if spec.kind == "parity":
+        return [code_position(spec, row, column)]
+    return [column]
+
+
+def code_position(spec: LayoutSpec, row: int, index: int) -> int:
+    """Parity layouts: the extent position of code fragment `index` in `row`."""
+    return (index + row) % spec.width
+
+
+def parity_positions(spec: LayoutSpec, row: int) -> list[int]:
+    return [code_position(spec, row, spec.columns + i) for i in range(spec.parity)]
+
+
+def row_start(spec: LayoutSpec, row: int) -> int:
+    """Byte offset in every extent where `row` begins."""
+    return row * spec.interleave
