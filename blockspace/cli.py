@@ -1,0 +1,519 @@
+"""`blockspace`: the command line. It parses, validates, calls the library (or the daemon,
+when the pool is mounted) and prints a table or JSON. User errors are one line on stderr
+and a non-zero exit code; nothing is written before validation passes."""
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+from rich.console import Console
+from rich.table import Table
+
+from blockspace import control
+from blockspace.admin import check_new_disks, opened_pool, pool_status
+from blockspace.devices import FileDevice, probe
+from blockspace.errors import BlockspaceError, InvalidInput
+from blockspace.label import validate_name
+from blockspace.layouts import default_layout
+from blockspace.pool import DEFAULT_META_SLOT_SIZE, DEFAULT_SLAB_SIZE, Pool, read_label
+from blockspace.registry import PoolEntry, Registry, state_dir
+from blockspace.units import format_size, parse_size
+
+log = logging.getLogger("blockspace")
+console = Console()
+
+
+class UsageError(InvalidInput):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a one-line InvalidInput like every other bad input."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# ---- helpers ------------------------------------------------------------------------
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    return Registry(state_dir(args.state_dir))
+
+
+def _emit(args: argparse.Namespace, data: Any, human: Callable[[Any], None]) -> None:
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        human(data)
+
+
+def _mounted_socket(registry: Registry, pool: str) -> Path | None:
+    info = registry.mount_info(pool)
+    return Path(info.socket) if info is not None else None
+
+
+def _size(text: str, what: str) -> int:
+    size = parse_size(text)
+    if size <= 0:
+        raise InvalidInput(f"{what} must be larger than zero")
+    return size
+
+
+# ---- pool commands ------------------------------------------------------------------
+
+
+def cmd_pool_create(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    validate_name("pool", args.name)
+    if args.name in registry.pools():
+        raise InvalidInput(f"a pool named {args.name!r} already exists")
+    slab_size = parse_size(args.slab_size)
+    meta_slot_size = parse_size(args.metadata_size)
+    disks = check_new_disks(
+        args.disks,
+        media=args.media,
+        slab_size=slab_size,
+        meta_slot_size=meta_slot_size,
+        force=args.force,
+    )
+
+    async def create() -> Pool:
+        devices = [FileDevice(d.path) for d in disks]
+        try:
+            return await Pool.create(
+                args.name,
+                devices,
+                media=[d.media for d in disks],
+                slab_size=slab_size,
+                meta_slot_size=meta_slot_size,
+            )
+        finally:
+            for device in devices:
+                device.close()
+
+    pool = trio.run(create)
+    registry.add(PoolEntry(pool.name, pool.uuid, [os.path.abspath(d.path) for d in disks]))
+    status = pool_status(pool)
+    _emit(args, status, lambda s: console.print(
+        f"created pool [bold]{s['name']}[/] ({s['uuid']}) on {len(s['disks'])} disks, "
+        f"{format_size(s['raw_size'])} raw"))
+    return 0
+
+
+def _status(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    registry = _registry(args)
+    registry.get(name)
+    socket_path = _mounted_socket(registry, name)
+    if socket_path is not None:
+        return dict(control.request(socket_path, "status"))
+
+    async def offline() -> dict[str, Any]:
+        async with opened_pool(registry, name) as pool:
+            return pool_status(pool)
+
+    return trio.run(offline)
+
+
+def cmd_pool_status(args: argparse.Namespace) -> int:
+    status = _status(args, args.name)
+    _emit(args, status, _print_status)
+    return 0 if status["health"] != "failed" else 3
+
+
+def _print_status(s: dict[str, Any]) -> None:
+    mounted = f"mounted at {s['mountpoint']}" if s["mountpoint"] else "not mounted"
+    console.print(
+        f"pool [bold]{s['name']}[/]  {s['uuid']}  health: [bold]{s['health']}[/]  {mounted}\n"
+        f"slab size {format_size(s['slab_size'])}, raw {format_size(s['raw_size'])}, "
+        f"free {format_size(s['raw_free'])}, metadata generation {s['generation']}"
+    )
+    disks = Table(title="disks", title_justify="left")
+    for column in ("id", "path", "media", "size", "used", "free", "state", "errors r/w"):
+        disks.add_column(column)
+    for d in s["disks"]:
+        disks.add_row(
+            str(d["id"]), d["path"], d["media"], format_size(d["size"]),
+            format_size(d["used_bytes"]), format_size(d["free_bytes"]), d["state"],
+            f"{d['errors'].get('read', 0)}/{d['errors'].get('write', 0)}",
+        )
+    console.print(disks)
+    if s["volumes"]:
+        volumes = Table(title="volumes", title_justify="left")
+        for column in ("name", "size", "resiliency", "provisioning", "allocated", "footprint",
+                       "state"):
+            volumes.add_column(column)
+        for v in s["volumes"]:
+            volumes.add_row(
+                v["name"], format_size(v["size"]), v["resiliency"], v["provisioning"],
+                format_size(v["allocated"]), format_size(v["footprint"]), v["state"],
+            )
+        console.print(volumes)
+    usable = Table(title="usable capacity for new data, by resiliency", title_justify="left")
+    usable.add_column("resiliency")
+    usable.add_column("fits")
+    for kind, size in s["usable"].items():
+        usable.add_row(kind, format_size(size) if size is not None else "too few disks")
+    console.print(usable)
+
+
+def cmd_pool_list(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    rows = []
+    for name, entry in sorted(registry.pools().items()):
+        mount = registry.mount_info(name)
+        rows.append(
+            {
+                "name": name,
+                "uuid": entry.uuid,
+                "disks": entry.disks,
+                "mountpoint": mount.mountpoint if mount else None,
+            }
+        )
+
+    def human(data: list[dict[str, Any]]) -> None:
+        if not data:
+            console.print("no pools (create one with `blockspace pool create`)")
+            return
+        table = Table()
+        for column in ("name", "uuid", "disks", "mounted at"):
+            table.add_column(column)
+        for row in data:
+            table.add_row(row["name"], row["uuid"], str(len(row["disks"])),
+                          row["mountpoint"] or "-")
+        console.print(table)
+
+    _emit(args, rows, human)
+    return 0
+
+
+def cmd_pool_import(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    found: dict[str, tuple[str, list[str]]] = {}
+    for path in args.disks:
+        probe(path)
+        device = FileDevice(path, writable=False, workers=1)
+        try:
+            label = read_label(device)
+        finally:
+            device.close()
+        if label is None:
+            raise InvalidInput(f"{path} is not a Blockspace disk")
+        name, paths = found.setdefault(label.pool_uuid, (label.pool_name, []))
+        paths.append(os.path.abspath(path))
+    if len(found) > 1:
+        names = ", ".join(f"{n} ({u})" for u, (n, _) in found.items())
+        raise InvalidInput(f"the disks belong to several pools: {names}; import one at a time")
+    pool_uuid, (label_name, paths) = next(iter(found.items()))
+    name = args.name or label_name
+    validate_name("pool", name)
+    existing = registry.pools().get(name)
+    if existing is not None and existing.uuid != pool_uuid:
+        raise InvalidInput(f"another pool is registered as {name!r}; import with --name NEW")
+    if registry.mount_info(name) is not None:
+        raise InvalidInput(f"pool {name!r} is mounted; unmount it before importing")
+    registry.add(PoolEntry(name, pool_uuid, paths))
+    status = _status(args, name)
+    _emit(args, status, lambda s: console.print(
+        f"imported pool [bold]{name}[/] ({pool_uuid}) with {len(paths)} disks, "
+        f"health {s['health']}"))
+    return 0
+
+
+def cmd_pool_export(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    registry.get(args.name)
+    if registry.mount_info(args.name) is not None:
+        raise InvalidInput(f"pool {args.name!r} is mounted; unmount it first")
+    registry.remove(args.name)
+    _emit(args, {"name": args.name}, lambda d: console.print(
+        f"pool {d['name']} forgotten (its disks are untouched; `pool import` brings it back)"))
+    return 0
+
+
+# ---- volume commands ----------------------------------------------------------------
+
+
+def _volume_request(args: argparse.Namespace, op: str, **fields: Any) -> Any:
+    """Run a volume change through the daemon if the pool is mounted, else offline."""
+    registry = _registry(args)
+    registry.get(args.pool)
+    socket_path = _mounted_socket(registry, args.pool)
+    if socket_path is not None:
+        return control.request(socket_path, op, **fields)
+
+    async def offline() -> Any:
+        async with opened_pool(registry, args.pool) as pool:
+            if op == "volume_create":
+                spec = default_layout(
+                    fields["resiliency"], len(pool.usable_disk_ids()),
+                    copies=fields["copies"], parity=fields["parity"],
+                    columns=fields["columns"], interleave=fields["interleave"],
+                )
+                await pool.create_volume(fields["name"], fields["size"], spec,
+                                         fields["provisioning"])
+            elif op == "volume_delete":
+                await pool.delete_volume(fields["name"])
+            elif op == "volume_grow":
+                await pool.grow_volume(fields["name"], fields["size"])
+            return {"name": fields["name"]}
+
+    return trio.run(offline)
+
+
+def cmd_volume_create(args: argparse.Namespace) -> int:
+    validate_name("volume", args.name)
+    size = _size(args.size, "--size")
+    interleave = parse_size(args.interleave) if args.interleave else None
+    _volume_request(
+        args, "volume_create", name=args.name, size=size, resiliency=args.resiliency,
+        copies=args.copies, parity=args.parity, columns=args.columns, interleave=interleave,
+        provisioning=args.provisioning,
+    )
+    volume = _find_volume(args, args.name)
+    _emit(args, volume, lambda v: console.print(
+        f"created volume [bold]{v['name']}[/]: {format_size(v['size'])} {v['resiliency']}, "
+        f"{v['provisioning']}"))
+    return 0
+
+
+def _find_volume(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    for volume in _status(args, args.pool)["volumes"]:
+        if volume["name"] == name:
+            return dict(volume)
+    raise InvalidInput(f"no volume {name!r} in pool {args.pool!r}")
+
+
+def cmd_volume_list(args: argparse.Namespace) -> int:
+    volumes = _status(args, args.pool)["volumes"]
+
+    def human(data: list[dict[str, Any]]) -> None:
+        table = Table()
+        for column in ("name", "size", "resiliency", "provisioning", "allocated", "state"):
+            table.add_column(column)
+        for v in data:
+            table.add_row(v["name"], format_size(v["size"]), v["resiliency"], v["provisioning"],
+                          format_size(v["allocated"]), v["state"])
+        console.print(table)
+
+    _emit(args, volumes, human)
+    return 0
+
+
+def cmd_volume_delete(args: argparse.Namespace) -> int:
+    _find_volume(args, args.name)
+    _volume_request(args, "volume_delete", name=args.name)
+    _emit(args, {"name": args.name, "deleted": True},
+          lambda d: console.print(f"deleted volume {d['name']}"))
+    return 0
+
+
+def cmd_volume_grow(args: argparse.Namespace) -> int:
+    size = _size(args.size, "--size")
+    _volume_request(args, "volume_grow", name=args.name, size=size)
+    volume = _find_volume(args, args.name)
+    _emit(args, volume, lambda v: console.print(
+        f"volume {v['name']} is now {format_size(v['size'])} "
+        "(a loop device on it sees the new size after `losetup -c`)"))
+    return 0
+
+
+# ---- mount / unmount ----------------------------------------------------------------
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from blockspace import daemon
+
+    registry = _registry(args)
+    registry.get(args.pool)
+    mount = registry.mount_info(args.pool)
+    if mount is not None:
+        raise InvalidInput(f"pool {args.pool!r} is already mounted at {mount.mountpoint}")
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise InvalidInput(f"mount point {args.mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise InvalidInput(f"something is already mounted at {args.mountpoint}")
+    if not os.path.exists("/dev/fuse"):
+        raise BlockspaceError("/dev/fuse is missing (modprobe fuse)")
+    registry.ensure()
+    log_file = args.log_file or str(registry.log_path(args.pool))
+    options = daemon.MountOptions(
+        pool=args.pool, mountpoint=mountpoint, uid=args.owner_uid, gid=args.owner_gid,
+        allow_other=not args.no_allow_other, log_file=log_file,
+    )
+    if args.foreground:
+        daemon.setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
+        ready_fd = args.ready_fd
+        return daemon.run(registry, options, ready_fd)
+    read_fd, write_fd = os.pipe()
+    command = [sys.executable, "-m", "blockspace", "--state-dir", str(registry.root),
+               "mount", "--foreground", "--log-file", log_file, "--ready-fd", str(write_fd),
+               "--owner", f"{args.owner_uid}:{args.owner_gid}", args.pool, mountpoint]
+    if args.no_allow_other:
+        command.insert(-2, "--no-allow-other")
+    process = subprocess.Popen(
+        command, pass_fds=[write_fd], start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log_file, "ab"),  # noqa: SIM115
+    )
+    os.close(write_fd)
+    with os.fdopen(read_fd) as ready:
+        answer = ready.readline().strip()
+    if answer != "ok":
+        process.wait(timeout=30)
+        message = answer.removeprefix("error: ") or f"the daemon exited (see {log_file})"
+        raise BlockspaceError(f"mount failed: {message}")
+    info = {"pool": args.pool, "mountpoint": mountpoint, "pid": process.pid, "log": log_file}
+    _emit(args, info, lambda i: console.print(
+        f"pool {i['pool']} mounted at {i['mountpoint']} (daemon pid {i['pid']}, log {i['log']})"))
+    return 0
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    target = os.path.abspath(args.target)
+    mount = None
+    for entry in registry.mounts():
+        if entry.pool == args.target or entry.mountpoint == target:
+            mount = entry
+    if mount is None:
+        raise InvalidInput(f"{args.target} is not a mounted Blockspace pool or mount point")
+    control.request(Path(mount.socket), "unmount", force=args.force)
+    deadline = time.monotonic() + args.timeout
+    while registry.mount_info(mount.pool) is not None:
+        if time.monotonic() > deadline:
+            raise BlockspaceError(f"daemon {mount.pid} did not stop within {args.timeout}s")
+        time.sleep(0.05)
+    _emit(args, {"pool": mount.pool, "mountpoint": mount.mountpoint},
+          lambda i: console.print(f"pool {i['pool']} unmounted from {i['mountpoint']}"))
+    return 0
+
+
+# ---- parser -------------------------------------------------------------------------
+
+
+def _owner(text: str) -> tuple[int, int]:
+    try:
+        uid, _, gid = text.partition(":")
+        return int(uid), int(gid or uid)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--owner takes UID[:GID], not {text!r}") from None
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
+    common.add_argument("--state-dir", default=argparse.SUPPRESS,
+                        help="registry directory (default $BLOCKSPACE_STATE_DIR or "
+                             "/var/lib/blockspace)")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+
+    parser = Parser(prog="blockspace", parents=[common],
+                    description="Pooled storage: mirror and parity volumes served as files.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    pool = commands.add_parser("pool", help="create and inspect pools").add_subparsers(
+        dest="pool_command", required=True, parser_class=Parser)
+    p = pool.add_parser("create", parents=[common], help="make a pool of disks")
+    p.add_argument("name")
+    p.add_argument("disks", nargs="+", metavar="DISK", help="image files or block devices")
+    p.add_argument("--slab-size", default=format_size(DEFAULT_SLAB_SIZE),
+                   help="extent size on each disk (power of two, default 64M)")
+    p.add_argument("--metadata-size", default=format_size(DEFAULT_META_SLOT_SIZE),
+                   help="size of each of the two metadata slots per disk (default 4M)")
+    p.add_argument("--media", choices=["ssd", "hdd"],
+                   help="media class of the disks (default: the kernel's rotational flag "
+                        "for block devices, hdd for image files)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite disks that already carry a Blockspace label")
+    p.set_defaults(func=cmd_pool_create)
+    p = pool.add_parser("status", parents=[common], help="disks, volumes and free space")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_pool_status)
+    p = pool.add_parser("list", parents=[common], help="registered pools")
+    p.set_defaults(func=cmd_pool_list)
+    p = pool.add_parser("import", parents=[common], help="register a pool found on disks")
+    p.add_argument("disks", nargs="+", metavar="DISK")
+    p.add_argument("--name", help="register under this name instead of the labelled one")
+    p.set_defaults(func=cmd_pool_import)
+    p = pool.add_parser("export", parents=[common], help="forget a pool (disks untouched)")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_pool_export)
+
+    volume = commands.add_parser("volume", help="manage volumes").add_subparsers(
+        dest="volume_command", required=True, parser_class=Parser)
+    p = volume.add_parser("create", parents=[common], help="add a volume to a pool")
+    p.add_argument("pool")
+    p.add_argument("name")
+    p.add_argument("--size", required=True, help="e.g. 20G")
+    p.add_argument("--resiliency", choices=["simple", "mirror", "parity"], default="mirror")
+    p.add_argument("--copies", type=int, help="mirror: 2 (default) or 3")
+    p.add_argument("--parity", type=int, help="parity: 1 (default) or 2")
+    p.add_argument("--columns", type=int, help="data columns per slab")
+    p.add_argument("--interleave", help="stripe unit (default 64K)")
+    p.add_argument("--provisioning", choices=["thin", "fixed"], default="thin")
+    p.set_defaults(func=cmd_volume_create)
+    p = volume.add_parser("list", parents=[common], help="volumes of a pool")
+    p.add_argument("pool")
+    p.set_defaults(func=cmd_volume_list)
+    p = volume.add_parser("delete", parents=[common], help="delete a volume and its data")
+    p.add_argument("pool")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_volume_delete)
+    p = volume.add_parser("grow", parents=[common], help="make a volume larger")
+    p.add_argument("pool")
+    p.add_argument("name")
+    p.add_argument("--size", required=True, help="the new size")
+    p.set_defaults(func=cmd_volume_grow)
+
+    p = commands.add_parser("mount", parents=[common], help="serve a pool's volumes")
+    p.add_argument("pool")
+    p.add_argument("mountpoint")
+    p.add_argument("--foreground", action="store_true", help="do not detach")
+    p.add_argument("--log-file", default="", help="daemon log (default STATE_DIR/log/POOL.log)")
+    p.add_argument("--owner", type=_owner, default=(0, 0), metavar="UID[:GID]",
+                   help="owner of the volume files (mode 0600; default root)")
+    p.add_argument("--no-allow-other", action="store_true",
+                   help="only the mounting user may access the files (losetup needs root)")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_mount)
+    p = commands.add_parser("unmount", aliases=["umount"], parents=[common],
+                            help="stop serving a pool")
+    p.add_argument("target", help="mount point or pool name")
+    p.add_argument("--force", action="store_true", help="even if a volume is open")
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_unmount)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        args.json = getattr(args, "json", False)
+        args.state_dir = getattr(args, "state_dir", None)
+        args.verbose = getattr(args, "verbose", False)
+        if hasattr(args, "owner"):
+            args.owner_uid, args.owner_gid = args.owner
+        if not args.command == "mount" or not getattr(args, "foreground", False):
+            logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR,
+                                format="%(levelname)s: %(message)s")
+        return int(args.func(args))
+    except BlockspaceError as error:
+        message = str(error)
+        if getattr(error, "__module__", "") and isinstance(error, UsageError):
+            print(message, file=sys.stderr)
+        else:
+            print(f"blockspace: error: {message}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,202 @@
+"""The mount daemon: one process per mounted pool.
+
+pyfuse3 serves the volume files; a control socket in the state directory answers the CLI.
+SIGTERM, SIGINT, `blockspace unmount` and an external `fusermount3 -u` all end in the same
+clean path: stop serving, flush every disk, close the pool, unmount.
+"""
+
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import trio
+
+from blockspace import control
+from blockspace.admin import open_devices, pool_status
+from blockspace.errors import BlockspaceError, InvalidInput
+from blockspace.fuse_ops import VolumeFS
+from blockspace.layouts import default_layout
+from blockspace.pool import Pool
+from blockspace.registry import MountEntry, Registry
+from blockspace.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MountOptions:
+    pool: str
+    mountpoint: str
+    uid: int = 0
+    gid: int = 0
+    allow_other: bool = True
+    log_file: str = ""
+
+
+class Daemon:
+    def __init__(self, registry: Registry, options: MountOptions) -> None:
+        self.registry = registry
+        self.options = options
+        self.pool: Pool | None = None
+        self.volumes: dict[str, Volume] = {}
+        self.fs: VolumeFS | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        entry = self.registry.get(self.options.pool)
+        devices = open_devices(entry.disks)
+        try:
+            self.pool = pool = await Pool.open(devices, expect_uuid=entry.uuid)
+            await pool.note_missing_disks()
+            self.volumes = {v.name: Volume(pool, v) for v in pool.metadata.volumes}
+            self.fs = VolumeFS(lambda: self.volumes, uid=self.options.uid, gid=self.options.gid)
+            fuse_options = set(pyfuse3.default_options)
+            fuse_options.add(f"fsname=blockspace:{pool.name}")
+            fuse_options.add("subtype=blockspace")
+            if self.options.allow_other:
+                fuse_options.add("allow_other")
+            pyfuse3.init(self.fs, self.options.mountpoint, fuse_options)
+        except BaseException:
+            for device in devices:
+                device.close()
+            raise
+        try:
+            async with trio.open_nursery() as nursery:
+                socket_path = self.registry.socket_path(pool.name)
+                await nursery.start(control.serve, socket_path, self.handle)
+                nursery.start_soon(self._watch_signals)
+                self.registry.set_mount(
+                    MountEntry(
+                        pool=pool.name,
+                        mountpoint=self.options.mountpoint,
+                        pid=os.getpid(),
+                        socket=str(socket_path),
+                        log_file=self.options.log_file,
+                    )
+                )
+                log.info("pool %s mounted at %s", pool.name, self.options.mountpoint)
+                task_status.started()
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            log.info("pool %s: stopping", pool.name)
+            with trio.CancelScope(shield=True):
+                try:
+                    await pool.flush()
+                except BlockspaceError as error:
+                    log.error("final flush failed: %s", error)
+            pool.close()
+            for device in devices:
+                device.close()
+            pyfuse3.close(unmount=True)
+            self.registry.clear_mount(pool.name)
+            log.info("pool %s unmounted", pool.name)
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal %d: unmounting", signum)
+                pyfuse3.terminate()
+
+    # ---- control requests -----------------------------------------------------------
+
+    async def handle(self, request: dict[str, Any]) -> Any:
+        pool = self.pool
+        assert pool is not None
+        assert self.fs is not None
+        op = request["op"]
+        if op == "status":
+            return pool_status(pool, self.options.mountpoint)
+        if op == "volume_create":
+            spec = default_layout(
+                str(request["resiliency"]),
+                len(pool.usable_disk_ids()),
+                copies=request.get("copies"),
+                parity=request.get("parity"),
+                columns=request.get("columns"),
+                interleave=request.get("interleave"),
+            )
+            record = await pool.create_volume(
+                str(request["name"]), int(request["size"]), spec, str(request["provisioning"])
+            )
+            self.volumes[record.name] = Volume(pool, record)
+            return {"name": record.name}
+        if op == "volume_delete":
+            name = str(request["name"])
+            pool.volume(name)
+            if self.fs.is_open(name):
+                raise BlockspaceError(
+                    f"volume {name!r} is open (detach its loop device first: losetup -d)"
+                )
+            await pool.delete_volume(name)
+            self.volumes.pop(name, None)
+            return {"name": name}
+        if op == "volume_grow":
+            record = await pool.grow_volume(str(request["name"]), int(request["size"]))
+            return {"name": record.name, "size": record.size}
+        if op == "unmount":
+            busy = [name for name in self.volumes if self.fs.is_open(name)]
+            if busy and not request.get("force"):
+                raise BlockspaceError(
+                    f"volume {busy[0]!r} is in use (detach its loop device first, "
+                    "or unmount with --force)"
+                )
+            pyfuse3.terminate()
+            return {"pid": os.getpid()}
+        raise InvalidInput(f"unknown request {op!r}")
+
+
+def setup_logging(log_file: str, level: int = logging.INFO) -> None:
+    handler: logging.Handler
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+    else:
+        handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def run(registry: Registry, options: MountOptions, ready_fd: int | None = None) -> int:
+    """Run the daemon in the foreground until unmounted; reports readiness on `ready_fd`."""
+
+    def report(message: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, message.encode() + b"\n")
+            finally:
+                os.close(ready_fd)
+                ready_fd = None
+
+    async def main() -> None:
+        daemon = Daemon(registry, options)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            report("ok")
+
+    try:
+        trio.run(main)
+    except BlockspaceError as error:
+        log.error("mount failed: %s", error)
+        report(f"error: {error}")
+        return 1
+    except pyfuse3.FUSEError as error:
+        report(f"error: {os.strerror(error.errno)}")
+        return 1
+    except OSError as error:
+        log.error("mount failed: %s", error)
+        report(f"error: {error.strerror or error}")
+        return 1
+    except RuntimeError as error:  # pyfuse3.init raises RuntimeError when the mount fails
+        log.error("mount failed: %s", error)
+        report(f"error: {error}")
+        return 1
+    report("error: the daemon stopped before it was ready")
+    return 0
+

@@ -1,0 +1,452 @@
+"""A pool: its disks, their labels, and the replicated metadata.
+
+Metadata generation g is written to slot g % 2 of every usable disk, each flushed, before a
+change is acknowledged; opening takes the highest generation that verifies on any disk.
+A disk that was missing or failed when the metadata last changed stays out of service
+even if it comes back: its contents are stale.
+"""
+
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from blockspace.allocator import Extent, ExtentAllocator
+from blockspace.concurrency import bind, run_all
+from blockspace.devices import Device
+from blockspace.errors import BlockspaceError, DeviceError, FormatError, InvalidInput, NoSpace
+from blockspace.label import (
+    BLOCK,
+    LABEL_SIZE,
+    MEDIA,
+    DiskGeometry,
+    DiskLabel,
+    compute_geometry,
+    decode_label,
+    encode_label,
+    pick_label,
+    validate_name,
+)
+from blockspace.layouts import LayoutSpec
+from blockspace.metadata import (
+    DiskRecord,
+    PoolMetadata,
+    VolumeRecord,
+    decode_metadata,
+    encode_metadata,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SLAB_SIZE = 64 << 20
+DEFAULT_META_SLOT_SIZE = 4 << 20
+USABLE_STATES = ("online",)
+
+
+@dataclass
+class PoolDisk:
+    """A member disk as this process sees it: its record, and a device if it is usable."""
+
+    record: DiskRecord
+    geometry: DiskGeometry
+    device: Device | None
+    path: str
+    errors: dict[str, int] = field(default_factory=lambda: {"read": 0, "write": 0})
+
+    @property
+    def usable(self) -> bool:
+        return self.device is not None and self.record.state in USABLE_STATES
+
+
+def read_label(device: Device) -> DiskLabel | None:
+    """The disk's label (primary, else backup); None if it carries no Blockspace label."""
+    primary = device.read_sync(0, LABEL_SIZE)
+    backup_offset = (device.size // BLOCK) * BLOCK - LABEL_SIZE
+    backup = device.read_sync(backup_offset, LABEL_SIZE) if backup_offset > 0 else b""
+    if len(backup) != LABEL_SIZE:
+        return decode_label(primary)
+    return pick_label(primary, backup)
+
+
+class Pool:
+    def __init__(self, metadata: PoolMetadata, disks: dict[int, PoolDisk]) -> None:
+        self.metadata = metadata
+        self.disks = disks
+        self._commit_lock = trio.Lock()
+        used = metadata.used_extents()
+        self.allocator = ExtentAllocator(
+            {disk_id: disk.record.extent_count for disk_id, disk in disks.items()}, used
+        )
+
+    # ---- creation and opening -------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        name: str,
+        devices: Sequence[Device],
+        *,
+        media: Sequence[str],
+        slab_size: int = DEFAULT_SLAB_SIZE,
+        meta_slot_size: int = DEFAULT_META_SLOT_SIZE,
+    ) -> "Pool":
+        """Label `devices` as a new pool. Validates everything before the first write."""
+        validate_name("pool", name)
+        if not devices:
+            raise InvalidInput("a pool needs at least one disk")
+        if len(media) != len(devices) or any(m not in MEDIA for m in media):
+            raise InvalidInput(f"media must be one of {', '.join(MEDIA)}")
+        geometries = [compute_geometry(d.size, slab_size, meta_slot_size) for d in devices]
+        pool_uuid = str(uuid.uuid4())
+        now = time.time()
+        records = []
+        disks: dict[int, PoolDisk] = {}
+        labels = []
+        for disk_id, (device, geometry, medium) in enumerate(
+            zip(devices, geometries, media, strict=True)
+        ):
+            disk_uuid = str(uuid.uuid4())
+            record = DiskRecord(
+                disk_id=disk_id,
+                disk_uuid=disk_uuid,
+                path_hint=device.path,
+                size=device.size,
+                extent_count=geometry.extent_count,
+                media=medium,
+            )
+            records.append(record)
+            disks[disk_id] = PoolDisk(record, geometry, device, device.path)
+            labels.append(
+                DiskLabel(pool_uuid, name, disk_uuid, disk_id, medium, geometry, created=now)
+            )
+        metadata = PoolMetadata(
+            pool_uuid=pool_uuid,
+            name=name,
+            generation=0,
+            slab_size=slab_size,
+            meta_slot_size=meta_slot_size,
+            disks=records,
+            volumes=[],
+            next_disk_id=len(devices),
+        )
+        image = encode_metadata(metadata, meta_slot_size)
+        for disk, label in zip(disks.values(), labels, strict=True):
+            assert disk.device is not None
+            raw_label = encode_label(label)
+            geometry = disk.geometry
+            # Both slots hold generation 0, so no stale slot of an earlier pool can win.
+            await disk.device.write(geometry.meta_offset, image)
+            await disk.device.write(geometry.meta_offset + meta_slot_size, image)
+            await disk.device.write(geometry.backup_label_offset, raw_label)
+            await disk.device.flush()
+            # The primary label goes last: a disk is a member only once all else is there.
+            await disk.device.write(0, raw_label)
+            await disk.device.flush()
+        log.info("created pool %s (%s) on %d disks", name, pool_uuid, len(devices))
+        return cls(metadata, disks)
+
+    @classmethod
+    async def open(
+        cls, devices: Sequence[Device], *, expect_uuid: str | None = None, expect_name: str = ""
+    ) -> "Pool":
+        """Open a pool from whichever of its disks are present.
+
+        Disks without our label or of another pool are ignored; the newest metadata
+        generation found on any member wins.
+        """
+        members: list[tuple[Device, DiskLabel]] = []
+        for device in devices:
+            try:
+                label = read_label(device)
+            except (FormatError, DeviceError) as error:
+                log.warning("%s: label unreadable: %s", device.path, error)
+                continue
+            if label is None:
+                continue
+            if expect_uuid is not None and label.pool_uuid != expect_uuid:
+                continue
+            if expect_uuid is None and expect_name and label.pool_name != expect_name:
+                continue
+            members.append((device, label))
+        if not members:
+            raise BlockspaceError("no disk of this pool was found")
+        pool_uuids = {label.pool_uuid for _, label in members}
+        if len(pool_uuids) > 1:
+            raise BlockspaceError("the disks given belong to more than one pool")
+        pool_uuid = pool_uuids.pop()
+        metadata = _newest_metadata(members, pool_uuid)
+        disks: dict[int, PoolDisk] = {}
+        by_uuid = {label.disk_uuid: (device, label) for device, label in members}
+        for record in metadata.disks:
+            found = by_uuid.get(record.disk_uuid)
+            if found is None:
+                geometry = compute_geometry(
+                    record.size, metadata.slab_size, metadata.meta_slot_size
+                )
+                disks[record.disk_id] = PoolDisk(record, geometry, None, record.path_hint)
+                continue
+            device, label = found
+            usable = record.state in USABLE_STATES
+            disks[record.disk_id] = PoolDisk(
+                record, label.geometry, device if usable else None, device.path
+            )
+        pool = cls(metadata, disks)
+        return pool
+
+    # ---- metadata -------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def uuid(self) -> str:
+        return self.metadata.pool_uuid
+
+    @property
+    def slab_size(self) -> int:
+        return self.metadata.slab_size
+
+    def usable_disk_ids(self) -> list[int]:
+        return [disk_id for disk_id, disk in self.disks.items() if disk.usable]
+
+    def unusable_disk_ids(self) -> list[int]:
+        return [disk_id for disk_id, disk in self.disks.items() if not disk.usable]
+
+    async def commit(self) -> None:
+        """Write the next metadata generation to every usable disk, durably."""
+        async with self._commit_lock:
+            while True:
+                self.metadata.generation += 1
+                image = encode_metadata(self.metadata, self.metadata.meta_slot_size)
+                targets = [d for d in self.disks.values() if d.usable]
+                if not targets:
+                    raise DeviceError("no usable disk left to hold the pool metadata")
+                failed: list[tuple[int, DeviceError]] = []
+                async with trio.open_nursery() as nursery:
+                    for disk in targets:
+                        nursery.start_soon(self._write_metadata, disk, image, failed)
+                if not failed:
+                    return
+                if len(failed) == len(targets):
+                    raise DeviceError(f"pool metadata could not be written: {failed[0][1]}")
+                # Record the failed disks in a new generation on the survivors.
+                for disk_id, error in failed:
+                    self._set_state(disk_id, "failed", str(error))
+
+    async def _write_metadata(
+        self, disk: PoolDisk, image: bytes, failed: list[tuple[int, DeviceError]]
+    ) -> None:
+        assert disk.device is not None
+        slot = self.metadata.generation % 2
+        offset = disk.geometry.meta_offset + slot * self.metadata.meta_slot_size
+        try:
+            await disk.device.write(offset, image)
+            await disk.device.flush()
+        except DeviceError as error:
+            failed.append((disk.record.disk_id, error))
+
+    def _set_state(self, disk_id: int, state: str, reason: str) -> None:
+        disk = self.disks[disk_id]
+        if disk.record.state != state:
+            log.error("disk %d (%s) is now %s: %s", disk_id, disk.path, state, reason)
+        disk.record.state = state
+        disk.device = None if state not in USABLE_STATES else disk.device
+
+    async def mark_failed(self, disk_id: int, reason: str) -> None:
+        """Take a disk out of service after a write error, durably, before the write that
+        could not reach it is acknowledged."""
+        if self.disks[disk_id].record.state == "failed":
+            return
+        self._set_state(disk_id, "failed", reason)
+        await self.commit()
+
+    async def note_missing_disks(self) -> None:
+        """Record disks absent at mount, so a stale copy coming back is never trusted."""
+        changed = False
+        for disk in self.disks.values():
+            if disk.device is None and disk.record.state == "online":
+                disk.record.state = "missing"
+                changed = True
+        if changed:
+            await self.commit()
+
+    # ---- extents --------------------------------------------------------------------
+
+    def extent_offset(self, disk_id: int, extent: int) -> int:
+        return self.disks[disk_id].geometry.extent_offset(extent)
+
+    def device(self, disk_id: int) -> Device | None:
+        disk = self.disks.get(disk_id)
+        return disk.device if disk is not None and disk.usable else None
+
+    async def _zero_extents(self, extents: Sequence[Extent]) -> None:
+        jobs = []
+        for disk_id, extent in extents:
+            device = self.device(disk_id)
+            if device is not None:
+                offset = self.extent_offset(disk_id, extent)
+                stride = self.disks[disk_id].geometry.extent_stride
+                jobs.append(bind(device.zero, offset, stride))
+        await run_all(jobs)
+
+    async def allocate_slabs(self, volume: VolumeRecord, slab_indexes: Sequence[int]) -> None:
+        """Place new slabs of `volume`: zero their extents, then commit the map."""
+        spec = LayoutSpec.from_dict(volume.layout)
+        placements = self.allocator.allocate_many(
+            spec.width, len(slab_indexes), exclude=self.unusable_disk_ids()
+        )
+        try:
+            for placement in placements:
+                await self._zero_extents(placement)
+            for index, placement in zip(slab_indexes, placements, strict=True):
+                volume.slabs[index] = list(placement)
+            await self.commit()
+        except BaseException:
+            for index in slab_indexes:
+                volume.slabs.pop(index, None)
+            self.allocator.release([e for placement in placements for e in placement])
+            raise
+
+    # ---- volumes --------------------------------------------------------------------
+
+    def slab_count(self, volume: VolumeRecord) -> int:
+        spec = LayoutSpec.from_dict(volume.layout)
+        per_slab = spec.slab_data_size(self.slab_size)
+        return -(-volume.size // per_slab)
+
+    async def create_volume(
+        self, name: str, size: int, spec: LayoutSpec, provisioning: str
+    ) -> VolumeRecord:
+        validate_name("volume", name)
+        if any(v.name == name for v in self.metadata.volumes):
+            raise InvalidInput(f"volume {name!r} already exists in pool {self.name!r}")
+        if provisioning not in ("thin", "fixed"):
+            raise InvalidInput(f"provisioning must be thin or fixed, not {provisioning!r}")
+        if size <= 0 or size % BLOCK:
+            raise InvalidInput(f"volume size must be a positive multiple of 4K, not {size}")
+        spec.validate(self.slab_size, len(self.usable_disk_ids()))
+        record = VolumeRecord(
+            name=name,
+            uuid=str(uuid.uuid4()),
+            size=size,
+            layout=spec.to_dict(),
+            provisioning=provisioning,
+            slabs={},
+            created=time.time(),
+        )
+        if provisioning == "fixed":
+            needed = self.slab_count(record)
+            self._check_fits(spec, needed, f"fixed volume of {size} bytes")
+            self.metadata.volumes.append(record)
+            try:
+                await self.allocate_slabs(record, list(range(needed)))
+            except BaseException:
+                self.metadata.volumes.remove(record)
+                raise
+        else:
+            self.metadata.volumes.append(record)
+            try:
+                await self.commit()
+            except BaseException:
+                self.metadata.volumes.remove(record)
+                raise
+        log.info("created volume %s/%s: %s, %d bytes, %s", self.name, name, spec.describe(),
+                 size, provisioning)
+        return record
+
+    def _check_fits(self, spec: LayoutSpec, slabs: int, what: str) -> None:
+        from blockspace.allocator import max_slabs
+        from blockspace.units import format_size
+
+        free = {d: n for d, n in self.allocator.free_map().items() if self.disks[d].usable}
+        fits = max_slabs(free, spec.width)
+        if fits < slabs:
+            per_slab = spec.slab_data_size(self.slab_size)
+            raise NoSpace(
+                f"not enough free space for the {what}: {spec.describe()} can still place "
+                f"{format_size(fits * per_slab)}, {format_size(slabs * per_slab)} needed"
+            )
+
+    async def delete_volume(self, name: str) -> None:
+        volume = self.volume(name)
+        self.metadata.volumes.remove(volume)
+        try:
+            await self.commit()
+        except BaseException:
+            self.metadata.volumes.append(volume)
+            raise
+        # Freed only after the map without them is durable; zeroed again on reuse.
+        self.allocator.release([e for extents in volume.slabs.values() for e in extents])
+
+    async def grow_volume(self, name: str, new_size: int) -> VolumeRecord:
+        volume = self.volume(name)
+        if new_size % BLOCK or new_size <= volume.size:
+            raise InvalidInput(
+                f"new size must be a multiple of 4K larger than the current {volume.size}"
+            )
+        old_size = volume.size
+        old_slabs = self.slab_count(volume)
+        volume.size = new_size
+        try:
+            if volume.provisioning == "fixed":
+                spec = LayoutSpec.from_dict(volume.layout)
+                new_slabs = list(range(old_slabs, self.slab_count(volume)))
+                self._check_fits(spec, len(new_slabs), "volume growth")
+                if new_slabs:
+                    await self.allocate_slabs(volume, new_slabs)
+                else:
+                    await self.commit()
+            else:
+                await self.commit()
+        except BaseException:
+            volume.size = old_size
+            raise
+        return volume
+
+    def volume(self, name: str) -> VolumeRecord:
+        for volume in self.metadata.volumes:
+            if volume.name == name:
+                return volume
+        raise InvalidInput(f"no volume {name!r} in pool {self.name!r}")
+
+    async def flush(self) -> None:
+        """fdatasync every usable disk."""
+        await run_all([bind(self._flush_one, disk) for disk in self.disks.values() if disk.usable])
+
+    async def _flush_one(self, disk: PoolDisk) -> None:
+        assert disk.device is not None
+        try:
+            await disk.device.flush()
+        except DeviceError as error:
+            await self.mark_failed(disk.record.disk_id, str(error))
+
+    def close(self) -> None:
+        for disk in self.disks.values():
+            if disk.device is not None:
+                disk.device.close()
+
+
+def _newest_metadata(members: list[tuple[Device, DiskLabel]], pool_uuid: str) -> PoolMetadata:
+    best: PoolMetadata | None = None
+    problems = []
+    for device, label in members:
+        geometry = label.geometry
+        for slot in (0, 1):
+            offset = geometry.meta_offset + slot * geometry.meta_slot_size
+            try:
+                raw = device.read_sync(offset, geometry.meta_slot_size)
+                candidate = decode_metadata(raw, pool_uuid)
+            except (FormatError, DeviceError) as error:
+                problems.append(f"{device.path} slot {slot}: {error}")
+                continue
+            if best is None or candidate.generation > best.generation:
+                best = candidate
+    if best is None:
+        raise FormatError("no valid copy of the pool metadata: " + "; ".join(problems))
+    for problem in problems:
+        log.info("ignored metadata copy: %s", problem)
+    return best

@@ -1,0 +1,198 @@
+"""Every layout against a plain bytearray model, in-process on memory disks.
+
+Random unaligned writes and reads across row and slab boundaries, then 0..tolerance disks
+failed, and the volume must still read exactly what the model holds (and keep writing).
+"""
+
+import random
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blockspace.devices import MemoryDevice
+from blockspace.errors import InvalidInput, NoSpace, Unrecoverable
+from blockspace.layouts import LayoutSpec
+from blockspace.pool import Pool
+from blockspace.volume import Volume
+
+MiB = 1 << 20
+SLAB = 1 * MiB
+DISK = 12 * MiB
+
+LAYOUTS = {
+    "simple-3": LayoutSpec("simple", 3, interleave=16384),
+    "mirror-2": LayoutSpec("mirror", 1, copies=2, interleave=16384),
+    "mirror-3": LayoutSpec("mirror", 1, copies=3, interleave=16384),
+    "mirror-2x2": LayoutSpec("mirror", 2, copies=2, interleave=8192),
+    "parity-1": LayoutSpec("parity", 3, parity=1, interleave=8192),
+    "parity-2": LayoutSpec("parity", 2, parity=2, interleave=16384),
+    "parity-2-wide": LayoutSpec("parity", 3, parity=2, interleave=4096),
+}
+
+
+async def make_volume(
+    spec: LayoutSpec, *, disks: int = 5, size: int | None = None, provisioning: str = "thin"
+) -> tuple[Pool, Volume, list[MemoryDevice]]:
+    devices = [MemoryDevice(DISK, path=f"mem{i}") for i in range(disks)]
+    pool = await Pool.create(
+        "test", devices, media=["hdd"] * disks, slab_size=SLAB, meta_slot_size=64 << 10
+    )
+    if size is None:
+        size = spec.slab_data_size(SLAB) * 5 // 2  # two and a half slabs
+    record = await pool.create_volume("vol", size, spec, provisioning)
+    return pool, Volume(pool, record), devices
+
+
+write_op = st.tuples(st.just("w"), st.integers(0, 10**9), st.integers(1, 150_000), st.integers())
+read_op = st.tuples(st.just("r"), st.integers(0, 10**9), st.integers(1, 150_000), st.integers())
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    ops=st.lists(st.one_of(write_op, read_op), min_size=1, max_size=12),
+    failures=st.integers(0, 3),
+    seed=st.integers(0, 2**32),
+)
+def test_layout_matches_bytearray_model(
+    name: str, ops: list[tuple[str, int, int, int]], failures: int, seed: int
+) -> None:
+    spec = LAYOUTS[name]
+
+    async def scenario() -> None:
+        pool, volume, devices = await make_volume(spec)
+        model = bytearray(volume.size)
+        rng = random.Random(seed)
+
+        async def apply(kind: str, offset: int, length: int, data_seed: int) -> None:
+            offset %= volume.size
+            length = min(length, volume.size - offset)
+            if kind == "w":
+                data = random.Random(data_seed).randbytes(length)
+                await volume.write(offset, data)
+                model[offset : offset + length] = data
+            else:
+                assert await volume.read(offset, length) == model[offset : offset + length]
+
+        for op in ops:
+            await apply(*op)
+        # Lose up to `tolerance` disks that hold this volume's slabs; all must still read.
+        lost = rng.sample(range(len(devices)), min(failures, spec.tolerance))
+        for index in lost:
+            devices[index].failed = True
+        assert await volume.read(0, volume.size) == model
+        for op in ops:  # and the degraded volume keeps serving writes
+            await apply(*op)
+        assert await volume.read(0, volume.size) == model
+        pool.close()
+
+    trio.run(scenario)
+
+
+@pytest.mark.parametrize("name", ["simple-3", "mirror-2", "parity-1"])
+def test_unwritten_space_reads_zeros_and_zero_writes_do_not_allocate(name: str) -> None:
+    async def scenario() -> None:
+        _, volume, _ = await make_volume(LAYOUTS[name])
+        assert await volume.read(0, 65536) == bytes(65536)
+        await volume.write(0, bytes(volume.slab_data_size))  # a whole slab of zeros
+        assert volume.record.slabs == {}
+        await volume.write(4096, b"x" * 100)
+        assert set(volume.record.slabs) == {0}
+        # the rest of the newly allocated slab reads as zeros
+        data = await volume.read(0, volume.slab_data_size)
+        assert data[4096:4196] == b"x" * 100
+        assert data.count(0) == len(data) - 100
+
+    trio.run(scenario)
+
+
+def test_beyond_tolerance_reads_fail_with_unrecoverable_not_wrong_bytes() -> None:
+    async def scenario() -> None:
+        _, volume, devices = await make_volume(LAYOUTS["parity-1"], disks=4)
+        await volume.write(0, b"a" * 300_000)
+        devices[0].failed = True
+        devices[1].failed = True
+        with pytest.raises(Unrecoverable):
+            await volume.read(0, 300_000)
+
+    trio.run(scenario)
+
+
+def test_parity_full_stripe_write_skips_reads() -> None:
+    async def scenario() -> None:
+        spec = LAYOUTS["parity-1"]
+        _, volume, devices = await make_volume(spec, disks=4)
+        await volume.write(0, b"\1" * 4096)  # allocate the slab
+        before = [d.statistics().reads for d in devices]
+        row = spec.interleave * spec.columns
+        await volume.write(row, random.randbytes(row * 4))  # four whole rows
+        assert [d.statistics().reads for d in devices] == before
+        await volume.write(row * 10 + 512, b"x" * 1000)  # partial row: read-modify-write
+        assert sum(d.statistics().reads for d in devices) > sum(before)
+
+    trio.run(scenario)
+
+
+def test_thin_volume_out_of_space_fails_only_that_write() -> None:
+    async def scenario() -> None:
+        spec = LayoutSpec("mirror", 1, copies=2)
+        # 2 disks of 12 MiB hold ~10 extents each: a 64 MiB thin volume cannot fill.
+        pool, volume, _ = await make_volume(spec, disks=2, size=64 * MiB)
+        written = 0
+        failure: NoSpace | None = None
+        while failure is None and written < volume.size:
+            try:
+                await volume.write(written, b"y" * SLAB)
+                written += SLAB
+            except NoSpace as error:
+                failure = error
+        assert failure is not None
+        assert written > 0
+        assert await volume.read(0, written) == b"y" * written
+        await volume.write(0, b"z" * 4096)  # allocated space still takes writes
+        assert await volume.read(0, 4096) == b"z" * 4096
+        assert pool.metadata.generation > 0
+
+    trio.run(scenario)
+
+
+def test_fixed_volume_reserves_every_slab_up_front() -> None:
+    async def scenario() -> None:
+        pool, volume, _ = await make_volume(LAYOUTS["mirror-2"], provisioning="fixed")
+        assert len(volume.record.slabs) == 3
+        with pytest.raises(NoSpace):
+            await pool.create_volume("huge", 100 * MiB, LAYOUTS["mirror-2"], "fixed")
+        assert [v.name for v in pool.metadata.volumes] == ["vol"]
+
+    trio.run(scenario)
+
+
+def test_out_of_range_io_is_rejected() -> None:
+    async def scenario() -> None:
+        _, volume, _ = await make_volume(LAYOUTS["simple-3"])
+        with pytest.raises(InvalidInput):
+            await volume.read(volume.size - 10, 20)
+        with pytest.raises(InvalidInput):
+            await volume.write(-1, b"x")
+
+    trio.run(scenario)
+
+
+def test_metadata_survives_reopen_and_picks_newest_generation() -> None:
+    async def scenario() -> None:
+        pool, volume, devices = await make_volume(LAYOUTS["parity-2"])
+        await volume.write(123_456, b"persist" * 1000)
+        generation = pool.metadata.generation
+        reopened = await Pool.open(devices)
+        assert reopened.metadata.generation == generation
+        again = Volume(reopened, reopened.volume("vol"))
+        assert await again.read(123_456, 7000) == b"persist" * 1000
+        # one disk missing: still opens (metadata is on every disk), still reads
+        partial = await Pool.open(devices[1:])
+        assert await Volume(partial, partial.volume("vol")).read(123_456, 7000) == (
+            b"persist" * 1000
+        )
+
+    trio.run(scenario)
