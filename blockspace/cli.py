@@ -28,7 +28,8 @@ from blockspace.registry import PoolEntry, Registry, state_dir
 from blockspace.units import format_size, parse_size
 
 log = logging.getLogger("blockspace")
-console = Console()
+# Piped output (logs, CI) gets wide tables rather than truncated paths.
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 class UsageError(InvalidInput):
@@ -157,7 +158,7 @@ def _print_status(s: dict[str, Any]) -> None:
                 format_size(v["allocated"]), format_size(v["footprint"]), v["state"],
             )
         console.print(volumes)
-    usable = Table(title="usable capacity for new data, by resiliency", title_justify="left")
+    usable = Table(title="fits in free space", title_justify="left")
     usable.add_column("resiliency")
     usable.add_column("fits")
     for kind, size in s["usable"].items():
