@@ -87,8 +87,11 @@ def cmd_pool_create(args: argparse.Namespace) -> int:
         force=args.force,
     )
 
+    # Absolute paths: the metadata keeps them as the hint shown for a missing disk.
+    paths = [os.path.abspath(d.path) for d in disks]
+
     async def create() -> Pool:
-        devices = [FileDevice(d.path) for d in disks]
+        devices = [FileDevice(path) for path in paths]
         try:
             return await Pool.create(
                 args.name,
@@ -102,7 +105,7 @@ def cmd_pool_create(args: argparse.Namespace) -> int:
                 device.close()
 
     pool = trio.run(create)
-    registry.add(PoolEntry(pool.name, pool.uuid, [os.path.abspath(d.path) for d in disks]))
+    registry.add(PoolEntry(pool.name, pool.uuid, paths))
     status = pool_status(pool)
     _emit(args, status, lambda s: console.print(
         f"created pool [bold]{s['name']}[/] ({s['uuid']}) on {len(s['disks'])} disks, "
