@@ -23,6 +23,7 @@ from blockspace.devices import FileDevice, probe
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.label import validate_name
 from blockspace.layouts import default_layout
+from blockspace.metadata import MAX_VOLUME_SIZE
 from blockspace.pool import DEFAULT_META_SLOT_SIZE, DEFAULT_SLAB_SIZE, Pool, read_label
 from blockspace.registry import PoolEntry, Registry, state_dir
 from blockspace.units import format_size, parse_size
@@ -66,6 +67,10 @@ def _size(text: str, what: str) -> int:
     size = parse_size(text)
     if size <= 0:
         raise InvalidInput(f"{what} must be larger than zero")
+    if size > MAX_VOLUME_SIZE:
+        raise InvalidInput(
+            f"{what} {text} is too large: a volume holds at most {format_size(MAX_VOLUME_SIZE)}"
+        )
     return size
 
 
