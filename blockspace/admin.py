@@ -40,8 +40,7 @@ def check_new_disks(
     disks = []
     for path in paths:
         info = probe(path)
-        st = os.stat(path)
-        identity = (st.st_rdev, 0) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+        identity = disk_identity(path)
         if identity in seen:
             raise InvalidInput(f"{path} is given twice (same disk as {seen[identity]})")
         seen[identity] = path
@@ -56,6 +55,13 @@ def check_new_disks(
     for disk in disks:
         _check_not_member(disk.path, force)
     return disks
+
+
+def disk_identity(path: str) -> tuple[int, int]:
+    """What makes two paths the same disk: the device number of a block device, else the
+    inode (so a symlink or hard link to an image is recognised)."""
+    st = os.stat(path)
+    return (st.st_rdev, 0) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
 
 
 def _check_not_member(path: str, force: bool) -> None:

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from blockspace import control
-from blockspace.admin import check_new_disks, opened_pool, pool_status
+from blockspace.admin import check_new_disks, disk_identity, opened_pool, pool_status
 from blockspace.devices import FileDevice, probe
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.label import validate_name
@@ -207,8 +207,13 @@ def cmd_pool_list(args: argparse.Namespace) -> int:
 def cmd_pool_import(args: argparse.Namespace) -> int:
     registry = _registry(args)
     found: dict[str, tuple[str, list[str]]] = {}
+    seen: dict[tuple[int, int], str] = {}
     for path in args.disks:
         probe(path)
+        identity = disk_identity(path)
+        if identity in seen:
+            raise InvalidInput(f"{path} is given twice (same disk as {seen[identity]})")
+        seen[identity] = path
         device = FileDevice(path, writable=False, workers=1)
         try:
             label = read_label(device)
