@@ -20,7 +20,7 @@ from rich.table import Table
 from blockspace import control
 from blockspace.admin import check_new_disks, disk_identity, opened_pool, pool_status
 from blockspace.devices import FileDevice, probe
-from blockspace.errors import BlockspaceError, InvalidInput
+from blockspace.errors import BlockspaceError, FormatError, InvalidInput
 from blockspace.label import validate_name
 from blockspace.layouts import default_layout
 from blockspace.metadata import MAX_VOLUME_SIZE
@@ -217,6 +217,10 @@ def cmd_pool_import(args: argparse.Namespace) -> int:
         device = FileDevice(path, writable=False, workers=1)
         try:
             label = read_label(device)
+        except FormatError as error:
+            raise FormatError(
+                f"{path}: {error}; leave this disk out to import the pool without it"
+            ) from None
         finally:
             device.close()
         if label is None:
