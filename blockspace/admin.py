@@ -104,11 +104,18 @@ async def opened_pool(registry: Registry, name: str) -> AsyncIterator[Pool]:
     mount = registry.mount_info(name)
     if mount is not None:
         raise BlockspaceError(f"pool {name!r} is mounted at {mount.mountpoint} (pid {mount.pid})")
-    devices = open_devices(entry.disks)
+    async with opened_disks(entry.disks, entry.uuid, name) as pool:
+        yield pool
+
+
+@asynccontextmanager
+async def opened_disks(paths: Sequence[str], pool_uuid: str, name: str) -> AsyncIterator[Pool]:
+    """Open the pool `pool_uuid` from whichever of `paths` are present."""
+    devices = open_devices(paths)
     try:
         if not devices:
             raise BlockspaceError(f"none of the disks of pool {name!r} can be opened")
-        pool = await Pool.open(devices, expect_uuid=entry.uuid)
+        pool = await Pool.open(devices, expect_uuid=pool_uuid)
     except BaseException:
         for device in devices:
             device.close()

@@ -18,7 +18,13 @@ from rich.console import Console
 from rich.table import Table
 
 from blockspace import control
-from blockspace.admin import check_new_disks, disk_identity, opened_pool, pool_status
+from blockspace.admin import (
+    check_new_disks,
+    disk_identity,
+    opened_disks,
+    opened_pool,
+    pool_status,
+)
 from blockspace.devices import FileDevice, probe
 from blockspace.errors import BlockspaceError, FormatError, InvalidInput
 from blockspace.label import validate_name
@@ -238,8 +244,13 @@ def cmd_pool_import(args: argparse.Namespace) -> int:
         raise InvalidInput(f"another pool is registered as {name!r}; import with --name NEW")
     if registry.mount_info(name) is not None:
         raise InvalidInput(f"pool {name!r} is mounted; unmount it before importing")
+
+    async def check() -> dict[str, Any]:
+        async with opened_disks(paths, pool_uuid, name) as pool:
+            return pool_status(pool)
+
+    status = trio.run(check)  # a pool that does not open is not registered
     registry.add(PoolEntry(name, pool_uuid, paths))
-    status = _status(args, name)
     _emit(args, status, lambda s: console.print(
         f"imported pool [bold]{name}[/] ({pool_uuid}) with {len(paths)} disks, "
         f"health {s['health']}"))
