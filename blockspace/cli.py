@@ -58,10 +58,19 @@ def _registry(args: argparse.Namespace) -> Registry:
 
 
 def _emit(args: argparse.Namespace, data: Any, human: Callable[[Any], None]) -> None:
-    if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
-    else:
-        human(data)
+    try:
+        if args.json:
+            print(json.dumps(data, indent=2, sort_keys=True))
+        else:
+            human(data)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`blockspace ... --json | head`): exit 1 without a traceback,
+        # as rich does for tables; stdout to /dev/null so the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise SystemExit(1) from None
 
 
 def _mounted_socket(registry: Registry, pool: str) -> Path | None:
