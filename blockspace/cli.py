@@ -47,7 +47,7 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is a one-line InvalidInput like every other bad input."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(f"{self.prog}: error: {message}")
 
 
 # ---- helpers ------------------------------------------------------------------------
