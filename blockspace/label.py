@@ -41,6 +41,7 @@ MAX_DISK_ID = 1 << 31
 MAX_TIMESTAMP = float(1 << 40)  # seconds since the epoch; ~34,000 years
 DATA_ALIGN = MIB
 CHECKSUM_BYTES_PER_BLOCK = 16
+INTENT_SLOT_SIZE = 64 * 1024  # write-intent log: two slots after the metadata slots
 
 BytesLike = bytes | bytearray | memoryview
 
@@ -115,6 +116,12 @@ class DiskGeometry:
     def checksum_area_size(self) -> int:
         return self.extent_stride - self.slab_size
 
+    def intent_slot_offset(self, slot: int) -> int:
+        """Byte offset of write-intent slot 0 or 1 (right after the metadata slots)."""
+        if slot not in (0, 1) or not _is_int(slot):
+            raise ValueError(f"intent slot must be 0 or 1, not {slot!r}")
+        return self.meta_offset + 2 * self.meta_slot_size + slot * INTENT_SLOT_SIZE
+
     def meta_slot_offset(self, slot: int) -> int:
         """Byte offset of metadata slot 0 or 1."""
         if slot not in (0, 1) or not _is_int(slot):
@@ -168,7 +175,8 @@ def compute_geometry(disk_size: int, slab_size: int, meta_slot_size: int) -> Dis
             f"{format_size(MAX_DISK_SIZE)} is supported"
         )
     meta_offset = LABEL_SIZE
-    data_start = align_up(meta_offset + 2 * meta_slot_size, DATA_ALIGN)
+    intent_end = meta_offset + 2 * meta_slot_size + 2 * INTENT_SLOT_SIZE
+    data_start = align_up(intent_end, DATA_ALIGN)
     extent_stride = _extent_stride(slab_size)
     minimum = data_start + extent_stride + LABEL_SIZE
     if disk_size < minimum:

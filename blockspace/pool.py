@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import trio
 
 from blockspace.allocator import Extent, ExtentAllocator
+from blockspace.checksum_store import ChecksumStore
 from blockspace.concurrency import bind, run_all
 from blockspace.devices import Device
 from blockspace.errors import BlockspaceError, DeviceError, FormatError, InvalidInput, NoSpace
@@ -54,7 +55,9 @@ class PoolDisk:
     geometry: DiskGeometry
     device: Device | None
     path: str
-    errors: dict[str, int] = field(default_factory=lambda: {"read": 0, "write": 0})
+    errors: dict[str, int] = field(
+        default_factory=lambda: {"read": 0, "write": 0, "checksum": 0}
+    )
 
     @property
     def usable(self) -> bool:
@@ -80,6 +83,7 @@ class Pool:
         self.allocator = ExtentAllocator(
             {disk_id: disk.record.extent_count for disk_id, disk in disks.items()}, used
         )
+        self.checksums = ChecksumStore(self.device, self.checksum_offset)
 
     # ---- creation and opening -------------------------------------------------------
 
@@ -276,6 +280,9 @@ class Pool:
 
     # ---- extents --------------------------------------------------------------------
 
+    def checksum_offset(self, disk_id: int, extent: int) -> int:
+        return self.disks[disk_id].geometry.checksum_offset(extent)
+
     def extent_offset(self, disk_id: int, extent: int) -> int:
         return self.disks[disk_id].geometry.extent_offset(extent)
 
@@ -288,9 +295,10 @@ class Pool:
         for disk_id, extent in extents:
             device = self.device(disk_id)
             if device is not None:
+                geometry = self.disks[disk_id].geometry
+                self.checksums.forget_extent(disk_id, extent, geometry.checksum_area_size // BLOCK)
                 offset = self.extent_offset(disk_id, extent)
-                stride = self.disks[disk_id].geometry.extent_stride
-                jobs.append(bind(device.zero, offset, stride))
+                jobs.append(bind(device.zero, offset, geometry.extent_stride))
         await run_all(jobs)
 
     async def allocate_slabs(self, volume: VolumeRecord, slab_indexes: Sequence[int]) -> None:

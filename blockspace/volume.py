@@ -1,10 +1,14 @@
-"""A volume: byte offsets -> slabs -> layout -> concurrent device I/O.
+"""A volume: byte offsets -> slabs -> layout -> concurrent, checksummed device I/O.
 
 Requests are split per slab, then per row and data column by `layouts.split`; the pieces
-of one request run concurrently. Writes hold the locks of the rows they touch, so a parity
-read-modify-write or two mirror writes to one row never interleave.
+of one request run concurrently. Every extent read is verified block by block against its
+checksum entries; a bad or unreadable copy is served from another copy or rebuilt from
+parity, and rewritten in place (self-heal). Writes hold the locks of the rows they touch,
+so a parity read-modify-write, a partial-block write, a heal or two mirror writes to one
+row never interleave. Device I/O below works in whole 4 KiB blocks.
 """
 
+import enum
 import logging
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
@@ -12,6 +16,7 @@ from dataclasses import dataclass
 
 import trio
 
+from blockspace.checksums import CSUM_BLOCK, bad_blocks, entries_for
 from blockspace.concurrency import bind, run_all
 from blockspace.erasure import ErasureCodec
 from blockspace.errors import DeviceError, InvalidInput, Unrecoverable
@@ -31,6 +36,22 @@ from blockspace.pool import Pool
 log = logging.getLogger(__name__)
 
 Extents = list[tuple[int, int]]
+BLOCK = CSUM_BLOCK
+
+
+def align_down(value: int) -> int:
+    return value - value % BLOCK
+
+
+def align_up(value: int) -> int:
+    return -(-value // BLOCK) * BLOCK
+
+
+class Fault(enum.Enum):
+    """Why an extent read gave no data."""
+
+    MISSING = "missing"  # disk absent, failed, or the read returned an error
+    CORRUPT = "corrupt"  # read fine, but a block failed its checksum
 
 
 class RowLocks:
@@ -62,6 +83,7 @@ class VolumeStats:
     bytes_read: int
     bytes_written: int
     degraded_reads: int
+    healed_blocks: int
     allocated_slabs: int
 
 
@@ -77,7 +99,7 @@ class Volume:
         self._row_locks = RowLocks()
         self._allocation_lock = trio.Lock()
         self._reads = self._writes = self._bytes_read = self._bytes_written = 0
-        self._degraded_reads = 0
+        self._degraded_reads = self._healed_blocks = 0
 
     @property
     def name(self) -> str:
@@ -94,6 +116,7 @@ class Volume:
             self._bytes_read,
             self._bytes_written,
             self._degraded_reads,
+            self._healed_blocks,
             len(self.record.slabs),
         )
 
@@ -144,9 +167,63 @@ class Volume:
             yield slab, slab_offset, position - offset, count
             position += count
 
-    def _location(self, extents: Extents, position: int, column_offset: int) -> tuple[int, int]:
+    def _slab_rows(self, slab: int, start: int, end: int) -> list[tuple[int, int]]:
+        """Lock keys of the rows a slab-relative byte range [start, end) touches."""
+        row_bytes = self.spec.interleave * self.spec.columns
+        return [(slab, row) for row in range(start // row_bytes, (end - 1) // row_bytes + 1)]
+
+    def _column_rows(self, slab: int, start: int, end: int) -> list[tuple[int, int]]:
+        """Lock keys of the rows an extent byte range [start, end) lies in."""
+        unit = self.spec.interleave
+        return [(slab, row) for row in range(start // unit, (end - 1) // unit + 1)]
+
+    # ---- extent primitives: whole blocks, verified --------------------------------------
+
+    async def _read_verified(
+        self, extents: Extents, position: int, start: int, end: int
+    ) -> bytes | Fault:
+        """Blocks [start, end) of the extent at `position`, each checked against its entry."""
         disk_id, extent = extents[position]
-        return disk_id, self.pool.extent_offset(disk_id, extent) + column_offset
+        device = self.pool.device(disk_id)
+        if device is None:
+            return Fault.MISSING
+        disk = self.pool.disks[disk_id]
+        try:
+            entries = await self.pool.checksums.read(
+                disk_id, extent, start // BLOCK, (end - start) // BLOCK
+            )
+            data = await device.read(self.pool.extent_offset(disk_id, extent) + start, end - start)
+        except DeviceError as error:
+            disk.errors["read"] += 1
+            log.warning("read error on disk %d: %s", disk_id, error)
+            return Fault.MISSING
+        bad = bad_blocks(data, entries)
+        if bad:
+            disk.errors["checksum"] += len(bad)
+            log.warning(
+                "checksum mismatch on disk %d (%s), extent %d, blocks %s",
+                disk_id, disk.path, extent, [start // BLOCK + b for b in bad][:8],
+            )
+            return Fault.CORRUPT
+        return data
+
+    async def _write_verified(
+        self, extents: Extents, position: int, start: int, data: bytes | memoryview
+    ) -> bool:
+        """Write whole blocks and their checksum entries; False if the disk is out (a failed
+        write takes the disk out of service, durably, before returning)."""
+        disk_id, extent = extents[position]
+        device = self.pool.device(disk_id)
+        if device is None:
+            return False
+        try:
+            await device.write(self.pool.extent_offset(disk_id, extent) + start, data)
+            await self.pool.checksums.write(disk_id, extent, start // BLOCK, entries_for(data))
+            return True
+        except DeviceError as error:
+            self.pool.disks[disk_id].errors["write"] += 1
+            await self.pool.mark_failed(disk_id, str(error))
+            return False
 
     # ---- reads ----------------------------------------------------------------------
 
@@ -154,78 +231,113 @@ class Volume:
         extents = self.record.slabs.get(slab)
         if extents is None:
             return  # unallocated: reads as zeros, and `out` is already zeroed
+        await self._read_range(slab, extents, offset, out, locked=False)
+
+    async def _read_range(
+        self, slab: int, extents: Extents, offset: int, out: memoryview, *, locked: bool
+    ) -> None:
         jobs = [
-            bind(self._read_piece, slab, extents, piece, out)
+            bind(self._read_piece, slab, extents, piece, out, locked)
             for piece in split(self.spec, offset, len(out))
         ]
         await run_all(jobs)
 
-    async def _read_piece(self, slab: int, extents: Extents, piece: Piece, out: memoryview) -> None:
-        target = out[piece.buf_offset : piece.buf_offset + piece.length]
+    async def _read_piece(
+        self, slab: int, extents: Extents, piece: Piece, out: memoryview, locked: bool
+    ) -> None:
+        start = align_down(piece.column_offset)
+        end = align_up(piece.column_offset + piece.length)
         if self.spec.kind == "parity":
-            data = await self._read_at(extents, code_position(self.spec, piece.row, piece.column),
-                                       piece.column_offset, piece.length)
-            if data is None:
-                self._degraded_reads += 1
-                start, end = unit_range(self.spec, piece)
-                async with self._row_locks.hold([(slab, piece.row)]):
-                    rebuilt = await self._read_fragments(extents, piece.row, start, end,
-                                                         [piece.column])
-                data = rebuilt[piece.column]
-            target[:] = data
-            return
-        for attempt, position in enumerate(data_positions(self.spec, piece.row, piece.column)):
-            data = await self._read_at(extents, position, piece.column_offset, piece.length)
-            if data is not None:
-                if attempt:
-                    self._degraded_reads += 1
-                target[:] = data
-                return
+            data = await self._read_parity_column(slab, extents, piece.row, piece.column,
+                                                  start, end, locked=locked)
+        else:
+            data = await self._read_copies(slab, extents, piece.row, piece.column,
+                                           start, end, locked=locked)
+        skip = piece.column_offset - start
+        out[piece.buf_offset : piece.buf_offset + piece.length] = data[skip : skip + piece.length]
+
+    async def _read_copies(
+        self, slab: int, extents: Extents, row: int, column: int, start: int, end: int,
+        *, locked: bool,
+    ) -> bytes:
+        """Simple and mirror: the first copy that verifies. Bad copies are rewritten from it,
+        under the row locks (re-read there, so a concurrent write is never undone)."""
+        corrupt: list[int] = []
+        for position in data_positions(self.spec, row, column):
+            result = await self._read_verified(extents, position, start, end)
+            if isinstance(result, bytes):
+                if not corrupt:
+                    return result
+                if not locked:
+                    async with self._row_locks.hold(self._column_rows(slab, start, end)):
+                        return await self._read_copies(slab, extents, row, column, start, end,
+                                                       locked=True)
+                for bad in corrupt:
+                    if await self._write_verified(extents, bad, start, result):
+                        self._healed_blocks += (end - start) // BLOCK
+                        log.info("healed slab %d position %d [%d, %d)", slab, bad, start, end)
+                return result
+            self._degraded_reads += 1
+            if result is Fault.CORRUPT:
+                corrupt.append(position)
         raise Unrecoverable(
-            f"volume {self.name!r}: no readable copy of slab {slab} at {piece.column_offset}"
+            f"volume {self.name!r}: no good copy of slab {slab} at extent offset {start}"
         )
 
-    async def _read_at(
-        self, extents: Extents, position: int, column_offset: int, length: int
-    ) -> bytes | None:
-        """One extent read; None if its disk is unusable or the read failed."""
-        disk_id, offset = self._location(extents, position, column_offset)
-        device = self.pool.device(disk_id)
-        if device is None:
-            return None
-        try:
-            return await device.read(offset, length)
-        except DeviceError as error:
-            self.pool.disks[disk_id].errors["read"] += 1
-            log.warning("read error on disk %d: %s", disk_id, error)
-            return None
+    async def _read_parity_column(
+        self, slab: int, extents: Extents, row: int, column: int, start: int, end: int,
+        *, locked: bool,
+    ) -> bytes:
+        """Parity: the data column directly, else rebuilt from the row (under its lock)."""
+        result = await self._read_verified(extents, code_position(self.spec, row, column),
+                                           start, end)
+        if isinstance(result, bytes):
+            return result
+        self._degraded_reads += 1
+        unit_start = start - row_start(self.spec, row)
+        unit_end = end - row_start(self.spec, row)
+        if not locked:
+            async with self._row_locks.hold([(slab, row)]):
+                rebuilt = await self._fragments(slab, extents, row, unit_start, unit_end, [column])
+        else:
+            rebuilt = await self._fragments(slab, extents, row, unit_start, unit_end, [column])
+        return rebuilt[column]
 
-    async def _read_fragments(
-        self, extents: Extents, row: int, start: int, end: int, wanted: list[int]
+    async def _fragments(
+        self, slab: int, extents: Extents, row: int, start: int, end: int, wanted: list[int]
     ) -> dict[int, bytes]:
-        """Parity: the [start, end) range of code fragments `wanted` in `row`, rebuilding
-        from the other fragments when some cannot be read. Caller holds the row lock."""
+        """Parity: bytes [start, end) of the row's unit for code fragments `wanted`, rebuilt
+        from the others when some are missing or corrupt; corrupt ones are rewritten.
+        The caller holds the row lock."""
         assert self.codec is not None
         found: dict[int, bytes] = {}
-        column_offset = row_start(self.spec, row) + start
+        corrupt: list[int] = []
+        offset = row_start(self.spec, row) + start
 
         async def fetch(index: int) -> None:
             position = code_position(self.spec, row, index)
-            data = await self._read_at(extents, position, column_offset, end - start)
-            if data is not None:
-                found[index] = data
+            result = await self._read_verified(extents, position, offset, offset + end - start)
+            if isinstance(result, bytes):
+                found[index] = result
+            elif result is Fault.CORRUPT:
+                corrupt.append(index)
 
         await run_all([bind(fetch, index) for index in wanted])
         if all(index in found for index in wanted):
-            return found
-        others = [i for i in range(self.spec.width) if i not in wanted]
-        await run_all([bind(fetch, index) for index in others])
+            return {index: found[index] for index in wanted}
+        await run_all([bind(fetch, i) for i in range(self.spec.width) if i not in wanted])
         if len(found) < self.spec.columns:
             raise Unrecoverable(
-                f"volume {self.name!r}: row {row} has only {len(found)} of the "
-                f"{self.spec.columns} fragments needed"
+                f"volume {self.name!r}: slab {slab} row {row} has only {len(found)} good "
+                f"fragments of the {self.spec.columns} needed"
             )
-        return self.codec.reconstruct(found, wanted)
+        rebuilt = self.codec.reconstruct(found, sorted(set(wanted) | set(corrupt)))
+        for index in corrupt:
+            position = code_position(self.spec, row, index)
+            if await self._write_verified(extents, position, offset, rebuilt[index]):
+                self._healed_blocks += (end - start) // BLOCK
+                log.info("healed slab %d row %d fragment %d", slab, row, index)
+        return {index: rebuilt[index] for index in wanted}
 
     # ---- writes ---------------------------------------------------------------------
 
@@ -235,24 +347,38 @@ class Volume:
             if not any(data):
                 return  # zeros into unallocated space: nothing to store
             extents = await self._allocate(slab)
-        pieces = split(self.spec, offset, len(data))
-        rows = {(slab, row) for piece in pieces for row in self._rows_of(piece)}
-        async with self._row_locks.hold(rows):
+        end = offset + len(data)
+        start, aligned_end = align_down(offset), align_up(end)
+        async with self._row_locks.hold(self._slab_rows(slab, start, aligned_end)):
+            if (start, aligned_end) != (offset, end):
+                data = await self._merge_partial_blocks(slab, extents, offset, data)
+            pieces = split(self.spec, start, len(data))
             if self.spec.kind == "parity":
                 by_row: dict[int, list[Piece]] = {}
                 for piece in pieces:
                     by_row.setdefault(piece.row, []).append(piece)
                 jobs = [
-                    bind(self._write_parity_row, extents, row, row_pieces, data)
+                    bind(self._write_parity_row, slab, extents, row, row_pieces, data)
                     for row, row_pieces in by_row.items()
                 ]
             else:
                 jobs = [bind(self._write_copies, slab, extents, piece, data) for piece in pieces]
             await run_all(jobs)
 
-    def _rows_of(self, piece: Piece) -> range:
-        last = (piece.column_offset + piece.length - 1) // self.spec.interleave
-        return range(piece.row, last + 1)
+    async def _merge_partial_blocks(
+        self, slab: int, extents: Extents, offset: int, data: memoryview
+    ) -> memoryview:
+        """Read the first and last block of an unaligned write and lay the new bytes over
+        them, so the write covers whole blocks. The caller holds the row locks."""
+        start, end = align_down(offset), align_up(offset + len(data))
+        merged = bytearray(end - start)
+        view = memoryview(merged)
+        if offset != start:
+            await self._read_range(slab, extents, start, view[:BLOCK], locked=True)
+        if offset + len(data) != end and (offset == start or end - start > BLOCK):
+            await self._read_range(slab, extents, end - BLOCK, view[-BLOCK:], locked=True)
+        merged[offset - start : offset - start + len(data)] = data
+        return view
 
     async def _allocate(self, slab: int) -> Extents:
         async with self._allocation_lock:
@@ -262,22 +388,6 @@ class Volume:
                 extents = self.record.slabs[slab]
             return extents
 
-    async def _write_at(
-        self, extents: Extents, position: int, column_offset: int, data: memoryview | bytes
-    ) -> bool:
-        """One extent write; False if its disk is unusable or failed (then marked failed)."""
-        disk_id, offset = self._location(extents, position, column_offset)
-        device = self.pool.device(disk_id)
-        if device is None:
-            return False
-        try:
-            await device.write(offset, data)
-            return True
-        except DeviceError as error:
-            self.pool.disks[disk_id].errors["write"] += 1
-            await self.pool.mark_failed(disk_id, str(error))
-            return False
-
     async def _write_copies(
         self, slab: int, extents: Extents, piece: Piece, data: memoryview
     ) -> None:
@@ -286,7 +396,7 @@ class Volume:
 
         async def write_one(position: int) -> None:
             nonlocal written
-            if await self._write_at(extents, position, piece.column_offset, payload):
+            if await self._write_verified(extents, position, piece.column_offset, payload):
                 written += 1
 
         positions = data_positions(self.spec, piece.row, piece.column)
@@ -298,7 +408,7 @@ class Volume:
             )
 
     async def _write_parity_row(
-        self, extents: Extents, row: int, pieces: list[Piece], data: memoryview
+        self, slab: int, extents: Extents, row: int, pieces: list[Piece], data: memoryview
     ) -> None:
         """Write the pieces of one row and its parity. A row fully covered is encoded from
         the new data alone; otherwise the untouched part of the span is read first."""
@@ -307,18 +417,18 @@ class Volume:
         start = min(r[0] for r in ranges.values())
         end = max(r[1] for r in ranges.values())
         to_read = [c for c in range(self.spec.columns) if ranges.get(c) != (start, end)]
-        old = await self._read_fragments(extents, row, start, end, to_read) if to_read else {}
+        old = await self._fragments(slab, extents, row, start, end, to_read) if to_read else {}
         columns: list[bytes | bytearray] = []
         for column in range(self.spec.columns):
-            buffer = bytearray(old[column]) if column in old else bytearray(end - start)
-            columns.append(buffer)
+            columns.append(bytearray(old[column]) if column in old else bytearray(end - start))
         for piece in pieces:
             piece_start, piece_end = ranges[piece.column]
             payload = data[piece.buf_offset : piece.buf_offset + piece.length]
             columns[piece.column][piece_start - start : piece_end - start] = payload
         parity = self.codec.encode(columns)
-        async def write_one(position: int, column_offset: int, payload: bytes | memoryview) -> None:
-            await self._write_at(extents, position, column_offset, payload)
+
+        async def write_one(position: int, offset: int, payload: bytes | memoryview) -> None:
+            await self._write_verified(extents, position, offset, payload)
 
         jobs = []
         for piece in pieces:
@@ -334,6 +444,5 @@ class Volume:
         lost = sum(self.pool.device(disk_id) is None for disk_id, _ in extents)
         if lost > self.spec.parity:
             raise Unrecoverable(
-                f"volume {self.name!r}: {lost} columns of row {row} are unavailable"
+                f"volume {self.name!r}: {lost} columns of slab {slab} row {row} are unavailable"
             )
-

@@ -45,6 +45,13 @@ async def make_volume(
     return pool, Volume(pool, record), devices
 
 
+def flip_bytes(device: MemoryDevice, rng: random.Random, count: int) -> None:
+    """Bitrot behind the pool's back: flip bytes anywhere past the labels and metadata."""
+    data_start = 1 * MiB
+    for _ in range(count):
+        device.data[rng.randrange(data_start, len(device.data) - 4096)] ^= 1 << rng.randrange(8)
+
+
 write_op = st.tuples(st.just("w"), st.integers(0, 10**9), st.integers(1, 150_000), st.integers())
 read_op = st.tuples(st.just("r"), st.integers(0, 10**9), st.integers(1, 150_000), st.integers())
 
@@ -54,10 +61,11 @@ read_op = st.tuples(st.just("r"), st.integers(0, 10**9), st.integers(1, 150_000)
 @given(
     ops=st.lists(st.one_of(write_op, read_op), min_size=1, max_size=12),
     failures=st.integers(0, 3),
+    fault=st.sampled_from(["fail", "corrupt"]),
     seed=st.integers(0, 2**32),
 )
 def test_layout_matches_bytearray_model(
-    name: str, ops: list[tuple[str, int, int, int]], failures: int, seed: int
+    name: str, ops: list[tuple[str, int, int, int]], failures: int, fault: str, seed: int
 ) -> None:
     spec = LAYOUTS[name]
 
@@ -78,11 +86,19 @@ def test_layout_matches_bytearray_model(
 
         for op in ops:
             await apply(*op)
-        # Lose up to `tolerance` disks that hold this volume's slabs; all must still read.
+        # Lose or rot up to `tolerance` disks (a slab has one extent per disk, so no stripe
+        # loses more than that); every byte must still read as the model says.
         lost = rng.sample(range(len(devices)), min(failures, spec.tolerance))
         for index in lost:
-            devices[index].failed = True
+            if fault == "fail":
+                devices[index].failed = True
+            else:
+                flip_bytes(devices[index], rng, count=200)
         assert await volume.read(0, volume.size) == model
+        if fault == "corrupt":  # the first read healed what it found: a second finds nothing
+            errors = [dict(d.errors) for d in pool.disks.values()]
+            assert await volume.read(0, volume.size) == model
+            assert [dict(d.errors) for d in pool.disks.values()] == errors
         for op in ops:  # and the degraded volume keeps serving writes
             await apply(*op)
         assert await volume.read(0, volume.size) == model

@@ -1,0 +1,125 @@
+"""Checksum entries on disk, behind a bounded page cache.
+
+Each extent keeps its blocks' entries right after its data (see `label.DiskGeometry`).
+Pages of entries (4 KiB = 256 blocks = 1 MiB of data) are cached, least recently used
+first out, so RAM stays bounded whatever the pool holds (design invariant 5). Writes go
+through to the disk and patch cached pages; a page being loaded while a write lands gets
+the patch after it arrives, so the cache never holds an entry older than the disk's.
+"""
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from blockspace.checksums import ENTRY_SIZE
+from blockspace.devices import Device
+from blockspace.errors import DeviceError
+
+PAGE = 4096
+Key = tuple[int, int, int]  # disk id, extent, page index
+
+
+@dataclass(frozen=True)
+class ChecksumCacheStats:
+    pages: int
+    max_pages: int
+    hits: int
+    misses: int
+
+
+class ChecksumStore:
+    def __init__(
+        self,
+        device_of: Callable[[int], Device | None],
+        area_offset: Callable[[int, int], int],
+        *,
+        max_pages: int = 4096,
+    ) -> None:
+        self._device_of = device_of
+        self._area_offset = area_offset  # (disk id, extent) -> byte offset of its entries
+        self._pages: OrderedDict[Key, bytearray] = OrderedDict()
+        self._loading: dict[Key, list[tuple[int, bytes]]] = {}
+        self._loaded: dict[Key, trio.Event] = {}
+        self.max_pages = max_pages
+        self._hits = self._misses = 0
+
+    def statistics(self) -> ChecksumCacheStats:
+        return ChecksumCacheStats(len(self._pages), self.max_pages, self._hits, self._misses)
+
+    async def read(self, disk_id: int, extent: int, first_block: int, count: int) -> bytes:
+        """Entries of blocks [first_block, first_block + count) of an extent.
+        Raises DeviceError if the disk cannot be read."""
+        start = first_block * ENTRY_SIZE
+        end = start + count * ENTRY_SIZE
+        parts = []
+        for page in range(start // PAGE, (end - 1) // PAGE + 1):
+            data = await self._page(disk_id, extent, page)
+            lo = max(start, page * PAGE) - page * PAGE
+            hi = min(end, (page + 1) * PAGE) - page * PAGE
+            parts.append(bytes(data[lo:hi]))
+        return b"".join(parts)
+
+    async def write(self, disk_id: int, extent: int, first_block: int, entries: bytes) -> None:
+        """Write entries through to the disk (not flushed) and into any cached page."""
+        device = self._device_of(disk_id)
+        if device is None:
+            raise DeviceError(f"disk {disk_id} is not available")
+        start = first_block * ENTRY_SIZE
+        self._patch(disk_id, extent, start, entries)
+        await device.write(self._area_offset(disk_id, extent) + start, entries)
+
+    def forget_extent(self, disk_id: int, extent: int, pages: int) -> None:
+        """Drop cached pages of an extent that is being reused."""
+        for page in range(pages):
+            self._pages.pop((disk_id, extent, page), None)
+
+    def forget_disk(self, disk_id: int) -> None:
+        for key in [k for k in self._pages if k[0] == disk_id]:
+            del self._pages[key]
+
+    def _patch(self, disk_id: int, extent: int, start: int, entries: bytes) -> None:
+        end = start + len(entries)
+        for page in range(start // PAGE, (end - 1) // PAGE + 1):
+            key = (disk_id, extent, page)
+            lo = max(start, page * PAGE)
+            hi = min(end, (page + 1) * PAGE)
+            chunk = entries[lo - start : hi - start]
+            cached = self._pages.get(key)
+            if cached is not None:
+                cached[lo - page * PAGE : hi - page * PAGE] = chunk
+            if key in self._loading:
+                self._loading[key].append((lo - page * PAGE, chunk))
+
+    async def _page(self, disk_id: int, extent: int, page: int) -> bytearray:
+        key = (disk_id, extent, page)
+        while True:
+            cached = self._pages.get(key)
+            if cached is not None:
+                self._pages.move_to_end(key)
+                self._hits += 1
+                return cached
+            pending = self._loaded.get(key)
+            if pending is None:
+                break
+            await pending.wait()  # someone else is loading it; then look again
+        self._misses += 1
+        device = self._device_of(disk_id)
+        if device is None:
+            raise DeviceError(f"disk {disk_id} is not available")
+        self._loading[key] = []
+        self._loaded[key] = event = trio.Event()
+        try:
+            data = bytearray(await device.read(self._area_offset(disk_id, extent) + page * PAGE,
+                                               PAGE))
+            for offset, chunk in self._loading[key]:
+                data[offset : offset + len(chunk)] = chunk
+            self._pages[key] = data
+            while len(self._pages) > self.max_pages:
+                self._pages.popitem(last=False)
+            return data
+        finally:
+            del self._loading[key]
+            del self._loaded[key]
+            event.set()
