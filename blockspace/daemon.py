@@ -51,6 +51,7 @@ class Daemon:
         try:
             self.pool = pool = await Pool.open(devices, expect_uuid=entry.uuid)
             await pool.note_missing_disks()
+            await pool.enable_intent_log()
             self.volumes = {v.name: Volume(pool, v) for v in pool.metadata.volumes}
             self.fs = VolumeFS(lambda: self.volumes, uid=self.options.uid, gid=self.options.gid)
             fuse_options = set(pyfuse3.default_options)
@@ -68,6 +69,10 @@ class Daemon:
                 socket_path = self.registry.socket_path(pool.name)
                 await nursery.start(control.serve, socket_path, self.handle)
                 nursery.start_soon(self._watch_signals)
+                assert pool.intent is not None
+                nursery.start_soon(pool.intent.run_cleaner)
+                for volume in self.volumes.values():
+                    nursery.start_soon(self._resync, volume)
                 self.registry.set_mount(
                     MountEntry(
                         pool=pool.name,
@@ -85,7 +90,7 @@ class Daemon:
             log.info("pool %s: stopping", pool.name)
             with trio.CancelScope(shield=True):
                 try:
-                    await pool.flush()
+                    await pool.close_intent_log()  # flushes every disk first
                 except BlockspaceError as error:
                     log.error("final flush failed: %s", error)
             pool.close()
@@ -94,6 +99,19 @@ class Daemon:
             pyfuse3.close(unmount=True)
             self.registry.clear_mount(pool.name)
             log.info("pool %s unmounted", pool.name)
+
+    async def _resync(self, volume: Volume) -> None:
+        """Background resync of what an unclean stop left dirty; I/O to a region still
+        pending resyncs it first, so the volume is online meanwhile."""
+        if volume.pending_resync:
+            count = len(volume.pending_resync)
+            log.info("volume %s: resyncing %d dirty regions", volume.name, count)
+            try:
+                await volume.resync_pending()
+            except BlockspaceError as error:
+                log.error("volume %s: resync stopped: %s", volume.name, error)
+                return
+            log.info("volume %s: resync done", volume.name)
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

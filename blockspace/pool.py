@@ -19,6 +19,8 @@ from blockspace.checksum_store import ChecksumStore
 from blockspace.concurrency import bind, run_all
 from blockspace.devices import Device
 from blockspace.errors import BlockspaceError, DeviceError, FormatError, InvalidInput, NoSpace
+from blockspace.intent import IntentLog, encode_intent, read_intent
+from blockspace.intent import Key as IntentKey
 from blockspace.label import (
     BLOCK,
     LABEL_SIZE,
@@ -84,6 +86,8 @@ class Pool:
             {disk_id: disk.record.extent_count for disk_id, disk in disks.items()}, used
         )
         self.checksums = ChecksumStore(self.device, self.checksum_offset)
+        self.intent: IntentLog | None = None  # enabled by the daemon (enable_intent_log)
+        self.recovering: set[IntentKey] = set()  # dirty at the last unclean stop
 
     # ---- creation and opening -------------------------------------------------------
 
@@ -252,6 +256,47 @@ class Pool:
             await disk.device.flush()
         except DeviceError as error:
             failed.append((disk.record.disk_id, error))
+
+    # ---- write-intent log -------------------------------------------------------------
+
+    async def enable_intent_log(self) -> set[IntentKey]:
+        """Start tracking writes in flight; returns the regions an unclean stop left dirty."""
+        members = [(d.device, d.geometry) for d in self.disks.values() if d.device is not None]
+        generation, dirty = read_intent(members, self.uuid)
+        self.intent = IntentLog(self._persist_intent, self.flush, generation, dirty)
+        self.intent.hold(dirty)
+        self.recovering = set(dirty)
+        if dirty:
+            log.warning("pool %s was not stopped cleanly: %d regions to resync",
+                        self.name, len(dirty))
+        return dirty
+
+    async def close_intent_log(self) -> None:
+        """Clean stop: flush, then record only what is still awaiting resync."""
+        if self.intent is None:
+            return
+        await self.flush()
+        self.intent.generation += 1
+        await self._persist_intent(self.intent.generation, set(self.recovering))
+
+    async def _persist_intent(self, generation: int, keys: set[IntentKey]) -> None:
+        record = encode_intent(generation, self.uuid, keys)
+        targets = [d for d in self.disks.values() if d.usable]
+        failed: list[tuple[int, DeviceError]] = []
+
+        async def write_one(disk: PoolDisk) -> None:
+            assert disk.device is not None
+            try:
+                await disk.device.write(disk.geometry.intent_slot_offset(generation % 2), record)
+                await disk.device.flush()
+            except DeviceError as error:
+                failed.append((disk.record.disk_id, error))
+
+        await run_all([bind(write_one, disk) for disk in targets])
+        if len(failed) == len(targets):
+            raise DeviceError("the write-intent log could not be written to any disk")
+        for disk_id, error in failed:
+            await self.mark_failed(disk_id, str(error))
 
     def _set_state(self, disk_id: int, state: str, reason: str) -> None:
         disk = self.disks[disk_id]

@@ -20,6 +20,7 @@ from blockspace.checksums import CSUM_BLOCK, bad_blocks, entries_for
 from blockspace.concurrency import bind, run_all
 from blockspace.erasure import ErasureCodec
 from blockspace.errors import DeviceError, InvalidInput, Unrecoverable
+from blockspace.intent import volume_key
 from blockspace.layouts import (
     LayoutSpec,
     Piece,
@@ -32,11 +33,13 @@ from blockspace.layouts import (
 )
 from blockspace.metadata import VolumeRecord
 from blockspace.pool import Pool
+from blockspace.resync import resync_region
 
 log = logging.getLogger(__name__)
 
 Extents = list[tuple[int, int]]
 BLOCK = CSUM_BLOCK
+REGION_SIZE = 1 << 20  # write-intent granularity, in bytes of each extent
 
 
 def align_down(value: int) -> int:
@@ -98,6 +101,10 @@ class Volume:
             self.codec = ErasureCodec(self.spec.columns, self.spec.parity)
         self._row_locks = RowLocks()
         self._allocation_lock = trio.Lock()
+        self.key = volume_key(record.uuid)
+        # Write-intent regions, in extent bytes: a whole number of rows.
+        self.region_size = max(REGION_SIZE, self.spec.interleave)
+        self.pending_resync = {(s, r) for k, s, r in pool.recovering if k == self.key}
         self._reads = self._writes = self._bytes_read = self._bytes_written = 0
         self._degraded_reads = self._healed_blocks = 0
 
@@ -149,6 +156,47 @@ class Volume:
     async def flush(self) -> None:
         """Return once everything written before is durable on every usable disk."""
         await self.pool.flush()
+
+    # ---- resync after an unclean stop ----------------------------------------------------
+
+    async def resync_pending(self) -> int:
+        """Resync every region the last unclean stop left dirty; returns regions done."""
+        done = 0
+        for slab, region in sorted(self.pending_resync):
+            await self.resync_region(slab, region)
+            done += 1
+        return done
+
+    async def resync_region(self, slab: int, region: int) -> None:
+        start = region * self.region_size
+        end = min(start + self.region_size, self.pool.slab_size)
+        async with self._row_locks.hold(self._column_rows(slab, start, end)):
+            if (slab, region) not in self.pending_resync:
+                return  # another task got here first
+            extents = self.record.slabs.get(slab)
+            if extents is not None:
+                blocks = await resync_region(self, extents, start, end)
+                if blocks:
+                    log.info("volume %s: resynced slab %d region %d (%d blocks rewritten)",
+                             self.name, slab, region, blocks)
+            self.pending_resync.discard((slab, region))
+            key = (self.key, slab, region)
+            self.pool.recovering.discard(key)
+            if self.pool.intent is not None:
+                self.pool.intent.release(key)
+
+    async def _resync_if_pending(self, slab: int, start: int, end: int) -> None:
+        """I/O into a region still awaiting resync waits for it: nothing inconsistent is
+        ever read or used for a parity read-modify-write."""
+        if self.pending_resync:
+            for region in self._regions(slab, start, end):
+                if (slab, region) in self.pending_resync:
+                    await self.resync_region(slab, region)
+
+    def _regions(self, slab: int, start: int, end: int) -> set[int]:
+        """Intent regions a slab-relative byte range [start, end) touches."""
+        unit = self.spec.interleave
+        return {row * unit // self.region_size for _, row in self._slab_rows(slab, start, end)}
 
     # ---- geometry -------------------------------------------------------------------
 
@@ -231,6 +279,7 @@ class Volume:
         extents = self.record.slabs.get(slab)
         if extents is None:
             return  # unallocated: reads as zeros, and `out` is already zeroed
+        await self._resync_if_pending(slab, offset, offset + len(out))
         await self._read_range(slab, extents, offset, out, locked=False)
 
     async def _read_range(
@@ -347,6 +396,23 @@ class Volume:
             if not any(data):
                 return  # zeros into unallocated space: nothing to store
             extents = await self._allocate(slab)
+        end = offset + len(data)
+        start, aligned_end = align_down(offset), align_up(end)
+        await self._resync_if_pending(slab, start, aligned_end)
+        intent = self.pool.intent
+        if intent is None:
+            await self._write_locked(slab, extents, offset, data)
+            return
+        keys = {(self.key, slab, region) for region in self._regions(slab, start, aligned_end)}
+        await intent.begin(keys)
+        try:
+            await self._write_locked(slab, extents, offset, data)
+        finally:
+            intent.end(keys)
+
+    async def _write_locked(
+        self, slab: int, extents: Extents, offset: int, data: memoryview
+    ) -> None:
         end = offset + len(data)
         start, aligned_end = align_down(offset), align_up(end)
         async with self._row_locks.hold(self._slab_rows(slab, start, aligned_end)):
