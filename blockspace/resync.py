@@ -20,7 +20,7 @@ The caller holds the row locks of the region.
 import logging
 from typing import TYPE_CHECKING
 
-from blockspace.checksums import CSUM_BLOCK, block_ok, entries_for
+from blockspace.checksums import CSUM_BLOCK, bad_blocks, block_ok
 from blockspace.devices import Device
 from blockspace.errors import DeviceError
 from blockspace.layouts import code_position, data_positions, row_start
@@ -85,10 +85,9 @@ async def _resync_copies(
     for index in range(len(split[order[0]])):
         good = [p for p in order if block_ok(*split[p][index])]
         chosen += split[good[0] if good else order[0]][index][0]
-    wanted_entries = entries_for(chosen)
     rewritten = 0
     for position, (data, entries) in copies.items():
-        if data != chosen or entries != wanted_entries:
+        if data != chosen or bad_blocks(data, entries):
             await volume._write_verified(extents, position, start, bytes(chosen))
             rewritten += (end - start) // CSUM_BLOCK
     return rewritten
@@ -116,7 +115,7 @@ async def _resync_parity(volume: "Volume", extents: "Extents", start: int, end: 
         for index, raw in enumerate(fragments):
             assert raw is not None
             wanted = data[index] if index < spec.columns else parity[index - spec.columns]
-            if raw[0] != wanted or raw[1] != entries_for(wanted):
+            if raw[0] != wanted or bad_blocks(raw[0], raw[1]):
                 position = code_position(spec, row, index)
                 await volume._write_verified(extents, position, offset, wanted)
                 rewritten += spec.interleave // CSUM_BLOCK
