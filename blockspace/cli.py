@@ -138,13 +138,17 @@ def _status(args: argparse.Namespace, name: str) -> dict[str, Any]:
     registry.get(name)
     socket_path = _mounted_socket(registry, name)
     if socket_path is not None:
-        return dict(control.request(socket_path, "status"))
+        status = dict(control.request(socket_path, "status"))
+    else:
 
-    async def offline() -> dict[str, Any]:
-        async with opened_pool(registry, name) as pool:
-            return pool_status(pool)
+        async def offline() -> dict[str, Any]:
+            async with opened_pool(registry, name) as pool:
+                return pool_status(pool)
 
-    return trio.run(offline)
+        status = trio.run(offline)
+    # The name the user addresses the pool by; `pool import --name` may differ from the labels'.
+    status["name"] = name
+    return status
 
 
 def cmd_pool_status(args: argparse.Namespace) -> int:
@@ -259,6 +263,7 @@ def cmd_pool_import(args: argparse.Namespace) -> int:
             return pool_status(pool)
 
     status = trio.run(check)  # a pool that does not open is not registered
+    status["name"] = name
     registry.add(PoolEntry(name, pool_uuid, paths))
     _emit(args, status, lambda s: console.print(
         f"imported pool [bold]{name}[/] ({pool_uuid}) with {len(paths)} disks, "
