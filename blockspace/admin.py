@@ -159,7 +159,9 @@ def usable_capacity(pool: Pool) -> dict[str, int | None]:
     return result
 
 
-def pool_status(pool: Pool, mountpoint: str | None = None) -> dict[str, Any]:
+def pool_status(
+    pool: Pool, mountpoint: str | None = None, scrub: dict[str, Any] | None = None
+) -> dict[str, Any]:
     free_map = pool.allocator.free_map()
     disks = []
     for disk_id, disk in sorted(pool.disks.items()):
@@ -220,4 +222,5 @@ def pool_status(pool: Pool, mountpoint: str | None = None) -> dict[str, Any]:
         "usable": usable_capacity(pool),
         "disks": disks,
         "volumes": volumes,
+        "scrub": scrub,
     }

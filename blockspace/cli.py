@@ -143,7 +143,10 @@ def _status(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
         async def offline() -> dict[str, Any]:
             async with opened_pool(registry, name) as pool:
-                return pool_status(pool)
+                scrub = registry.scrub_state(name)
+                if scrub is not None:
+                    scrub.pop("cursor", None)
+                return pool_status(pool, scrub=scrub)
 
         status = trio.run(offline)
     # The name the user addresses the pool by; `pool import --name` may differ from the labels'.
@@ -165,15 +168,26 @@ def _print_status(s: dict[str, Any]) -> None:
         f"free {format_size(s['raw_free'])}, metadata generation {s['generation']}"
     )
     disks = Table(title="disks", title_justify="left")
-    for column in ("id", "path", "media", "size", "used", "free", "state", "errors r/w"):
+    for column in ("id", "path", "media", "size", "used", "free", "state", "errors r/w/csum"):
         disks.add_column(column)
     for d in s["disks"]:
+        errors = d["errors"]
         disks.add_row(
             str(d["id"]), d["path"], d["media"], format_size(d["size"]),
             format_size(d["used_bytes"]), format_size(d["free_bytes"]), d["state"],
-            f"{d['errors'].get('read', 0)}/{d['errors'].get('write', 0)}",
+            f"{errors.get('read', 0)}/{errors.get('write', 0)}/{errors.get('checksum', 0)}",
         )
     console.print(disks)
+    scrub = s.get("scrub")
+    if scrub and scrub.get("state") not in (None, "idle"):
+        report = scrub["report"]
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(scrub["started"]))
+        console.print(
+            f"last scrub: {scrub['state']} ({when}, {scrub['percent']:.0f}%): "
+            f"{report['checksum_errors']} checksum errors, {report['mismatches']} mismatches, "
+            f"{report['repaired_blocks']} blocks repaired, "
+            f"{len(report['unrecoverable'])} unrecoverable ranges"
+        )
     if s["volumes"]:
         volumes = Table(title="volumes", title_justify="left")
         for column in ("name", "size", "resiliency", "provisioning", "allocated", "footprint",
@@ -440,6 +454,114 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- scrub --------------------------------------------------------------------------
+
+
+def cmd_scrub(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    registry.get(args.pool)
+    socket_path = _mounted_socket(registry, args.pool)
+    action = args.action or "start"
+    if socket_path is None:
+        if action != "start":
+            raise InvalidInput(f"pool {args.pool!r} is not mounted: no scrub to {action}")
+        progress = _scrub_offline(args, registry)
+    else:
+        request: dict[str, Any] = {}
+        if action == "start":
+            request = {"volume": args.volume, "rate": parse_size(args.rate) if args.rate else 0}
+        progress = control.request(socket_path, f"scrub_{action}", **request)
+        if action == "start" and args.wait:
+            progress = _wait_for_scrub(args, socket_path)
+    _emit(args, progress, _print_scrub)
+    if progress["state"] == "done" and progress["report"]["unrecoverable"]:
+        return 3
+    return 0
+
+
+def _scrub_offline(args: argparse.Namespace, registry: Registry) -> dict[str, Any]:
+    """Scrub an unmounted pool in this process (always waits)."""
+    from blockspace.scrub import Scrubber
+    from blockspace.volume import Volume
+
+    async def run() -> dict[str, Any]:
+        async with opened_pool(registry, args.pool) as pool:
+            volumes = {v.name: Volume(pool, v) for v in pool.metadata.volumes}
+            if args.volume is not None and args.volume not in volumes:
+                raise InvalidInput(f"no volume {args.volume!r} in pool {args.pool!r}")
+            scrubber = Scrubber(
+                lambda: volumes,
+                lambda p: registry.save_scrub_state(args.pool, p.to_state()),
+            )
+            scrubber.plan(args.volume, parse_size(args.rate) if args.rate else 0)
+            with _progress_bar(args) as update:
+
+                async def on_slab() -> None:
+                    update(scrubber.progress.to_dict())
+
+                await scrubber.run(on_slab)
+                await pool.flush()
+            return scrubber.progress.to_dict()
+
+    return trio.run(run)
+
+
+def _wait_for_scrub(args: argparse.Namespace, socket_path: Path) -> dict[str, Any]:
+    with _progress_bar(args) as update:
+        while True:
+            progress = dict(control.request(socket_path, "scrub_status"))
+            update(progress)
+            if progress["state"] not in ("running", "paused"):
+                return progress
+            time.sleep(0.5)
+
+
+class _progress_bar:
+    """A rich progress line (percent, MiB/s, ETA) on stderr, when a person is watching."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.enabled = not args.json and sys.stderr.isatty()
+
+    def __enter__(self) -> Callable[[dict[str, Any]], None]:
+        if not self.enabled:
+            return lambda progress: None
+        from rich.progress import Progress
+
+        self.progress = Progress(console=Console(stderr=True))
+        self.progress.start()
+        self.task = self.progress.add_task("scrub", total=100)
+
+        def update(p: dict[str, Any]) -> None:
+            speed = format_size(int(p["bytes_per_second"])) + "/s"
+            eta = p["eta_seconds"]
+            eta_text = f", ETA {eta:.0f}s" if eta is not None else ""
+            self.progress.update(self.task, completed=p["percent"],
+                                 description=f"scrub {p['state']} {speed}{eta_text}")
+
+        return update
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+
+def _print_scrub(p: dict[str, Any]) -> None:
+    report = p["report"]
+    console.print(
+        f"scrub {p['state']}: {p['done_slabs']}/{p['total_slabs']} slabs ({p['percent']:.0f}%), "
+        f"{format_size(report['bytes_checked'])} checked at "
+        f"{format_size(int(p['bytes_per_second']))}/s"
+    )
+    console.print(
+        f"checksum errors {report['checksum_errors']}, mismatches {report['mismatches']}, "
+        f"repaired blocks {report['repaired_blocks']}, "
+        f"unrecoverable ranges {len(report['unrecoverable'])}"
+    )
+    for item in report["unrecoverable"]:
+        console.print(f"  unrecoverable: {item['volume']} bytes {item['offset']}"
+                      f"+{item['length']}")
+
+
 # ---- parser -------------------------------------------------------------------------
 
 
@@ -517,6 +639,19 @@ def build_parser() -> Parser:
     p.add_argument("name")
     p.add_argument("--size", required=True, help="the new size")
     p.set_defaults(func=cmd_volume_grow)
+
+    p = commands.add_parser("scrub", parents=[common],
+                            help="verify every block and its redundancy, repair what it can")
+    p.add_argument("pool")
+    p.add_argument("volume", nargs="?", help="only this volume")
+    p.add_argument("--wait", action="store_true", help="block until the scrub is done")
+    p.add_argument("--rate", help="bandwidth limit, e.g. 100M (per second)")
+    actions = p.add_mutually_exclusive_group()
+    for action in ("status", "pause", "resume", "cancel"):
+        actions.add_argument(f"--{action}", dest="action", action="store_const", const=action,
+                             help=f"{action} the running scrub" if action != "status"
+                             else "show the running or last scrub")
+    p.set_defaults(func=cmd_scrub, action=None)
 
     p = commands.add_parser("mount", parents=[common], help="serve a pool's volumes")
     p.add_argument("pool")

@@ -22,6 +22,7 @@ from blockspace.fuse_ops import VolumeFS
 from blockspace.layouts import default_layout
 from blockspace.pool import Pool
 from blockspace.registry import MountEntry, Registry
+from blockspace.scrub import Scrubber, ScrubProgress
 from blockspace.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,12 @@ class Daemon:
         self.pool: Pool | None = None
         self.volumes: dict[str, Volume] = {}
         self.fs: VolumeFS | None = None
+        saved = registry.scrub_state(options.pool)
+        self.scrubber = Scrubber(
+            lambda: self.volumes, self._save_scrub,
+            ScrubProgress.from_state(saved) if saved else None,
+        )
+        self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         entry = self.registry.get(self.options.pool)
@@ -71,6 +78,10 @@ class Daemon:
                 nursery.start_soon(self._watch_signals)
                 assert pool.intent is not None
                 nursery.start_soon(pool.intent.run_cleaner)
+                self._nursery = nursery
+                if self.scrubber.active:  # interrupted by a restart: carry on
+                    log.info("resuming the scrub interrupted by the last stop")
+                    nursery.start_soon(self.scrubber.run)
                 for volume in self.volumes.values():
                     nursery.start_soon(self._resync, volume)
                 self.registry.set_mount(
@@ -100,6 +111,30 @@ class Daemon:
             self.registry.clear_mount(pool.name)
             log.info("pool %s unmounted", pool.name)
 
+    def _save_scrub(self, progress: ScrubProgress) -> None:
+        self.registry.save_scrub_state(self.options.pool, progress.to_state())
+
+    def _scrub_request(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        scrubber = self.scrubber
+        if op == "scrub_start":
+            if scrubber.active:
+                raise BlockspaceError("a scrub is already running (see `scrub --status`)")
+            name = request.get("volume")
+            if name is not None and name not in self.volumes:
+                raise InvalidInput(f"no volume {name!r} in pool {self.options.pool!r}")
+            scrubber.plan(name, int(request.get("rate") or 0))
+            assert self._nursery is not None
+            self._nursery.start_soon(scrubber.run)
+        elif op == "scrub_pause":
+            scrubber.pause()
+        elif op == "scrub_resume":
+            scrubber.resume()
+        elif op == "scrub_cancel":
+            scrubber.cancel()
+        elif op != "scrub_status":
+            raise InvalidInput(f"unknown request {op!r}")
+        return scrubber.progress.to_dict()
+
     async def _resync(self, volume: Volume) -> None:
         """Background resync of what an unclean stop left dirty; I/O to a region still
         pending resyncs it first, so the volume is online meanwhile."""
@@ -127,7 +162,9 @@ class Daemon:
         assert self.fs is not None
         op = request["op"]
         if op == "status":
-            return pool_status(pool, self.options.mountpoint)
+            return pool_status(pool, self.options.mountpoint, self.scrubber.progress.to_dict())
+        if op.startswith("scrub_"):
+            return self._scrub_request(op, request)
         if op == "volume_create":
             spec = default_layout(
                 str(request["resiliency"]),

@@ -9,6 +9,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from blockspace.errors import BlockspaceError, InvalidInput
 
@@ -128,6 +129,23 @@ class Registry:
 
     def clear_mount(self, pool: str) -> None:
         self._mount_file(pool).unlink(missing_ok=True)
+
+    # ---- scrub progress: survives daemon restarts, and is the "last scrub" in status --------
+
+    def _scrub_file(self, pool: str) -> Path:
+        return self.root / "scrub" / f"{pool}.json"
+
+    def scrub_state(self, pool: str) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self._scrub_file(pool).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def save_scrub_state(self, pool: str, state: dict[str, Any]) -> None:
+        path = self._scrub_file(pool)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_json_atomically(path, state)
 
     def mounts(self) -> list[MountEntry]:
         found = []
