@@ -42,3 +42,12 @@ demo: setup
 
 demo-clean:
 	@bash "$(REPO)/tools/demo-clean.sh"
+
+# Side-by-side benchmark (issue 7; docs/benchmarks.md). Full mode by default; for a check:
+# `make bench BENCH_ARGS="--quick"`, or pick setups: BENCH_ARGS="--quick --setups raw,mirror-2".
+# tools/bench installs what it needs (fio, btrfs-progs, qemu-system-common, matplotlib).
+BENCH_ARGS ?=
+
+.PHONY: bench
+bench: setup
+	"$(REPO)/tools/bench" $(BENCH_ARGS)

@@ -1,0 +1,221 @@
+"""Smoke test of the benchmark harness's pure parts (tools/bench_lib): fio command lines and
+JSON parsing, ratios and targets, tables, profile summaries. No timing, no root, no fio."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+
+from bench_lib import catalog, jobs, profile, report, setups, system  # noqa: E402
+from bench_lib.cli import parse_profiles  # noqa: E402
+
+
+def fio_json(side: str, *, bw_bytes: float, iops: float, mean_ns: float = 50_000.0,
+             p99_ns: float = 120_000.0, error: int = 0) -> dict[str, Any]:
+    """The parts of fio 3.x's --output-format=json the harness reads."""
+    empty = {"bw_bytes": 0, "iops": 0.0, "runtime": 0, "clat_ns": {"mean": 0.0}}
+    stats = {
+        "bw_bytes": bw_bytes,
+        "bw": bw_bytes / 1024,
+        "iops": iops,
+        "runtime": 2000,
+        "clat_ns": {"mean": mean_ns, "percentile": {"50.000000": 40_000, "99.000000": p99_ns,
+                                                    "99.900000": 400_000}},
+    }
+    job = {"jobname": "x", "error": error, "read": empty, "write": empty, side: stats}
+    return {"fio version": "fio-3.33", "jobs": [job]}
+
+
+def test_fio_command_is_direct_libaio_time_based_over_the_region() -> None:
+    job = jobs.JOBS_BY_NAME["randwrite-4k-qd16"]
+    command = jobs.fio_command(job, "/dev/loop7", jobs.QUICK)
+    assert command[0] == "fio"
+    for flag in ("--direct=1", "--ioengine=libaio", "--rw=randwrite", "--bs=4096",
+                 "--iodepth=16", f"--size={256 * jobs.MiB}", "--time_based", "--runtime=2000ms",
+                 "--ramp_time=500ms", "--filename=/dev/loop7", "--output-format=json"):
+        assert flag in command
+    full = jobs.fio_command(jobs.JOBS_BY_NAME["seqread-1m-qd4"], "f", jobs.FULL, runtime=7)
+    assert f"--size={jobs.GiB}" in full
+    assert "--runtime=7000ms" in full
+    assert "--bs=1048576" in full
+
+
+def test_the_job_set_is_the_issues() -> None:
+    assert [(j.rw, j.bs, j.iodepth) for j in jobs.JOBS] == [
+        ("write", jobs.MiB, 4), ("read", jobs.MiB, 4),
+        ("randread", 4096, 1), ("randread", 4096, 16),
+        ("randwrite", 4096, 1), ("randwrite", 4096, 16),
+    ]
+
+
+def test_parse_fio_reads_bandwidth_iops_and_latency() -> None:
+    seq = jobs.JOBS_BY_NAME["seqwrite-1m-qd4"]
+    result = jobs.parse_fio(json.dumps(fio_json("write", bw_bytes=512 * jobs.MiB, iops=512)),
+                            seq)
+    assert result.value == pytest.approx(512.0)
+    assert result.bw_mib_s == pytest.approx(512.0)
+    assert result.lat_mean_us == pytest.approx(50.0)
+    assert result.lat_p99_us == pytest.approx(120.0)
+    assert result.runtime_s == pytest.approx(2.0)
+
+    rand = jobs.JOBS_BY_NAME["randread-4k-qd16"]
+    result = jobs.parse_fio(fio_json("read", bw_bytes=40_000 * 4096, iops=40_000.5), rand)
+    assert result.value == pytest.approx(40_000.5)  # IOPS for 4K jobs
+
+
+def test_parse_fio_skips_warnings_before_the_json() -> None:
+    text = "fio: file hash not empty on exit\n" + json.dumps(
+        fio_json("read", bw_bytes=jobs.MiB, iops=1.0))
+    result = jobs.parse_fio(text, jobs.JOBS_BY_NAME["seqread-1m-qd4"])
+    assert result.bw_mib_s == pytest.approx(1.0)
+    with pytest.raises(jobs.FioOutputError):
+        jobs.extract_json("fio: no JSON at all")
+    with pytest.raises(jobs.FioOutputError):
+        jobs.extract_json('{"jobs": []}')
+
+
+def test_verify_outcome() -> None:
+    ok = json.dumps(fio_json("write", bw_bytes=1, iops=1))
+    assert jobs.verify_outcome(0, ok, "") == "ok"
+    bad = json.dumps(fio_json("write", bw_bytes=1, iops=1, error=84))
+    outcome = jobs.verify_outcome(1, bad, "verify: bad header offset 8867840, wanted 5193728")
+    assert outcome.startswith("FAILED (fio error 84)")
+    assert "bad header" in outcome
+
+
+def test_median_and_formatting() -> None:
+    def result(value: float) -> jobs.JobResult:
+        return jobs.JobResult("j", value, value, value, 0.0, 0.0, 1.0)
+
+    chosen = jobs.median_result([result(3.0), result(1.0), result(2.0)])
+    assert chosen.value == 2.0
+    assert chosen.extra["samples"] == [3.0, 1.0, 2.0]
+    assert jobs.format_value(2399.4, "bw") == "2399"
+    assert jobs.format_value(77_600, "iops") == "77.6k"
+    assert jobs.format_value(6_100, "iops") == "6.10k"
+    assert jobs.format_value(950, "iops") == "950"
+    assert jobs.format_value(None, "iops") == "-"
+
+
+def results_with(figures: dict[str, dict[str, float]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"meta": {"mode": "quick"}, "setups": {}}
+    for setup, by_job in figures.items():
+        info = catalog.SETUPS_BY_NAME[setup]
+        out["setups"][setup] = {
+            "label": info.label, "group": info.group, "status": "ok",
+            "jobs": {job: {"value": value} for job, value in by_job.items()},
+        }
+    return out
+
+
+def test_ratios_and_targets() -> None:
+    results = results_with({
+        "qsd-raw": {"randread-4k-qd16": 50_000, "randwrite-4k-qd16": 40_000,
+                    "seqread-1m-qd4": 2000, "seqwrite-1m-qd4": 0},
+        "mirror-2": {"randread-4k-qd16": 35_000, "randwrite-4k-qd16": 20_000,
+                     "seqread-1m-qd4": 1900},
+    })
+    assert report.ratio(results, "mirror-2", "qsd-raw", "randread-4k-qd16") == pytest.approx(0.7)
+    assert report.ratio(results, "mirror-2", "qsd-raw", "seqwrite-1m-qd4") is None  # ref 0
+    assert report.ratio(results, "mirror-2", "btrfs-raid1", "seqwrite-1m-qd4") is None
+    by_text = {t["target"]: t for t in report.finish(results)["targets"]}
+    assert by_text["mirror-2 randread-4k-qd16 >= 0.6x qsd-raw"]["status"] == "met"
+    assert by_text["mirror-2 randwrite-4k-qd16 >= 0.6x qsd-raw"]["status"] == "missed"
+    assert by_text["mirror-2 seqread-1m-qd4 >= 0.9x qsd-raw"]["status"] == "met"
+    assert by_text["mirror-2 seqwrite-1m-qd4 >= 2x btrfs-raid1"]["status"] == "n/a"
+    assert results["ratios"]["qsd-raw"]["mirror-2"]["randwrite-4k-qd16"] == pytest.approx(0.5)
+
+
+def test_targets_cover_the_issue() -> None:
+    texts = {t.text for t in catalog.TARGETS}
+    assert "simple randwrite-4k-qd1 >= 0.8x pyfuse-blocking" in texts
+    assert "parity-2 seqread-1m-qd4 >= 1x btrfs-raid5" in texts
+    assert "mirror-2 seqwrite-1m-qd4 >= 2x btrfs-raid1" in texts
+    assert len(catalog.TARGETS) == 7 + 12 + 6
+
+
+def test_markdown_tables() -> None:
+    results = results_with({
+        "pyfuse-blocking": {j.name: 100.0 for j in jobs.JOBS},
+        "simple": {j.name: 90.0 for j in jobs.JOBS},
+    })
+    results["setups"]["simple"]["daemon"] = {"rss_kib": {"seqwrite-1m-qd4": 51200},
+                                             "rss_start_kib": 30720, "hwm_kib": 60000,
+                                             "cpu": {"seqwrite-1m-qd4": 0.5}}
+    results["setups"]["simple"]["verify"] = {"verify-seq-1m-qd4": "ok"}
+    results["setups"]["simple"]["mkfs"] = {"mkfs_s": 1.0, "mount_s": 0.1, "write_s": 0.5,
+                                           "fsync_s": 2.0, "read_s": 1.5, "hash_ok": False}
+    results["setups"]["btrfs-raid5"] = {"status": "unavailable", "reason": "no btrfs",
+                                        "jobs": {}}
+    text = report.markdown(report.finish(results))
+    assert "| simple | 90 | 90 | 90 | 90 | 90 | 90 | 50 | **NO**: mkfs trial hash |" in text
+    assert "| btrfs-raid5 | unavailable: no btrfs |" in text
+    assert "| simple 4K W qd16 >= 0.8x pyfuse-blocking | 0.90 | met |" in text.replace(
+        "randwrite-4k-qd16", "4K W qd16")
+    assert "Ratios to pyfuse-blocking" in text
+    assert "parity-1" not in text  # targets of setups not in the run are left out
+
+
+def test_select_setups() -> None:
+    assert catalog.select_setups("mirror-2,raw") == ["raw", "mirror-2"]
+    assert catalog.select_setups("blockspace") == ["simple", "mirror-2", "mirror-3",
+                                                   "parity-1", "parity-2"]
+    assert len(catalog.select_setups("all")) == len(catalog.SETUPS)
+    with pytest.raises(catalog.SelectionError):
+        catalog.select_setups("raid0")
+    assert set(setups.BUILDERS) == {s.name for s in catalog.SETUPS}
+
+
+def test_parse_profiles() -> None:
+    assert parse_profiles("mirror-2:randwrite-4k-qd16, parity-1:randread-4k-qd16") == [
+        ("mirror-2", "randwrite-4k-qd16"), ("parity-1", "randread-4k-qd16")]
+    with pytest.raises(catalog.SelectionError):
+        parse_profiles("mirror-2")
+
+
+def test_profile_summary_of_collapsed_stacks() -> None:
+    text = "\n".join([
+        "thread (1): MainThread;run (trio/_core/_run.py:10);read (blockspace/volume.py:5) 30",
+        "thread (1): MainThread;run (trio/_core/_run.py:10);get_events (_core/_io_epoll.py:2) 10",
+        "thread (2): io#0;_worker_loop (blockspace/devices.py:308);_pread "
+        "(/usr/lib/x/blockspace/devices.py:400) 60",
+        "garbage line",
+    ])
+    summary = profile.summarize(text)
+    assert summary.samples == 100
+    assert summary.self_samples["_pread (blockspace/devices.py)"] == 60
+    assert summary.total_samples["_worker_loop (blockspace/devices.py)"] == 60
+    assert summary.threads["thread (1): MainThread"] == 40
+    assert summary.idle_samples == 10
+    assert summary.self_lines["read (blockspace/volume.py:5)"] == 30
+    rendered = profile.render(summary, expected_per_thread=100)
+    assert "60.0%  _pread (blockspace/devices.py)" in rendered
+    assert "busy" in rendered
+
+
+def test_parse_mountinfo_unescapes_paths() -> None:
+    line = ("42 27 0:39 / /var/tmp/b\\040x/export.img rw,nosuid - fuse /dev/fuse "
+            "rw,user_id=0")
+    (mount,) = system.parse_mountinfo(line)
+    assert mount.mountpoint == "/var/tmp/b x/export.img"
+    assert mount.fstype == "fuse"
+    assert mount.device == "0:39"
+    assert system.is_under("/a/b/c", "/a/b")
+    assert not system.is_under("/a/bc", "/a/b")
+
+
+def test_chart(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from bench_lib import chart
+
+    results = results_with({"raw": {j.name: 10.0 for j in jobs.JOBS},
+                            "mirror-2": {"seqread-1m-qd4": 5.0}})
+    path = tmp_path / "chart.png"
+    chart.draw(results, str(path), "test")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
