@@ -18,6 +18,7 @@ import trio
 from blockspace import control
 from blockspace.admin import open_devices, pool_status
 from blockspace.errors import BlockspaceError, InvalidInput
+from blockspace.faults import FaultyDevice, handle_fault_request
 from blockspace.fuse_ops import VolumeFS
 from blockspace.layouts import default_layout
 from blockspace.pool import Pool
@@ -36,6 +37,7 @@ class MountOptions:
     gid: int = 0
     allow_other: bool = True
     log_file: str = ""
+    allow_fault_injection: bool = False
 
 
 class Daemon:
@@ -55,6 +57,10 @@ class Daemon:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         entry = self.registry.get(self.options.pool)
         devices = open_devices(entry.disks)
+        if self.options.allow_fault_injection:  # testing only: `blockspace fault ...`
+            faulty = [FaultyDevice(d) for d in devices]
+            self.faulty = {d.path: d for d in faulty}
+            devices = list(faulty)
         try:
             self.pool = pool = await Pool.open(devices, expect_uuid=entry.uuid)
             await pool.note_missing_disks()
@@ -163,6 +169,8 @@ class Daemon:
         op = request["op"]
         if op == "status":
             return pool_status(pool, self.options.mountpoint, self.scrubber.progress.to_dict())
+        if op.startswith("fault_"):
+            return handle_fault_request(self, op, request)
         if op.startswith("scrub_"):
             return self._scrub_request(op, request)
         if op == "volume_create":
