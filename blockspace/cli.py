@@ -25,6 +25,7 @@ from blockspace.admin import (
     opened_pool,
     pool_status,
 )
+from blockspace.cli_faults import add_fault_commands
 from blockspace.devices import FileDevice, probe
 from blockspace.errors import BlockspaceError, FormatError, InvalidInput
 from blockspace.label import validate_name
@@ -406,6 +407,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     options = daemon.MountOptions(
         pool=args.pool, mountpoint=mountpoint, uid=args.owner_uid, gid=args.owner_gid,
         allow_other=not args.no_allow_other, log_file=log_file,
+        allow_fault_injection=args.allow_fault_injection,
     )
     if args.foreground:
         daemon.setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
@@ -417,6 +419,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
                "--owner", f"{args.owner_uid}:{args.owner_gid}", args.pool, mountpoint]
     if args.no_allow_other:
         command.insert(-2, "--no-allow-other")
+    if args.allow_fault_injection:
+        command.insert(-2, "--allow-fault-injection")
     process = subprocess.Popen(
         command, pass_fds=[write_fd], start_new_session=True,
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log_file, "ab"),  # noqa: SIM115
@@ -662,6 +666,8 @@ def build_parser() -> Parser:
                    help="owner of the volume files (mode 0600; default root)")
     p.add_argument("--no-allow-other", action="store_true",
                    help="only the mounting user may access the files (losetup needs root)")
+    p.add_argument("--allow-fault-injection", action="store_true",
+                   help="testing only: let `blockspace fault` make this mount's disks fail")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
     p = commands.add_parser("unmount", aliases=["umount"], parents=[common],
@@ -670,6 +676,7 @@ def build_parser() -> Parser:
     p.add_argument("--force", action="store_true", help="even if a volume is open")
     p.add_argument("--timeout", type=float, default=120.0)
     p.set_defaults(func=cmd_unmount)
+    add_fault_commands(commands, common)
     return parser
 
 
