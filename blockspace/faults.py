@@ -260,8 +260,8 @@ class FaultyDeviceStats(DeviceStats):
     dropped_writes: int = 0
     bit_flips: int = 0
     delayed_requests: int = 0
-    delay_seconds: float = 0.0
-    throttle_seconds: float = 0.0
+    delay_seconds: float = 0.0  # added latency, summed over requests
+    throttle_seconds: float = 0.0  # waits for the bandwidth bucket, summed over requests
 
 
 def _now() -> tuple[str, float]:
