@@ -12,6 +12,8 @@ The faults (all of them may be combined, except `dead`, which overrides the othe
 * read_error / write_error: probability (0..1) that a read / a write or zero fails with EIO;
   1.0 means always. With `ranges`, only requests overlapping one of the byte ranges can fail.
 * latency / jitter: every async request first sleeps latency +- uniform(jitter) seconds.
+  A long latency (minutes) is a disk that stops answering. Changing or clearing the spec
+  ends the waits of requests already sleeping.
 * bandwidth: a token bucket (bytes per second, 100 ms of burst) that reads and writes draw
   from; a request waits for its bytes.
 * bitflip: probability that a read returns its data with one random bit flipped (the disk
@@ -289,6 +291,7 @@ class FaultyDevice(Device):
         self._epoch: tuple[str, float] | None = None
         self._tokens = 0.0
         self._bucket_time: float | None = None
+        self._changed: trio.Event | None = None  # set when the spec changes: ends the waits
         self.set_spec(spec or FaultSpec())
 
     # -- configuration
@@ -302,6 +305,9 @@ class FaultyDevice(Device):
         self._epoch = _now()
         self._tokens = spec.bandwidth * BURST_SECONDS
         self._bucket_time = None
+        changed, self._changed = self._changed, None
+        if changed is not None:  # requests sleeping under the old spec go on at once
+            changed.set()
 
     def clear(self) -> None:
         self.set_spec(FaultSpec())
@@ -415,8 +421,10 @@ class FaultyDevice(Device):
             delay = max(0.0, delay)
             self._delayed += 1
             self._delay_total += delay
-            await trio.sleep(delay)
+            await self._sleep(delay)
             slept = True
+            if self.spec is not spec:  # changed while we slept: the new faults apply
+                return
         if spec.bandwidth > 0 and nbytes > 0:
             rate = float(spec.bandwidth)
             now = trio.current_time()
@@ -428,10 +436,17 @@ class FaultyDevice(Device):
             if self._tokens < 0:
                 wait = -self._tokens / rate
                 self._throttle_total += wait
-                await trio.sleep(wait)
+                await self._sleep(wait)
                 slept = True
         if not slept:
             await trio.lowlevel.checkpoint()
+
+    async def _sleep(self, seconds: float) -> None:
+        """trio.sleep, cut short when the spec changes (`fault clear` frees a stalled disk)."""
+        if self._changed is None:
+            self._changed = trio.Event()
+        with trio.move_on_after(seconds):
+            await self._changed.wait()
 
     # -- async API
     async def read(self, offset: int, length: int) -> bytes:

@@ -245,6 +245,41 @@ def test_latency_and_jitter_on_the_mock_clock() -> None:
     device.read_sync(0, 1)
 
 
+def test_clearing_frees_requests_stuck_on_a_stalled_disk() -> None:
+    device, _ = faulty(FaultSpec(latency=600))  # a disk that stopped answering
+
+    async def main() -> None:
+        done: list[float] = []
+
+        async def read() -> None:
+            await device.read(0, 4096)
+            done.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(read)
+            await trio.sleep(2)
+            assert done == []
+            device.clear()
+        assert done == [2, 2, 2]
+
+        device.set_spec(FaultSpec(bandwidth=1024))  # 1 KiB/s: a 1 MiB read waits ~17 min
+        failed: list[float] = []
+
+        async def big_read() -> None:
+            with pytest.raises(DeviceError):
+                await device.read(0, MiB)
+            failed.append(trio.current_time())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(big_read)
+            await trio.sleep(1)
+            device.set_spec(FaultSpec(read_error=1.0))
+        assert failed == [3]  # it went on at once, under the new faults
+
+    run(main)
+
+
 def test_bandwidth_cap_on_the_mock_clock() -> None:
     device, _ = faulty(FaultSpec(bandwidth=1 * MiB))  # 1 MiB/s, 100 ms of burst
 
