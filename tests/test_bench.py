@@ -219,3 +219,29 @@ def test_chart(tmp_path: Path) -> None:
     path = tmp_path / "chart.png"
     chart.draw(results, str(path), "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scan_daemon_log() -> None:
+    from bench_lib.runner import scan_log
+
+    text = "\n".join([
+        "2026-11-25 19:43:40,001 INFO blockspace.daemon: pool bench mounted",
+        "2026-11-25 19:43:43,277 WARNING blockspace.volume: checksum mismatch on disk 2, "
+        "blocks [9296]",
+        "2026-11-25 19:43:44,277 WARNING blockspace.volume: checksum mismatch on disk 3, "
+        "blocks [15824]",
+        "2026-11-25 19:43:48,358 ERROR blockspace.fuse_ops: write vol at 247312384+4096 failed",
+    ])
+    found = scan_log(text)
+    assert (found["warnings"], found["errors"]) == (2, 1)
+    # the two warnings differ only in numbers: one sample for both
+    assert found["samples"] == [
+        "WARNING blockspace.volume: checksum mismatch on disk 2, blocks [9296]",
+        "ERROR blockspace.fuse_ops: write vol at 247312384+4096 failed",
+    ]
+    results = results_with({"parity-1": {"randwrite-4k-qd16": 1.0}})
+    results["setups"]["parity-1"]["daemon_log"] = found
+    results["setups"]["parity-1"]["verify"] = {"verify-seq-1m-qd4": "FAILED (fio error 84)"}
+    lines = report.problems(results)
+    assert "parity-1: verify-seq-1m-qd4: FAILED (fio error 84)" in lines
+    assert any(line.startswith("parity-1: daemon log: 1 errors, 2 warnings") for line in lines)

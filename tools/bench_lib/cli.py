@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         mkfs=not args.no_mkfs, jobs=jobs, profiles=profiles,
         profile_dir=Path(args.profile_dir).resolve() if args.profile_dir else out_dir,
         profile_seconds=args.profile_seconds, install=install,
-        blockspace=default_blockspace(), python=default_python(),
+        blockspace=default_blockspace(), python=default_python(), log_dir=out_dir / "logs",
     )
     results: dict[str, Any] = {"meta": describe_run(args, mode, names, jobs), "setups": {}}
     started = time.monotonic()

@@ -21,6 +21,9 @@ class ProfileSummary:
     self_lines: Counter[str] = field(default_factory=Counter)  # innermost frame, with line
     total_samples: Counter[str] = field(default_factory=Counter)  # anywhere on the stack
     threads: Counter[str] = field(default_factory=Counter)
+    # innermost frame (with line) per thread group ("MainThread", "blockspace-io diskN.img#N")
+    group_lines: dict[str, Counter[str]] = field(default_factory=dict)
+    group_threads: dict[str, set[str]] = field(default_factory=dict)
     idle_samples: int = 0  # innermost frame is a wait (select/epoll/queue get/lock)
 
     def share(self, count: int) -> float:
@@ -49,6 +52,12 @@ _BORING = re.compile(r"\((<frozen runpy>|threading\.py|.*__main__\.py|blockspace
                      r"|^run \((_core/_run\.py|blockspace/daemon\.py)\)$")
 
 
+def thread_group(thread: str) -> str:
+    """`thread (123): blockspace-io disk2.img#3` -> `blockspace-io diskN.img#N`."""
+    name = thread.split("): ", 1)[1] if "): " in thread else thread
+    return re.sub(r"\d+", "N", name)
+
+
 def _is_thread_frame(frame: str) -> bool:
     return frame.startswith(("thread (", "process ")) or frame.startswith("Thread ")
 
@@ -74,7 +83,11 @@ def summarize(text: str) -> ProfileSummary:
         summary.threads[thread] += count
         keys = [frame_key(f) for f in frames]
         summary.self_samples[keys[-1]] += count
-        summary.self_lines[frame_key(frames[-1], line=True)] += count
+        line_key = frame_key(frames[-1], line=True)
+        summary.self_lines[line_key] += count
+        group = thread_group(thread)
+        summary.group_lines.setdefault(group, Counter())[line_key] += count
+        summary.group_threads.setdefault(group, set()).add(thread)
         for key in set(keys):
             summary.total_samples[key] += count
         if any(marker in frames[-1] for marker in _IDLE):
@@ -97,6 +110,16 @@ def render(summary: ProfileSummary, top: int = 15, *, title: str = "",
     for thread, count in summary.threads.most_common(8):
         extra = f"  busy {count / expected_per_thread:5.0%}" if expected_per_thread else ""
         lines.append(f"  {summary.share(count):6.1%}{extra}  {thread}")
+    if expected_per_thread and len(summary.group_lines) > 1:
+        for group, counter in sorted(summary.group_lines.items(),
+                                     key=lambda item: -sum(item[1].values())):
+            members = len(summary.group_threads[group])
+            wall = expected_per_thread * members
+            lines += ["", f"{group} ({members} thread{'s' if members > 1 else ''}): "
+                      "where its wall time goes (innermost frame, share of "
+                      f"{members} x wall time):"]
+            for key, count in counter.most_common(8):
+                lines.append(f"  {count / wall:6.1%}  {key}")
     lines += ["", f"top {top} by self samples (innermost frame):"]
     for key, count in summary.self_samples.most_common(top):
         lines.append(f"  {summary.share(count):6.1%}  {key}")

@@ -212,6 +212,33 @@ def daemon_table(results: Results) -> str:
     return _table(header, rows)
 
 
+def problems(results: Results) -> list[str]:
+    """One line per thing that went wrong: failed setups and jobs, data that did not read
+    back, daemon log errors and warnings, teardown trouble."""
+    out = []
+    for setup, entry in results["setups"].items():
+        if entry.get("status") in ("failed", "interrupted"):
+            out.append(f"{setup}: {entry['status']}: {entry.get('reason', '')}")
+        for job, figure in (entry.get("jobs") or {}).items():
+            if figure.get("error"):
+                out.append(f"{setup}: {job} failed: {figure['error']}")
+        for check, outcome in (entry.get("verify") or {}).items():
+            if outcome != "ok":
+                out.append(f"{setup}: {check}: {outcome}")
+        trial = entry.get("mkfs") or {}
+        if trial.get("error"):
+            out.append(f"{setup}: mkfs trial failed: {trial['error']}")
+        elif trial.get("hash_ok") is False:
+            out.append(f"{setup}: mkfs trial: the file read back differs from what was written")
+        found = entry.get("daemon_log") or {}
+        if found.get("errors") or found.get("warnings"):
+            first = "; ".join(found.get("samples", [])[:3])
+            out.append(f"{setup}: daemon log: {found.get('errors', 0)} errors, "
+                       f"{found.get('warnings', 0)} warnings (first: {first})")
+        out.extend(f"{setup}: {p}" for p in entry.get("problems", []))
+    return out
+
+
 def markdown(results: Results) -> str:
     meta = results.get("meta", {})
     parts = [
@@ -235,4 +262,7 @@ def markdown(results: Results) -> str:
     if daemons.count("\n") > 1:
         parts += ["", "Userspace daemons: RSS, and CPU used during each job (cores, "
                   "utime+stime / wall time):", "", daemons]
+    trouble = problems(results)
+    if trouble:
+        parts += ["", "Problems seen in this run:", ""] + [f"- {line}" for line in trouble]
     return "\n".join(parts) + "\n"

@@ -46,6 +46,7 @@ class Options:
     profile_dir: Path | None = None
     profile_seconds: int = 6
     install: bool = True
+    log_dir: Path | None = None  # daemon logs with warnings or errors are copied here
     blockspace: str = "blockspace"
     python: str = "python3"
 
@@ -179,6 +180,8 @@ def run_setup(name: str, options: Options, mkfs_data: MkfsData | None,
             entry.setdefault("problems", []).append("the daemon was not alive at teardown")
         emit(f"{name}: tearing down")
         failures = cleanup.unwind()
+        if target is not None and target.daemon_log:
+            _collect_log(name, target.daemon_log, options, entry, emit)
         if failures:
             entry.setdefault("problems", []).extend(f"teardown: {f}" for f in failures)
         leftovers = system.sweep(str(setup_dir))
@@ -188,6 +191,46 @@ def run_setup(name: str, options: Options, mkfs_data: MkfsData | None,
             emit(f"{name}: teardown left things behind, swept: {'; '.join(leftovers)}")
         entry["total_s"] = round(time.monotonic() - started, 1)
     return entry
+
+
+def scan_log(text: str, limit: int = 8) -> dict[str, Any]:
+    """Count WARNING/ERROR lines of a daemon log (Python logging format); keep the first few
+    distinct messages, timestamps stripped."""
+    counts = {"warnings": 0, "errors": 0}
+    samples: list[str] = []
+    seen: set[str] = set()
+    for line in text.splitlines():
+        level = ("errors" if (" ERROR " in line or " CRITICAL " in line)
+                 else "warnings" if " WARNING " in line else None)
+        if level is None:
+            continue
+        counts[level] += 1
+        message = line.split(" ", 2)[-1] if line[:4].isdigit() else line
+        key = "".join(c for c in message if not c.isdigit())[:120]
+        if key not in seen and len(samples) < limit:
+            seen.add(key)
+            samples.append(message[:300])
+    return {**counts, "samples": samples}
+
+
+def _collect_log(name: str, path: str, options: Options, entry: dict[str, Any],
+                 emit: Callable[[str], None]) -> None:
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return
+    found = scan_log(text)
+    entry["daemon_log"] = found
+    if found["warnings"] or found["errors"]:
+        copy = ""
+        if options.log_dir is not None:
+            options.log_dir.mkdir(parents=True, exist_ok=True)
+            target = options.log_dir / f"{name}.log"
+            target.write_text(text)
+            found["copy"] = str(target)
+            copy = f" (log kept: {target})"
+        emit(f"{name}: daemon log has {found['errors']} errors and {found['warnings']} "
+             f"warnings{copy}; first ones:\n  " + "\n  ".join(found["samples"]))
 
 
 def _check_alive(target: Target) -> None:
@@ -302,7 +345,8 @@ def _mkfs_trial(ctx: Context, target: Target, data: MkfsData) -> dict[str, Any]:
 
 def _profile(job: Job, target: Target, options: Options, emit: Callable[[str], None],
              setup: str) -> dict[str, Any]:
-    """Run `job` again, three times, under py-spy: collapsed stacks of all threads, collapsed
+    """Run `job` again, three times, under py-spy: collapsed stacks of all threads (idle
+    ones too, so blocked syscalls and waits show), collapsed
     stacks of the GIL holder only (where the Python CPU goes), and a flame graph (GIL)."""
     out: dict[str, Any] = {}
     if not target.daemon_pid:
@@ -318,7 +362,7 @@ def _profile(job: Job, target: Target, options: Options, emit: Callable[[str], N
     seconds = options.profile_seconds
     rate = 200
     passes = (
-        ("threads", "raw", ["--threads"], f"{stem}.threads.txt"),
+        ("threads", "raw", ["--threads", "--idle"], f"{stem}.threads.txt"),
         ("gil", "raw", ["--gil"], f"{stem}.gil.txt"),
         ("flamegraph", "flamegraph", ["--gil"], f"{stem}.svg"),
     )
@@ -346,7 +390,8 @@ def _profile(job: Job, target: Target, options: Options, emit: Callable[[str], N
         out[name] = output
         if fmt == "raw":
             summary = profiles.summarize(Path(output).read_text())
-            title = {"threads": "all threads (py-spy default: idle threads left out)",
+            title = {"threads": "all threads, idle included (py-spy --threads --idle): wall "
+                                "time",
                      "gil": "GIL holder only (py-spy --gil): where the Python CPU goes"}[name]
             reports.append(profiles.render(summary, title=f"== {title}",
                                            expected_per_thread=rate * seconds))
