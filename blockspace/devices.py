@@ -293,11 +293,18 @@ class Device(abc.ABC):
 # worker pool
 
 
-# A job: (function, args, trio token, waiting task, claim). `claim` is a one-element list;
-# whoever pops it first (the worker starting the job, or the task's abort callback) owns the
-# job. list.pop is atomic, so no lock is needed.
+# A job: (function, args, trio token, waiting task, claim, reply). `claim` and `reply` are
+# one-element lists; whoever pops `claim` first (the worker starting the job, or the task's
+# abort callback) owns the start, and whoever pops `reply` first owns the wake-up: a task
+# cancelled while its I/O hangs (a dead disk) is released at once and the late result
+# dropped. list.pop is atomic, so no lock is needed.
 _Job = tuple[
-    Callable[..., Any], tuple[Any, ...], trio.lowlevel.TrioToken, trio.lowlevel.Task, list[None]
+    Callable[..., Any],
+    tuple[Any, ...],
+    trio.lowlevel.TrioToken,
+    trio.lowlevel.Task,
+    list[None],
+    list[None],
 ]
 
 
@@ -308,19 +315,22 @@ def _worker_loop(jobs: queue.SimpleQueue[_Job | None]) -> None:
         job = jobs.get()
         if job is None:
             return
-        fn, args, token, task, claim = job
+        fn, args, token, task, claim, reply = job
         job = None
         try:
             claim.pop()
         except IndexError:  # withdrawn by cancellation before it started
-            fn = args = token = task = claim = None  # type: ignore[assignment]
+            fn = args = token = task = claim = reply = None  # type: ignore[assignment]
             continue
         result = outcome.capture(fn, *args)
         try:
+            reply.pop()
             token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+        except IndexError:  # the task gave up waiting (cancelled): drop the result
+            pass
         except trio.RunFinishedError:  # pragma: no cover - the run ended without the task
             pass
-        fn = args = token = task = claim = result = None  # type: ignore[assignment]
+        fn = args = token = task = claim = reply = result = None  # type: ignore[assignment]
 
 
 @functools.cache
@@ -413,13 +423,20 @@ class FileDevice(Device):
         task = trio.lowlevel.current_task()
         token = trio.lowlevel.current_trio_token()
         claim: list[None] = [None]
-        self._jobs.put((fn, args, token, task, claim))
+        reply: list[None] = [None]
+        self._jobs.put((fn, args, token, task, claim, reply))
 
         def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
             try:
                 claim.pop()
-            except IndexError:  # already running: I/O cannot be cancelled once started
-                return trio.lowlevel.Abort.FAILED
+            except IndexError:
+                # Already running: the syscall cannot be stopped, but the task need not wait
+                # for it (a hung disk must not hang the caller's timeout). Unless the result
+                # is already on its way, abandon it.
+                try:
+                    reply.pop()
+                except IndexError:
+                    return trio.lowlevel.Abort.FAILED
             return trio.lowlevel.Abort.SUCCEEDED
 
         result: T = await trio.lowlevel.wait_task_rescheduled(abort)

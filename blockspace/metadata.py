@@ -30,6 +30,7 @@ from blockspace.label import (
     MAX_DISK_SIZE,
     MAX_META_SLOT_SIZE,
     MAX_SLAB_SIZE,
+    MAX_TIMESTAMP,
     MEDIA,
     MIN_META_SLOT_SIZE,
     MIN_SLAB_SIZE,
@@ -47,7 +48,7 @@ META_HEADER_SIZE = 64
 _HEADER = struct.Struct("<8sIIQQQ16s8x")
 assert _HEADER.size == META_HEADER_SIZE
 
-DISK_STATES = ("online", "missing", "failed", "retired")
+DISK_STATES = ("online", "missing", "failed", "retiring", "retired")
 LAYOUT_KINDS = ("simple", "mirror", "parity")
 PROVISIONING = ("thin", "fixed")
 LAYOUT_KEYS = ("kind", "columns", "copies", "parity", "interleave")
@@ -65,6 +66,7 @@ _TOP_KEYS = frozenset(
 )
 _DISK_KEYS = frozenset(
     {"disk_id", "disk_uuid", "path_hint", "size", "extent_count", "media", "state"}
+    | {"state_reason", "state_since"}
 )
 _VOLUME_KEYS = frozenset({"name", "uuid", "size", "layout", "provisioning", "slabs", "created"})
 
@@ -78,6 +80,8 @@ class DiskRecord:
     extent_count: int
     media: str
     state: str = "online"
+    state_reason: str = ""  # why it left "online" (the error), shown in pool status
+    state_since: float = 0.0  # when the state last changed (seconds since the epoch)
 
 
 @dataclass
@@ -222,6 +226,14 @@ def _validate_disks(md: PoolMetadata) -> dict[int, DiskRecord]:
             )
         _choice(f"{where} media", disk.media, MEDIA)
         _choice(f"{where} state", disk.state, DISK_STATES)
+        if not isinstance(disk.state_reason, str) or len(disk.state_reason) > MAX_PATH_HINT:
+            raise FormatError(f"{where} state reason is not a string of at most {MAX_PATH_HINT}")
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in disk.state_reason):
+            raise FormatError(f"{where} state reason contains control characters")
+        if not isinstance(disk.state_since, int | float) or isinstance(disk.state_since, bool):
+            raise FormatError(f"{where} state time is not a number")
+        if not 0.0 <= float(disk.state_since) < MAX_TIMESTAMP:
+            raise FormatError(f"{where} state time is out of range")
         by_id[disk_id] = disk
         uuids.add(disk_uuid)
     return by_id
@@ -334,6 +346,8 @@ def _document(md: PoolMetadata) -> dict[str, Any]:
                 "extent_count": d.extent_count,
                 "media": d.media,
                 "state": d.state,
+                "state_reason": d.state_reason,
+                "state_since": float(d.state_since),
             }
             for d in md.disks
         ],
