@@ -101,14 +101,24 @@ def request(path: Path, op: str, timeout: float = 600.0, **args: Any) -> Any:
             raise BlockspaceError(
                 f"cannot reach the pool daemon at {path}: {error.strerror}"
             ) from None
-        sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
         data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise BlockspaceError("the pool daemon closed the connection without answering")
-            data += chunk
-    reply = json.loads(data)
+        try:
+            sock.sendall(json.dumps({"op": op, **args}).encode() + b"\n")
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    raise BlockspaceError(
+                        "the pool daemon closed the connection without answering"
+                    )
+                data += chunk
+        except OSError as error:  # reset, broken pipe, timeout: the daemon died or hung
+            raise BlockspaceError(f"the pool daemon did not answer: {error}") from None
+    try:
+        reply = json.loads(data)
+        if not isinstance(reply, dict):
+            raise ValueError("not an object")
+    except ValueError as error:
+        raise BlockspaceError(f"the pool daemon sent a malformed reply: {error}") from None
     if not reply.get("ok"):
         raise ERROR_KINDS.get(reply.get("kind", ""), BlockspaceError)(reply.get("error", "?"))
     return reply.get("result")

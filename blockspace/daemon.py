@@ -68,7 +68,7 @@ class Daemon:
             self.volumes = {v.name: Volume(pool, v) for v in pool.metadata.volumes}
             self.fs = VolumeFS(lambda: self.volumes, uid=self.options.uid, gid=self.options.gid)
             fuse_options = set(pyfuse3.default_options)
-            fuse_options.add(f"fsname=blockspace:{pool.name}")
+            fuse_options.add(f"fsname=blockspace:{self.options.pool}")
             fuse_options.add("subtype=blockspace")
             if self.options.allow_other:
                 fuse_options.add("allow_other")
@@ -79,7 +79,7 @@ class Daemon:
             raise
         try:
             async with trio.open_nursery() as nursery:
-                socket_path = self.registry.socket_path(pool.name)
+                socket_path = self.registry.socket_path(self.options.pool)
                 await nursery.start(control.serve, socket_path, self.handle)
                 nursery.start_soon(self._watch_signals)
                 assert pool.intent is not None
@@ -92,7 +92,7 @@ class Daemon:
                     nursery.start_soon(self._resync, volume)
                 self.registry.set_mount(
                     MountEntry(
-                        pool=pool.name,
+                        pool=self.options.pool,
                         mountpoint=self.options.mountpoint,
                         pid=os.getpid(),
                         socket=str(socket_path),
@@ -114,7 +114,7 @@ class Daemon:
             for device in devices:
                 device.close()
             pyfuse3.close(unmount=True)
-            self.registry.clear_mount(pool.name)
+            self.registry.clear_mount(self.options.pool)
             log.info("pool %s unmounted", pool.name)
 
     def _save_scrub(self, progress: ScrubProgress) -> None:

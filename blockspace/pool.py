@@ -35,6 +35,7 @@ from blockspace.label import (
 )
 from blockspace.layouts import LayoutSpec
 from blockspace.metadata import (
+    MAX_VOLUME_SIZE,
     DiskRecord,
     PoolMetadata,
     VolumeRecord,
@@ -379,8 +380,11 @@ class Pool:
             raise InvalidInput(f"volume {name!r} already exists in pool {self.name!r}")
         if provisioning not in ("thin", "fixed"):
             raise InvalidInput(f"provisioning must be thin or fixed, not {provisioning!r}")
-        if size <= 0 or size % BLOCK:
-            raise InvalidInput(f"volume size must be a positive multiple of 4K, not {size}")
+        if size <= 0 or size % BLOCK or size > MAX_VOLUME_SIZE:
+            raise InvalidInput(
+                f"volume size must be a positive multiple of 4K up to {MAX_VOLUME_SIZE}, "
+                f"not {size}"
+            )
         spec.validate(self.slab_size, len(self.usable_disk_ids()))
         record = VolumeRecord(
             name=name,
@@ -437,7 +441,7 @@ class Pool:
 
     async def grow_volume(self, name: str, new_size: int) -> VolumeRecord:
         volume = self.volume(name)
-        if new_size % BLOCK or new_size <= volume.size:
+        if new_size % BLOCK or new_size <= volume.size or new_size > MAX_VOLUME_SIZE:
             raise InvalidInput(
                 f"new size must be a multiple of 4K larger than the current {volume.size}"
             )

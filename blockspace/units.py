@@ -1,6 +1,7 @@
 """Parsing and formatting of byte sizes (binary units: 1K = 1024)."""
 
 import re
+from fractions import Fraction
 
 from blockspace.errors import InvalidInput
 
@@ -14,8 +15,8 @@ def parse_size(text: str) -> int:
     if not match:
         raise InvalidInput(f"invalid size {text!r} (expected e.g. 512M, 20G, 1T)")
     number, suffix = match.groups()
-    value = float(number) * _SUFFIXES[suffix.upper()]
-    if value != int(value):
+    value = Fraction(number) * _SUFFIXES[suffix.upper()]  # exact: no float rounding
+    if value.denominator != 1:
         raise InvalidInput(f"invalid size {text!r}: not a whole number of bytes")
     return int(value)
 
