@@ -182,6 +182,9 @@ def pool_status(
                 "free_bytes": free_extents * pool.slab_size,
                 "extent_stride": stride,
                 "state": state,
+                "state_reason": record.state_reason,
+                "state_since": record.state_since,
+                "data_extents": pool.extents_on(disk_id),
                 "errors": dict(disk.errors),
             }
         )

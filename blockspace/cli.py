@@ -458,6 +458,96 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- disks --------------------------------------------------------------------------
+
+
+def cmd_disk(args: argparse.Namespace) -> int:
+    """disk add / retire / remove / replace and pool repair: through the daemon when the
+    pool is mounted, else in this process (which then waits for the rebuild)."""
+    registry = _registry(args)
+    registry.get(args.pool)
+    op, fields = _disk_request(args)
+    socket_path = _mounted_socket(registry, args.pool)
+    if socket_path is not None:
+        result = control.request(socket_path, op, **fields)
+        if args.wait and op != "disk_add":
+            result = _wait_for_rebuild(args, socket_path)
+    else:
+        result = _disk_offline(args, registry, op, fields)
+    _emit(args, result, _print_disk_result)
+    failed = isinstance(result, dict) and result.get("state") == "failed"
+    return 1 if failed else 0
+
+
+def _disk_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    rate = parse_size(args.rate) if getattr(args, "rate", None) else 0
+    command = args.disk_command if args.command == "disk" else "repair"
+    if command == "add":
+        paths = [os.path.abspath(p) for p in args.disks]
+        return "disk_add", {"paths": paths, "media": args.media, "force": args.force}
+    if command in ("retire", "remove"):
+        return f"disk_{command}", {"disk": args.disk, "rate": rate}
+    if command == "replace":
+        return "disk_replace", {"old": args.old, "new": os.path.abspath(args.new),
+                                "media": args.media, "force": args.force, "rate": rate}
+    return "pool_repair", {"rate": rate}
+
+
+def _disk_offline(
+    args: argparse.Namespace, registry: Registry, op: str, fields: dict[str, Any]
+) -> dict[str, Any]:
+    from blockspace.manage import DiskManager
+    from blockspace.volume import Volume
+
+    async def run() -> dict[str, Any]:
+        async with opened_pool(registry, args.pool) as pool, trio.open_nursery() as nursery:
+            volumes = {v.name: Volume(pool, v) for v in pool.metadata.volumes}
+            manager = DiskManager(pool, lambda: volumes, registry, args.pool, nursery)
+            manager.rate_limit = int(fields.get("rate") or 0)
+            if op == "disk_add":
+                return {"added": await manager.add(fields["paths"], fields["media"],
+                                                   fields["force"])}
+            if op in ("disk_retire", "disk_remove"):
+                await manager.retire(fields["disk"], remove=op == "disk_remove")
+            elif op == "disk_replace":
+                await manager.replace(fields["old"], fields["new"], fields["media"],
+                                      fields["force"])
+            else:
+                await manager.repair()
+            with _progress_bar(args, "rebuild") as update:
+                while not manager.rebuilder.finished.is_set():
+                    update(manager.rebuilder.progress.to_dict())
+                    with trio.move_on_after(0.5):
+                        await manager.rebuilder.finished.wait()
+            await pool.flush()
+            return manager.rebuilder.progress.to_dict()
+
+    return trio.run(run)
+
+
+def _wait_for_rebuild(args: argparse.Namespace, socket_path: Path) -> dict[str, Any]:
+    with _progress_bar(args, "rebuild") as update:
+        while True:
+            progress = dict(control.request(socket_path, "rebuild_status"))
+            update(progress)
+            if progress["state"] != "running":
+                return progress
+            time.sleep(0.5)
+
+
+def _print_disk_result(result: dict[str, Any]) -> None:
+    if "added" in result:
+        console.print(f"added disk(s) {', '.join(str(i) for i in result['added'])}")
+        return
+    console.print(
+        f"rebuild {result['state']} ({result['reason']}): {result['done']}/{result['total']} "
+        f"extents moved, {result['failed']} failed, {format_size(result['bytes_moved'])} at "
+        f"{format_size(int(result['bytes_per_second']))}/s"
+    )
+    for error in result.get("errors", []):
+        console.print(f"  {error}")
+
+
 # ---- scrub --------------------------------------------------------------------------
 
 
@@ -523,8 +613,9 @@ def _wait_for_scrub(args: argparse.Namespace, socket_path: Path) -> dict[str, An
 class _progress_bar:
     """A rich progress line (percent, MiB/s, ETA) on stderr, when a person is watching."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, what: str = "scrub") -> None:
         self.enabled = not args.json and sys.stderr.isatty()
+        self.what = what
 
     def __enter__(self) -> Callable[[dict[str, Any]], None]:
         if not self.enabled:
@@ -533,14 +624,14 @@ class _progress_bar:
 
         self.progress = Progress(console=Console(stderr=True))
         self.progress.start()
-        self.task = self.progress.add_task("scrub", total=100)
+        self.task = self.progress.add_task(self.what, total=100)
 
         def update(p: dict[str, Any]) -> None:
             speed = format_size(int(p["bytes_per_second"])) + "/s"
             eta = p["eta_seconds"]
             eta_text = f", ETA {eta:.0f}s" if eta is not None else ""
             self.progress.update(self.task, completed=p["percent"],
-                                 description=f"scrub {p['state']} {speed}{eta_text}")
+                                 description=f"{self.what} {p['state']} {speed}{eta_text}")
 
         return update
 
@@ -643,6 +734,39 @@ def build_parser() -> Parser:
     p.add_argument("name")
     p.add_argument("--size", required=True, help="the new size")
     p.set_defaults(func=cmd_volume_grow)
+
+    p = pool.add_parser("repair", parents=[common],
+                        help="rebuild the data of failed, missing or retiring disks")
+    p.add_argument("pool")
+    p.add_argument("--wait", action="store_true", help="block until the rebuild is done")
+    p.add_argument("--rate", help="bandwidth limit, e.g. 200M (per second)")
+    p.set_defaults(func=cmd_disk)
+
+    disk = commands.add_parser("disk", help="add, retire, remove, replace disks").add_subparsers(
+        dest="disk_command", required=True, parser_class=Parser)
+    p = disk.add_parser("add", parents=[common], help="add disks to a pool (usable at once)")
+    p.add_argument("pool")
+    p.add_argument("disks", nargs="+", metavar="DISK")
+    p.add_argument("--media", choices=["ssd", "hdd"])
+    p.add_argument("--force", action="store_true", help="overwrite a Blockspace label")
+    p.set_defaults(func=cmd_disk, wait=False)
+    for name, text in (("retire", "move all data off a disk; it stays listed as retired"),
+                       ("remove", "move all data off a disk, then drop it from the pool")):
+        p = disk.add_parser(name, parents=[common], help=text)
+        p.add_argument("pool")
+        p.add_argument("disk", help="disk id or path (see pool status)")
+        p.add_argument("--wait", action="store_true", help="block until done")
+        p.add_argument("--rate", help="bandwidth limit, e.g. 200M (per second)")
+        p.set_defaults(func=cmd_disk)
+    p = disk.add_parser("replace", parents=[common], help="rebuild a disk's data onto a new one")
+    p.add_argument("pool")
+    p.add_argument("old", help="disk id or path of the disk to replace")
+    p.add_argument("new", help="the new disk (image file or block device)")
+    p.add_argument("--media", choices=["ssd", "hdd"])
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--wait", action="store_true", help="block until done")
+    p.add_argument("--rate", help="bandwidth limit, e.g. 200M (per second)")
+    p.set_defaults(func=cmd_disk)
 
     p = commands.add_parser("scrub", parents=[common],
                             help="verify every block and its redundancy, repair what it can")

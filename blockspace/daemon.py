@@ -21,6 +21,7 @@ from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.faults import FaultyDevice, handle_fault_request
 from blockspace.fuse_ops import VolumeFS
 from blockspace.layouts import default_layout
+from blockspace.manage import DiskManager
 from blockspace.pool import Pool
 from blockspace.registry import MountEntry, Registry
 from blockspace.scrub import Scrubber, ScrubProgress
@@ -53,6 +54,7 @@ class Daemon:
             ScrubProgress.from_state(saved) if saved else None,
         )
         self._nursery: trio.Nursery | None = None
+        self.disks: DiskManager | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         entry = self.registry.get(self.options.pool)
@@ -85,6 +87,9 @@ class Daemon:
                 assert pool.intent is not None
                 nursery.start_soon(pool.intent.run_cleaner)
                 self._nursery = nursery
+                self.disks = DiskManager(pool, lambda: self.volumes, self.registry,
+                                         self.options.pool, nursery)
+                pool.on_disk_failed = self.disks.auto_repair
                 if self.scrubber.active:  # interrupted by a restart: carry on
                     log.info("resuming the scrub interrupted by the last stop")
                     nursery.start_soon(self.scrubber.run)
@@ -116,6 +121,26 @@ class Daemon:
             pyfuse3.close(unmount=True)
             self.registry.clear_mount(self.options.pool)
             log.info("pool %s unmounted", pool.name)
+
+    async def _disk_request(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        manager = self.disks
+        assert manager is not None
+        if "rate" in request:
+            manager.rate_limit = int(request["rate"] or 0)
+        if op == "disk_add":
+            ids = await manager.add(list(request["paths"]), request.get("media"),
+                                    bool(request.get("force")))
+            return {"added": ids}
+        if op in ("disk_retire", "disk_remove"):
+            return await manager.retire(str(request["disk"]), remove=op == "disk_remove")
+        if op == "disk_replace":
+            return await manager.replace(str(request["old"]), str(request["new"]),
+                                         request.get("media"), bool(request.get("force")))
+        if op == "pool_repair":
+            return await manager.repair()
+        if op == "rebuild_status":
+            return manager.rebuilder.progress.to_dict()
+        raise InvalidInput(f"unknown request {op!r}")
 
     def _save_scrub(self, progress: ScrubProgress) -> None:
         self.registry.save_scrub_state(self.options.pool, progress.to_state())
@@ -168,7 +193,12 @@ class Daemon:
         assert self.fs is not None
         op = request["op"]
         if op == "status":
-            return pool_status(pool, self.options.mountpoint, self.scrubber.progress.to_dict())
+            status = pool_status(pool, self.options.mountpoint, self.scrubber.progress.to_dict())
+            if self.disks is not None:
+                status["rebuild"] = self.disks.rebuilder.progress.to_dict()
+            return status
+        if op.startswith("disk_") or op in ("pool_repair", "rebuild_status"):
+            return await self._disk_request(op, request)
         if op.startswith("fault_"):
             return handle_fault_request(self, op, request)
         if op.startswith("scrub_"):

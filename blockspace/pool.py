@@ -9,7 +9,7 @@ even if it comes back: its contents are stale.
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SLAB_SIZE = 64 << 20
 DEFAULT_META_SLOT_SIZE = 4 << 20
-USABLE_STATES = ("online",)
+USABLE_STATES = ("online", "retiring")  # readable and written; retiring takes no new data
 
 
 @dataclass
@@ -65,6 +65,10 @@ class PoolDisk:
     @property
     def usable(self) -> bool:
         return self.device is not None and self.record.state in USABLE_STATES
+
+    @property
+    def allocatable(self) -> bool:
+        return self.device is not None and self.record.state == "online"
 
 
 def read_label(device: Device) -> DiskLabel | None:
@@ -88,6 +92,7 @@ class Pool:
         )
         self.checksums = ChecksumStore(self.device, self.checksum_offset)
         self.intent: IntentLog | None = None  # enabled by the daemon (enable_intent_log)
+        self.on_disk_failed: Callable[[int], None] | None = None  # the daemon starts a repair
         self.recovering: set[IntentKey] = set()  # dirty at the last unclean stop
 
     # ---- creation and opening -------------------------------------------------------
@@ -220,10 +225,12 @@ class Pool:
         return self.metadata.slab_size
 
     def usable_disk_ids(self) -> list[int]:
-        return [disk_id for disk_id, disk in self.disks.items() if disk.usable]
+        """Disks new data may go to."""
+        return [disk_id for disk_id, disk in self.disks.items() if disk.allocatable]
 
     def unusable_disk_ids(self) -> list[int]:
-        return [disk_id for disk_id, disk in self.disks.items() if not disk.usable]
+        """Disks new data must not go to (out of service, or retiring)."""
+        return [disk_id for disk_id, disk in self.disks.items() if not disk.allocatable]
 
     async def commit(self) -> None:
         """Write the next metadata generation to every usable disk, durably."""
@@ -303,8 +310,100 @@ class Pool:
         disk = self.disks[disk_id]
         if disk.record.state != state:
             log.error("disk %d (%s) is now %s: %s", disk_id, disk.path, state, reason)
+            disk.record.state_since = time.time()
         disk.record.state = state
-        disk.device = None if state not in USABLE_STATES else disk.device
+        disk.record.state_reason = reason[:200].replace("\n", " ")
+        if state not in USABLE_STATES:
+            disk.device = None
+        if state == "failed" and self.on_disk_failed is not None:
+            self.on_disk_failed(disk_id)
+
+    async def set_state(self, disk_id: int, state: str, reason: str) -> None:
+        self._set_state(disk_id, state, reason)
+        await self.commit()
+
+    # ---- membership -----------------------------------------------------------------
+
+    async def add_disk(self, device: Device, media: str) -> PoolDisk:
+        """Label `device` and make it a member; usable at once. The caller has checked that
+        it belongs to no pool."""
+        if media not in MEDIA:
+            raise InvalidInput(f"media must be one of {', '.join(MEDIA)}")
+        geometry = compute_geometry(device.size, self.slab_size, self.metadata.meta_slot_size)
+        disk_id = self.metadata.next_disk_id
+        disk_uuid = str(uuid.uuid4())
+        record = DiskRecord(
+            disk_id=disk_id, disk_uuid=disk_uuid, path_hint=device.path, size=device.size,
+            extent_count=geometry.extent_count, media=media, state_since=time.time(),
+        )
+        label = DiskLabel(self.uuid, self.name, disk_uuid, disk_id, media, geometry,
+                          created=time.time())
+        # No stale metadata or intent record of an earlier life may be read back from it.
+        await device.zero(0, geometry.data_start)
+        disk = PoolDisk(record, geometry, device, device.path)
+        self.disks[disk_id] = disk
+        self.metadata.disks.append(record)
+        self.metadata.next_disk_id += 1
+        self.allocator.add_disk(disk_id, geometry.extent_count)
+        try:
+            await self.commit()
+        except BaseException:
+            del self.disks[disk_id]
+            self.metadata.disks.remove(record)
+            self.metadata.next_disk_id -= 1
+            self.allocator.remove_disk(disk_id)
+            raise
+        raw_label = encode_label(label)
+        await device.write(geometry.backup_label_offset, raw_label)
+        await device.flush()
+        await device.write(0, raw_label)  # membership is complete once the label is there
+        await device.flush()
+        if self.intent is not None:
+            await self._persist_intent(self.intent.generation, set(self.intent.durable))
+        log.info("pool %s: added disk %d (%s)", self.name, disk_id, device.path)
+        return disk
+
+    def extents_on(self, disk_id: int) -> int:
+        return sum(
+            1 for volume in self.metadata.volumes for extents in volume.slabs.values()
+            for d, _ in extents if d == disk_id
+        )
+
+    async def remove_disk(self, disk_id: int) -> None:
+        """Forget an emptied disk and wipe its label, so it is no longer a member."""
+        if self.extents_on(disk_id):
+            raise InvalidInput(f"disk {disk_id} still holds data: retire it first")
+        disk = self.disks.pop(disk_id)
+        self.metadata.disks.remove(disk.record)
+        self.allocator.remove_disk(disk_id)
+        try:
+            await self.commit()
+        except BaseException:
+            self.disks[disk_id] = disk
+            self.metadata.disks.append(disk.record)
+            self.allocator.add_disk(disk_id, disk.record.extent_count)
+            raise
+        if disk.device is not None:
+            try:
+                await disk.device.zero(0, disk.geometry.data_start)
+                await disk.device.zero(disk.geometry.backup_label_offset, LABEL_SIZE)
+                await disk.device.flush()
+            except DeviceError as error:
+                log.warning("could not wipe the label of removed disk %d: %s", disk_id, error)
+        log.info("pool %s: removed disk %d (%s)", self.name, disk_id, disk.path)
+
+    def find_disk(self, name: str) -> int:
+        """A disk id from what a user typed: the id, or the disk's path."""
+        if name.isdigit() and int(name) in self.disks:
+            return int(name)
+        import os
+
+        wanted = os.path.realpath(name)
+        for disk_id, disk in self.disks.items():
+            if os.path.realpath(disk.path) == wanted or disk.record.path_hint == name:
+                return disk_id
+        raise InvalidInput(f"pool {self.name!r} has no disk {name!r} (use an id or path from "
+                           "`pool status`)")
 
     async def mark_failed(self, disk_id: int, reason: str) -> None:
         """Take a disk out of service after a write error, durably, before the write that
@@ -419,7 +518,7 @@ class Pool:
         from blockspace.allocator import max_slabs
         from blockspace.units import format_size
 
-        free = {d: n for d, n in self.allocator.free_map().items() if self.disks[d].usable}
+        free = {d: n for d, n in self.allocator.free_map().items() if self.disks[d].allocatable}
         fits = max_slabs(free, spec.width)
         if fits < slabs:
             per_slab = spec.slab_data_size(self.slab_size)

@@ -1,0 +1,270 @@
+"""Moving extents: rebuild onto free space, evacuate a retiring disk, replace a disk.
+
+One move takes one extent of one slab to a new extent on another disk:
+copy (from the extent itself if it verifies, else from the other copies or rebuilt from
+parity) -> verify the new extent against its checksums -> commit the new slab map -> free
+the old extent. The slab's rows are locked for the whole move, so no write can slip in
+between the copy and the switch. Each move is atomic in the metadata, so a crash leaves
+either the old map or the new one; a restarted rebuild just plans again from the disk
+states.
+"""
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from blockspace.allocator import ExtentAllocator
+from blockspace.checksums import CSUM_BLOCK, bad_blocks, entries_for
+from blockspace.errors import BlockspaceError, DeviceError, NoSpace, Unrecoverable
+from blockspace.layouts import data_positions
+
+if TYPE_CHECKING:
+    from blockspace.pool import Pool
+    from blockspace.volume import Extents, Volume
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+# Disks whose extents a repair moves away: out of service, or being retired.
+EVACUATE_STATES = ("failed", "missing", "retiring")
+
+
+@dataclass(frozen=True)
+class Move:
+    volume: str
+    slab: int
+    position: int
+    disk_id: int  # the disk the extent leaves
+
+
+def plan_moves(pool: "Pool", disk_ids: Collection[int]) -> list[Move]:
+    """Every extent on `disk_ids`, slab by slab."""
+    moves = []
+    for record in pool.metadata.volumes:
+        for slab, extents in sorted(record.slabs.items()):
+            for position, (disk_id, _) in enumerate(extents):
+                if disk_id in disk_ids:
+                    moves.append(Move(record.name, slab, position, disk_id))
+    return moves
+
+
+def check_moves_fit(pool: "Pool", moves: list[Move], *, prefer: int | None = None) -> None:
+    """NoSpace, before anything moves, if some extent would have nowhere to go."""
+    usable = set(pool.usable_disk_ids()) - {m.disk_id for m in moves}
+    sim = ExtentAllocator(
+        {d: pool.disks[d].record.extent_count for d in usable},
+        [(d, e) for d, e in pool.metadata.used_extents() if d in usable],
+    )
+    stuck = 0
+    taken: dict[tuple[str, int], set[int]] = {}  # disks a slab gets during this plan
+    for move in moves:
+        extents = pool.metadata.volume(move.volume).slabs[move.slab]
+        chosen = taken.setdefault((move.volume, move.slab), set())
+        try:
+            disk_id, _ = _choose(sim, {d for d, _ in extents} | chosen, prefer)
+            chosen.add(disk_id)
+        except NoSpace:
+            stuck += 1
+    if stuck:
+        raise NoSpace(
+            f"not enough free space: {stuck} of {len(moves)} extents would have no disk to go to "
+            "(each must land on a disk not already holding its slab); add a disk first"
+        )
+
+
+def _choose(allocator: ExtentAllocator, exclude: Collection[int], prefer: int | None) -> tuple[
+    int, int
+]:
+    if prefer is not None and prefer not in exclude and allocator.free_extents(prefer) > 0:
+        others = [d for d in allocator.disk_ids if d != prefer]
+        return allocator.allocate(1, exclude=others)[0]
+    return allocator.allocate(1, exclude=exclude)[0]
+
+
+async def move_extent(volume: "Volume", move: Move, *, prefer: int | None = None) -> int:
+    """Move one extent; returns bytes copied. Unrecoverable if its data cannot be had."""
+    pool = volume.pool
+    slab_rows = volume._column_rows(move.slab, 0, pool.slab_size)
+    async with volume._row_locks.hold(slab_rows):
+        extents = volume.record.slabs.get(move.slab)
+        if extents is None or extents[move.position][0] != move.disk_id:
+            return 0  # already moved (or the slab went away)
+        exclude = {d for d, _ in extents} | set(pool.unusable_disk_ids())
+        target = _choose(pool.allocator, exclude, prefer)
+        try:
+            await _copy_to(volume, extents, move, target)
+        except BaseException:
+            pool.allocator.release([target])
+            raise
+        old = extents[move.position]
+        new_extents = list(extents)
+        new_extents[move.position] = target
+        volume.record.slabs[move.slab] = new_extents
+        try:
+            await pool.commit()
+        except BaseException:
+            volume.record.slabs[move.slab] = extents
+            pool.allocator.release([target])
+            raise
+        pool.allocator.release([old])
+        geometry = pool.disks[old[0]].geometry
+        pool.checksums.forget_extent(old[0], old[1], geometry.checksum_area_size // CSUM_BLOCK)
+        return pool.slab_size
+
+
+async def _copy_to(
+    volume: "Volume", extents: "Extents", move: Move, target: tuple[int, int]
+) -> None:
+    pool = volume.pool
+    disk_id, extent = target
+    device = pool.device(disk_id)
+    if device is None:
+        raise DeviceError(f"target disk {disk_id} is not available")
+    pool.checksums.forget_extent(
+        disk_id, extent, pool.disks[disk_id].geometry.checksum_area_size // CSUM_BLOCK
+    )
+    base = pool.extent_offset(disk_id, extent)
+    for start in range(0, pool.slab_size, CHUNK):
+        end = min(start + CHUNK, pool.slab_size)
+        data = await _source(volume, extents, move, start, end)
+        entries = entries_for(data)
+        await device.write(base + start, data)
+        await pool.checksums.write(disk_id, extent, start // CSUM_BLOCK, entries)
+        await trio.lowlevel.checkpoint()
+    await device.flush()
+    # Verify what landed before the map points at it.
+    for start in range(0, pool.slab_size, CHUNK):
+        end = min(start + CHUNK, pool.slab_size)
+        written = await device.read(base + start, end - start)
+        stored = await pool.checksums.read(disk_id, extent, start // CSUM_BLOCK,
+                                           (end - start) // CSUM_BLOCK)
+        if bad_blocks(written, stored):
+            raise DeviceError(f"verification of the copy on disk {disk_id} failed")
+
+
+async def _source(
+    volume: "Volume", extents: "Extents", move: Move, start: int, end: int
+) -> bytes:
+    """The verified contents of extent bytes [start, end) at the moving position."""
+    spec = volume.spec
+    if spec.kind != "parity":
+        column = move.position // spec.copies
+        positions = [move.position] + [
+            p for p in data_positions(spec, 0, column) if p != move.position
+        ]
+        for position in positions:
+            result = await volume._read_verified(extents, position, start, end)
+            if isinstance(result, bytes):
+                return result
+        raise Unrecoverable(
+            f"volume {volume.name!r} slab {move.slab}: no good copy to rebuild from"
+        )
+    parts = []
+    unit = spec.interleave
+    for row in range(start // unit, end // unit):
+        row_offset = row * unit
+        result = await volume._read_verified(extents, move.position, row_offset,
+                                             row_offset + unit)
+        if isinstance(result, bytes):
+            parts.append(result)
+            continue
+        index = (move.position - row) % spec.width
+        rebuilt = await volume._fragments(move.slab, extents, row, 0, unit, [index])
+        parts.append(rebuilt[index])
+    return b"".join(parts)
+
+
+# ---- the background task ----------------------------------------------------------------
+
+
+@dataclass
+class RebuildProgress:
+    state: str = "idle"  # idle, running, done, failed, cancelled
+    reason: str = ""  # what it is for: repair, retire disk N, replace disk N
+    total: int = 0
+    done: int = 0
+    failed: int = 0
+    bytes_moved: int = 0
+    started: float = 0.0
+    finished: float = 0.0
+    rate_limit: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        elapsed = (self.finished or time.time()) - self.started if self.started else 0.0
+        speed = self.bytes_moved / elapsed if elapsed > 0 else 0.0
+        per_move = elapsed / self.done if self.done else 0.0
+        return {
+            "state": self.state,
+            "reason": self.reason,
+            "total": self.total,
+            "done": self.done,
+            "failed": self.failed,
+            "percent": 100.0 * (self.done + self.failed) / self.total if self.total else 100.0,
+            "bytes_moved": self.bytes_moved,
+            "bytes_per_second": speed,
+            "eta_seconds": per_move * (self.total - self.done - self.failed)
+            if self.state == "running" else None,
+            "started": self.started,
+            "finished": self.finished,
+            "rate_limit": self.rate_limit,
+            "errors": self.errors[-20:],
+        }
+
+
+class Rebuilder:
+    """Runs moves one slab at a time (slabs on different disks could overlap; one at a
+    time keeps foreground I/O responsive and the rate limit simple)."""
+
+    def __init__(self, pool: "Pool", volumes: Callable[[], dict[str, "Volume"]]) -> None:
+        self.pool = pool
+        self._volumes = volumes
+        self.progress = RebuildProgress()
+        self.finished = trio.Event()
+        self.finished.set()
+
+    @property
+    def active(self) -> bool:
+        return self.progress.state == "running"
+
+    async def run(
+        self, moves: list[Move], reason: str, *, prefer: int | None = None, rate_limit: int = 0,
+        after: Callable[[], Awaitable[None]] | None = None,
+    ) -> RebuildProgress:
+        self.progress = progress = RebuildProgress(
+            state="running", reason=reason, total=len(moves), started=time.time(),
+            rate_limit=rate_limit,
+        )
+        if self.finished.is_set():
+            self.finished = trio.Event()
+        try:
+            for move in moves:
+                volume = self._volumes().get(move.volume)
+                began = time.monotonic()
+                try:
+                    if volume is not None:
+                        progress.bytes_moved += await move_extent(volume, move, prefer=prefer)
+                    progress.done += 1
+                except (BlockspaceError, ValueError) as error:
+                    progress.failed += 1
+                    progress.errors.append(f"{move.volume} slab {move.slab}: {error}")
+                    log.error("rebuild of %s slab %d failed: %s", move.volume, move.slab, error)
+                if rate_limit:
+                    await trio.sleep(max(0.0, self.pool.slab_size / rate_limit
+                                         - (time.monotonic() - began)))
+            progress.state = "done" if not progress.failed else "failed"
+            if after is not None:
+                await after()
+        except trio.Cancelled:
+            progress.state = "cancelled"
+            raise
+        finally:
+            progress.finished = time.time()
+            self.finished.set()
+            log.info("rebuild (%s) %s: %d moved, %d failed", reason, progress.state,
+                     progress.done, progress.failed)
+        return progress

@@ -1,0 +1,150 @@
+"""Rebuild, retire and replace, in-process on memory disks."""
+
+import random
+
+import pytest
+import trio
+
+from blockspace.devices import MemoryDevice
+from blockspace.errors import NoSpace
+from blockspace.layouts import LayoutSpec
+from blockspace.pool import Pool
+from blockspace.rebuild import Rebuilder, check_moves_fit, move_extent, plan_moves
+from blockspace.volume import Volume
+
+MiB = 1 << 20
+MIRROR = LayoutSpec("mirror", 1, copies=2, interleave=16384)
+PARITY = LayoutSpec("parity", 2, parity=1, interleave=16384)
+
+
+async def make(spec: LayoutSpec, disks: int, disk_size: int = 12 * MiB,
+               slabs: int = 4) -> tuple[Pool, Volume, list[MemoryDevice], bytes]:
+    devices = [MemoryDevice(disk_size, path=f"mem{i}") for i in range(disks)]
+    pool = await Pool.create("r", devices, media=["hdd"] * disks, slab_size=MiB,
+                             meta_slot_size=64 << 10)
+    record = await pool.create_volume("v", slabs * spec.slab_data_size(MiB), spec, "thin")
+    volume = Volume(pool, record)
+    data = random.Random(3).randbytes(volume.size)
+    await volume.write(0, data)
+    return pool, volume, devices, data
+
+
+def volumes_of(volume: Volume) -> dict[str, Volume]:
+    return {volume.name: volume}
+
+
+@pytest.mark.parametrize("spec", [MIRROR, PARITY], ids=["mirror-2", "parity-1"])
+def test_failed_disk_is_rebuilt_onto_free_space_and_redundancy_is_restored(
+    spec: LayoutSpec,
+) -> None:
+    async def scenario() -> None:
+        pool, volume, devices, data = await make(spec, disks=spec.width + 2)
+        devices[0].failed = True
+        await pool.mark_failed(0, "test: disk died")
+        moves = plan_moves(pool, {0})
+        assert moves
+        check_moves_fit(pool, moves)
+        progress = await Rebuilder(pool, lambda: volumes_of(volume)).run(moves, "repair")
+        assert progress.state == "done"
+        assert progress.done == len(moves)
+        assert pool.extents_on(0) == 0
+        assert await volume.read(0, volume.size) == data
+        # Redundancy is whole again: another disk may now fail too.
+        survivor = next(d for d in pool.usable_disk_ids() if pool.extents_on(d))
+        devices[survivor].failed = True
+        assert await volume.read(0, volume.size) == data
+        # And the map survives a reopen.
+        devices[survivor].failed = False
+        reopened = await Pool.open(devices[1:])
+        assert await Volume(reopened, reopened.volume("v")).read(0, volume.size) == data
+
+    trio.run(scenario)
+
+
+def test_retire_evacuates_a_healthy_disk_and_remove_forgets_it() -> None:
+    async def scenario() -> None:
+        pool, volume, devices, data = await make(MIRROR, disks=4)
+        busy = next(d for d in pool.disks if pool.extents_on(d))
+        await pool.set_state(busy, "retiring", "test")
+        await Rebuilder(pool, lambda: volumes_of(volume)).run(plan_moves(pool, {busy}), "t")
+        assert pool.extents_on(busy) == 0
+        reads_before = devices[busy].statistics().reads
+        assert await volume.read(0, volume.size) == data
+        assert devices[busy].statistics().reads == reads_before  # nothing read from it
+        await pool.remove_disk(busy)
+        assert busy not in pool.disks
+        assert devices[busy].data[:8] == bytes(8)  # label wiped: no longer a member
+        reopened = await Pool.open(devices)
+        assert busy not in reopened.disks
+        assert await Volume(reopened, reopened.volume("v")).read(0, volume.size) == data
+
+    trio.run(scenario)
+
+
+def test_replace_prefers_the_new_disk() -> None:
+    async def scenario() -> None:
+        pool, volume, devices, data = await make(MIRROR, disks=3)
+        old = next(d for d in pool.disks if pool.extents_on(d))
+        count = pool.extents_on(old)
+        new = await pool.add_disk(MemoryDevice(12 * MiB, path="new"), "ssd")
+        new_id = new.record.disk_id
+        await pool.set_state(old, "retiring", "replaced")
+        await Rebuilder(pool, lambda: volumes_of(volume)).run(
+            plan_moves(pool, {old}), "replace", prefer=new_id
+        )
+        assert pool.extents_on(old) == 0
+        assert pool.extents_on(new_id) == count
+        assert await volume.read(0, volume.size) == data
+
+    trio.run(scenario)
+
+
+def test_retire_that_cannot_fit_is_refused_before_anything_moves() -> None:
+    async def scenario() -> None:
+        pool, volume, _, data = await make(MIRROR, disks=2)
+        generation = pool.metadata.generation
+        with pytest.raises(NoSpace, match="would have no disk"):
+            check_moves_fit(pool, plan_moves(pool, {0}))
+        assert pool.metadata.generation == generation
+        assert pool.disks[0].record.state == "online"
+        assert await volume.read(0, volume.size) == data
+
+    trio.run(scenario)
+
+
+def test_a_rebuild_cut_short_leaves_a_consistent_map_and_resumes_by_planning_again() -> None:
+    async def scenario() -> None:
+        pool, volume, devices, data = await make(PARITY, disks=5)
+        devices[1].failed = True
+        await pool.mark_failed(1, "test")
+        moves = plan_moves(pool, {1})
+        assert len(moves) >= 2
+        await move_extent(volume, moves[0])  # then the daemon dies
+        devices[1].failed = False  # its stale copy must not be trusted again
+        reopened = await Pool.open(devices)
+        assert reopened.disks[1].record.state == "failed"
+        revolume = Volume(reopened, reopened.volume("v"))
+        assert await revolume.read(0, volume.size) == data
+        remaining = plan_moves(reopened, {1})
+        assert len(remaining) == len(moves) - 1
+        await Rebuilder(reopened, lambda: volumes_of(revolume)).run(remaining, "resume")
+        assert reopened.extents_on(1) == 0
+        assert await revolume.read(0, volume.size) == data
+
+    trio.run(scenario)
+
+
+def test_simple_volume_on_a_failed_disk_reports_the_lost_slab() -> None:
+    async def scenario() -> None:
+        pool, volume, devices, _ = await make(LayoutSpec("simple", 1), disks=3, slabs=3)
+        victim = next(d for d in pool.disks if pool.extents_on(d))
+        devices[victim].failed = True
+        await pool.mark_failed(victim, "test")
+        progress = await Rebuilder(pool, lambda: volumes_of(volume)).run(
+            plan_moves(pool, {victim}), "repair"
+        )
+        assert progress.state == "failed"
+        assert progress.failed == pool.extents_on(victim)
+        assert "no good copy" in progress.errors[0]
+
+    trio.run(scenario)
