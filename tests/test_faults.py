@@ -5,6 +5,7 @@ MockClock where time matters), the CLI's value parsing, and one real mount drive
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 from collections.abc import Awaitable, Callable
@@ -575,39 +576,63 @@ except ImportError:  # pragma: no cover - the integration helpers are not there
     MISSING = "tests/integration/helpers.py is missing"
 
 
-def _mount(env: BlockspaceEnv, *flags: str) -> tuple[Path, int]:
-    mountpoint = env.root / "pool-tank"
-    mountpoint.mkdir(exist_ok=True)
-    env.fuse_mounts.append(mountpoint)
-    info = env.cli_json("mount", "tank", str(mountpoint), *flags)
-    env.daemons.append(int(info["pid"]))
-    return mountpoint, int(info["pid"])
+class _CLI:
+    """`blockspace` run in this process (python start-up costs seconds on a busy machine),
+    except `mount`; the mount daemons are separate processes, as they always are."""
 
+    def __init__(self, env: BlockspaceEnv, capsys: pytest.CaptureFixture[str]) -> None:
+        self.env = env
+        self.capsys = capsys
 
-def _unmount(env: BlockspaceEnv, mountpoint: Path, pid: int) -> None:
-    env.cli("unmount", str(mountpoint), "--force")
-    assert wait_exited(pid, 30)
-    env.fuse_mounts.remove(mountpoint)
+    def __call__(self, *args: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        code = cli.main(["--state-dir", str(self.env.state_dir), *args])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def json(self, *args: str) -> Any:
+        code, out, err = self("--json", *args)
+        assert code == 0, err
+        return json.loads(out)
+
+    def mount(self, *flags: str) -> tuple[Path, int]:
+        mountpoint = self.env.root / "pool-tank"
+        mountpoint.mkdir(exist_ok=True)
+        self.env.fuse_mounts.append(mountpoint)  # the env's teardown unmounts it if we fail
+        # A process of its own: `mount` leaves the daemon's Popen and log file to its exit.
+        info = self.env.cli_json("mount", "tank", str(mountpoint), *flags)
+        self.env.daemons.append(int(info["pid"]))
+        return mountpoint, int(info["pid"])
+
+    def unmount(self, mountpoint: Path, pid: int) -> None:
+        code, _, err = self("unmount", str(mountpoint), "--force")
+        assert code == 0, err
+        assert wait_exited(pid, 30)
+        self.env.fuse_mounts.remove(mountpoint)
 
 
 @pytest.mark.integration
 @pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
-def test_fault_cli_on_a_real_mount(blockspace_env: BlockspaceEnv) -> None:
+def test_fault_cli_on_a_real_mount(
+    blockspace_env: BlockspaceEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
     env = blockspace_env
+    bs = _CLI(env, capsys)
     images = env.make_images([256 * MiB, 256 * MiB])
-    env.create_pool("tank", images, slab_size="32M")
-    env.create_volume("tank", "vol0", "64M", "mirror", "--copies", "2")
+    bs.json("pool", "create", "tank", *map(str, images), "--slab-size", "32M")
+    bs.json("volume", "create", "tank", "vol0", "--size", "64M", "--resiliency", "mirror",
+            "--copies", "2")
     first = random.Random(1).randbytes(4 * MiB)
     second = random.Random(2).randbytes(4 * MiB)
 
-    mountpoint, pid = _mount(env, "--allow-fault-injection")
+    mountpoint, pid = bs.mount("--allow-fault-injection")
     try:
         volume_file = mountpoint / "vol0"
         fd = os.open(volume_file, os.O_RDWR)
         try:
             assert os.pwrite(fd, first, 0) == len(first)
             os.fsync(fd)
-            report = env.cli_json("fault", "inject", "tank", str(images[1]), "--dead")
+            report = bs.json("fault", "inject", "tank", str(images[1]), "--dead")
             assert report["id"] == 1
             assert report["spec"]["dead"] is True
 
@@ -618,12 +643,17 @@ def test_fault_cli_on_a_real_mount(blockspace_env: BlockspaceEnv) -> None:
         finally:
             os.close(fd)
 
-        status = env.status("tank")
+        status = bs.json("pool", "status", "tank")
         assert status["disks"][0]["state"] == "online"
         assert status["disks"][1]["state"] != "online"
         assert status["volumes"][0]["state"] == "degraded"
 
-        cleared = env.cli_json("fault", "clear", "tank")
+        code, _, err = bs("fault", "inject", "tank", "1", "--write-error", "lots")
+        assert code == 2
+        assert err.strip() == ("blockspace: error: --write-error takes a percentage like 1% "
+                               "or 0.5%, not 'lots'")
+
+        cleared = bs.json("fault", "clear", "tank")
         assert cleared["cleared"] == [1]
         dead = cleared["disks"][1]
         assert dead["spec"] is None
@@ -633,16 +663,19 @@ def test_fault_cli_on_a_real_mount(blockspace_env: BlockspaceEnv) -> None:
         with open(volume_file, "rb") as handle:
             assert handle.read(len(first)) == first
     finally:
-        _unmount(env, mountpoint, pid)
+        bs.unmount(mountpoint, pid)
 
-    # Without the flag at mount, nothing can be injected.
-    mountpoint, pid = _mount(env)
+    # Without the flag at mount, nothing can be injected: and through the real command line.
+    mountpoint, pid = bs.mount()
     try:
         refused = env.cli("fault", "inject", "tank", "0", "--dead", check=False)
         assert refused.returncode != 0
-        assert "fault injection is disabled on this mount" in refused.stderr
+        assert refused.stderr.strip() == (
+            "blockspace: error: fault injection is disabled on this mount "
+            "(mount with --allow-fault-injection)"
+        )
         with open(mountpoint / "vol0", "rb") as handle:
             handle.seek(8 * MiB)
             assert handle.read(len(second)) == second
     finally:
-        _unmount(env, mountpoint, pid)
+        bs.unmount(mountpoint, pid)
