@@ -96,19 +96,23 @@ def summarize(text: str) -> ProfileSummary:
 
 
 def render(summary: ProfileSummary, top: int = 15, *, title: str = "",
-           expected_per_thread: float | None = None) -> str:
+           expected_per_thread: float | None = None, idle_included: bool = False) -> str:
     """A plain-text report: sample count, threads, top self and inclusive frames.
     `expected_per_thread` (rate x seconds) turns sample counts into "busy" fractions of the
-    wall time: with `py-spy --gil`, the total is how much of the time the GIL was held."""
+    wall time: with `py-spy --gil`, the total is how much of the time the GIL was held. With
+    `idle_included` (py-spy --idle) every thread is sampled all the time, so the per-group
+    breakdown is where each thread's wall time goes, waits included."""
     lines = [title] if title else []
     busy = ""
-    if expected_per_thread:
+    if expected_per_thread and not idle_included:
         busy = f", {summary.samples / expected_per_thread:.0%} of the wall time"
     lines += [f"samples: {summary.samples}{busy} (innermost frame a wait: "
               f"{summary.share(summary.idle_samples):.0%})", "", "threads (share of samples"
-              + (", busy fraction of wall time)" if expected_per_thread else ")") + ":"]
+              + (", busy fraction of wall time)" if expected_per_thread and not idle_included
+                 else ")") + ":"]
     for thread, count in summary.threads.most_common(8):
-        extra = f"  busy {count / expected_per_thread:5.0%}" if expected_per_thread else ""
+        extra = (f"  busy {count / expected_per_thread:5.0%}"
+                 if expected_per_thread and not idle_included else "")
         lines.append(f"  {summary.share(count):6.1%}{extra}  {thread}")
     if expected_per_thread and len(summary.group_lines) > 1:
         for group, counter in sorted(summary.group_lines.items(),

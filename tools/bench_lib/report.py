@@ -219,6 +219,9 @@ def problems(results: Results) -> list[str]:
     for setup, entry in results["setups"].items():
         if entry.get("status") in ("failed", "interrupted"):
             out.append(f"{setup}: {entry['status']}: {entry.get('reason', '')}")
+        if entry.get("prefill_error"):
+            out.append(f"{setup}: prefill (1 MiB sequential writes) failed: "
+                       f"{entry['prefill_error']}")
         for job, figure in (entry.get("jobs") or {}).items():
             if figure.get("error"):
                 out.append(f"{setup}: {job} failed: {figure['error']}")

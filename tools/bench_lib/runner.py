@@ -110,13 +110,19 @@ def run_setup(name: str, options: Options, mkfs_data: MkfsData | None,
             entry["daemon"] = daemon
 
         t0 = time.monotonic()
-        _, raw = run_fio(prefill_command(target.fio_path, options.mode), None,
-                         timeout=900)
-        prefill_s = time.monotonic() - t0
-        write = raw["jobs"][0]["write"]
-        entry["prefill_mib_s"] = round(float(write.get("bw_bytes", 0)) / MiB, 1)
-        emit(f"{name}: prefilled {options.mode.region // MiB} MiB in {prefill_s:.1f}s "
-             f"({entry['prefill_mib_s']} MiB/s)")
+        try:
+            _, raw = run_fio(prefill_command(target.fio_path, options.mode), None,
+                             timeout=900)
+            prefill_s = time.monotonic() - t0
+            write = raw["jobs"][0]["write"]
+            entry["prefill_mib_s"] = round(float(write.get("bw_bytes", 0)) / MiB, 1)
+            emit(f"{name}: prefilled {options.mode.region // MiB} MiB in {prefill_s:.1f}s "
+                 f"({entry['prefill_mib_s']} MiB/s)")
+        except CommandError as error:
+            # A failed request of the device under test is a finding, not the end of the
+            # setup: note it and measure what still works.
+            entry["prefill_error"] = str(error).splitlines()[0][:300]
+            emit(f"{name}: prefill FAILED (going on with the jobs): {entry['prefill_error']}")
         _check_alive(target)
 
         for job_name in options.jobs:
@@ -394,7 +400,8 @@ def _profile(job: Job, target: Target, options: Options, emit: Callable[[str], N
                                 "time",
                      "gil": "GIL holder only (py-spy --gil): where the Python CPU goes"}[name]
             reports.append(profiles.render(summary, title=f"== {title}",
-                                           expected_per_thread=rate * seconds))
+                                           expected_per_thread=rate * seconds,
+                                           idle_included=name == "threads"))
     report = (f"profile of {setup} {job.name}: {seconds}s at {rate} Hz per pass; fio during "
               f"the passes: " + ", ".join(f"{k.removeprefix('fio_during_')} {v} {job.unit}"
                                          for k, v in out.items() if k.startswith("fio_during"))
