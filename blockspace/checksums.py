@@ -1,12 +1,18 @@
 """Block checksums: one 16-byte entry per 4 KiB block, kept in each extent's checksum area.
 
-Entry: u64 xxh3_64 of the block | u64 reserved (zero). An all-zero entry means "never
-written since the extent was allocated", and such a block must read as zeros; a real hash
-is never zero (it is nudged to 1), so the two cannot be confused. Pure code.
+Entry: u64 xxh3_64 of the block | u64 write sequence number. An all-zero entry means
+"never written since the extent was allocated", and such a block must read as zeros; a
+real hash is never zero (it is nudged to 1), so the two cannot be confused.
+
+The sequence number says which write a block came from: all copies of one write carry the
+same number, and later writes larger ones. A copy whose disk silently dropped a write
+still verifies (old data, old checksum), but its sequence number is older than the other
+copies' — that is how a lost write is told apart from the current data. Pure code.
 """
 
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import xxhash
 
@@ -22,15 +28,86 @@ def block_hash(block: bytes | bytearray | memoryview) -> int:
     return value or 1
 
 
-def entries_for(data: bytes | bytearray | memoryview) -> bytes:
-    """Checksum entries of `data`, a whole number of blocks."""
+def entries_for(data: bytes | bytearray | memoryview, seq: int = 0) -> bytes:
+    """Checksum entries of `data`, a whole number of blocks, written by write `seq`."""
     if len(data) % CSUM_BLOCK:
         raise ValueError(f"checksummed data must be whole 4K blocks, not {len(data)} bytes")
     view = memoryview(data)
     return b"".join(
-        _ENTRY.pack(block_hash(view[i : i + CSUM_BLOCK]), 0)
+        _ENTRY.pack(block_hash(view[i : i + CSUM_BLOCK]), seq)
         for i in range(0, len(view), CSUM_BLOCK)
     )
+
+
+def entry_seq(entry: bytes | memoryview) -> int:
+    """The write sequence number of an entry (0: unwritten, or written before seqs)."""
+    return int(_ENTRY.unpack(entry)[1])
+
+
+def entry_at(entries: bytes | bytearray, index: int) -> bytes:
+    return bytes(entries[index * ENTRY_SIZE : (index + 1) * ENTRY_SIZE])
+
+
+@dataclass
+class Choice:
+    """The outcome of comparing the copies of a range, block by block."""
+
+    data: bytearray
+    entries: bytearray
+    repairs: dict[int, list[int]] = field(default_factory=dict)  # position -> blocks to rewrite
+    unrecoverable: list[int] = field(default_factory=list)  # blocks with no valid copy
+    checksum_errors: int = 0
+    stale: int = 0  # valid copies older than the newest (a lost write)
+    mismatches: int = 0  # valid copies of the same write that differ
+
+
+def choose_blocks(copies: dict[int, tuple[bytes, bytes]]) -> Choice:
+    """For each block, the newest copy that verifies wins (ties: the lowest position);
+    copies that fail, are older, or differ are listed for repair."""
+    size = len(next(iter(copies.values()))[0])
+    choice = Choice(bytearray(size), bytearray(size // CSUM_BLOCK * ENTRY_SIZE))
+    order = sorted(copies)
+    for index in range(size // CSUM_BLOCK):
+        lo, hi = index * CSUM_BLOCK, (index + 1) * CSUM_BLOCK
+        valid, failing = [], []
+        for position in order:
+            data, entries = copies[position]
+            if block_ok(data[lo:hi], entry_at(entries, index)):
+                valid.append(position)
+            else:
+                choice.checksum_errors += 1
+                failing.append(position)
+        if not valid:
+            choice.unrecoverable.append(index)  # nothing to repair from: leave it as it is
+            continue
+        for position in failing:
+            choice.repairs.setdefault(position, []).append(index)
+        best = max(valid, key=lambda p: (entry_seq(entry_at(copies[p][1], index)), -p))
+        best_data = copies[best][0][lo:hi]
+        best_entry = entry_at(copies[best][1], index)
+        choice.data[lo:hi] = best_data
+        choice.entries[index * ENTRY_SIZE : (index + 1) * ENTRY_SIZE] = best_entry
+        for position in valid:
+            if position == best:
+                continue
+            if entry_seq(entry_at(copies[position][1], index)) < entry_seq(best_entry):
+                choice.stale += 1
+            elif copies[position][0][lo:hi] != best_data:
+                choice.mismatches += 1
+            else:
+                continue
+            choice.repairs.setdefault(position, []).append(index)
+    return choice
+
+
+def newer_elsewhere(mine: bytes, others: list[bytes]) -> bool:
+    """Does another copy's entry carry a later write than ours for any block?"""
+    count = len(mine) // ENTRY_SIZE
+    for index in range(count):
+        seq = entry_seq(entry_at(mine, index))
+        if any(entry_seq(entry_at(other, index)) > seq for other in others):
+            return True
+    return False
 
 
 def block_ok(block: bytes | bytearray | memoryview, entry: bytes | memoryview) -> bool:
@@ -59,3 +136,14 @@ def _pairs(data: memoryview, entries: memoryview) -> Iterator[tuple[memoryview, 
             data[index * CSUM_BLOCK : (index + 1) * CSUM_BLOCK],
             entries[index * ENTRY_SIZE : (index + 1) * ENTRY_SIZE],
         )
+
+
+def block_runs(indexes: list[int]) -> list[tuple[int, int]]:
+    """Sorted block indexes -> (first, count) runs of consecutive ones."""
+    runs: list[tuple[int, int]] = []
+    for index in indexes:
+        if runs and runs[-1][0] + runs[-1][1] == index:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((index, 1))
+    return runs

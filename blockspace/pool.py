@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SLAB_SIZE = 64 << 20
 DEFAULT_META_SLOT_SIZE = 4 << 20
+DEFAULT_IO_TIMEOUT = 30.0
 USABLE_STATES = ("online", "retiring")  # readable and written; retiring takes no new data
 
 
@@ -93,7 +94,15 @@ class Pool:
         self.checksums = ChecksumStore(self.device, self.checksum_offset)
         self.intent: IntentLog | None = None  # enabled by the daemon (enable_intent_log)
         self.on_disk_failed: Callable[[int], None] | None = None  # the daemon starts a repair
+        self.io_timeout = DEFAULT_IO_TIMEOUT  # a disk silent for this long is failed
         self.recovering: set[IntentKey] = set()  # dirty at the last unclean stop
+        self._last_seq = 0
+
+    def next_seq(self) -> int:
+        """A write sequence number: larger than any before, across restarts (a hybrid
+        clock: wall-clock nanoseconds, but never going backwards in this process)."""
+        self._last_seq = max(self._last_seq + 1, time.time_ns())
+        return self._last_seq
 
     # ---- creation and opening -------------------------------------------------------
 

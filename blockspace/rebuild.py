@@ -19,8 +19,7 @@ import trio
 
 from blockspace.allocator import ExtentAllocator
 from blockspace.checksums import CSUM_BLOCK, bad_blocks, entries_for
-from blockspace.errors import BlockspaceError, DeviceError, NoSpace, Unrecoverable
-from blockspace.layouts import data_positions
+from blockspace.errors import BlockspaceError, DeviceError, NoSpace
 
 if TYPE_CHECKING:
     from blockspace.pool import Pool
@@ -130,8 +129,7 @@ async def _copy_to(
     base = pool.extent_offset(disk_id, extent)
     for start in range(0, pool.slab_size, CHUNK):
         end = min(start + CHUNK, pool.slab_size)
-        data = await _source(volume, extents, move, start, end)
-        entries = entries_for(data)
+        data, entries = await _source(volume, extents, move, start, end)
         await device.write(base + start, data)
         await pool.checksums.write(disk_id, extent, start // CSUM_BLOCK, entries)
         await trio.lowlevel.checkpoint()
@@ -148,21 +146,14 @@ async def _copy_to(
 
 async def _source(
     volume: "Volume", extents: "Extents", move: Move, start: int, end: int
-) -> bytes:
-    """The verified contents of extent bytes [start, end) at the moving position."""
+) -> tuple[bytes, bytes]:
+    """The verified contents and checksum entries of extent bytes [start, end) at the
+    moving position. Mirror entries are kept (their write numbers tell copies apart)."""
     spec = volume.spec
     if spec.kind != "parity":
         column = move.position // spec.copies
-        positions = [move.position] + [
-            p for p in data_positions(spec, 0, column) if p != move.position
-        ]
-        for position in positions:
-            result = await volume._read_verified(extents, position, start, end)
-            if isinstance(result, bytes):
-                return result
-        raise Unrecoverable(
-            f"volume {volume.name!r} slab {move.slab}: no good copy to rebuild from"
-        )
+        data, entries, _ = await volume.merge_copies(move.slab, extents, column, start, end)
+        return data, entries
     parts = []
     unit = spec.interleave
     for row in range(start // unit, end // unit):
@@ -175,7 +166,8 @@ async def _source(
         index = (move.position - row) % spec.width
         rebuilt = await volume._fragments(move.slab, extents, row, 0, unit, [index])
         parts.append(rebuilt[index])
-    return b"".join(parts)
+    data = b"".join(parts)
+    return data, entries_for(data, volume.pool.next_seq())
 
 
 # ---- the background task ----------------------------------------------------------------

@@ -20,42 +20,21 @@ The caller holds the row locks of the region.
 import logging
 from typing import TYPE_CHECKING
 
-from blockspace.checksums import CSUM_BLOCK, bad_blocks, block_ok
-from blockspace.devices import Device
-from blockspace.errors import DeviceError
+from blockspace.checksums import (
+    CSUM_BLOCK,
+    ENTRY_SIZE,
+    bad_blocks,
+    choose_blocks,
+    entries_for,
+    entry_at,
+    entry_seq,
+)
 from blockspace.layouts import code_position, data_positions, row_start
 
 if TYPE_CHECKING:
     from blockspace.volume import Extents, Volume
 
 log = logging.getLogger(__name__)
-
-
-async def read_raw(
-    volume: "Volume", extents: "Extents", position: int, start: int, end: int
-) -> tuple[bytes, bytes] | None:
-    """Data and checksum entries of extent blocks [start, end), unverified; None if the disk
-    is out or the read fails."""
-    disk_id, extent = extents[position]
-    device: Device | None = volume.pool.device(disk_id)
-    if device is None:
-        return None
-    try:
-        entries = await volume.pool.checksums.read(
-            disk_id, extent, start // CSUM_BLOCK, (end - start) // CSUM_BLOCK
-        )
-        data = await device.read(volume.pool.extent_offset(disk_id, extent) + start, end - start)
-    except DeviceError:
-        return None
-    return data, entries
-
-
-def _blocks(data: bytes, entries: bytes) -> list[tuple[bytes, bytes]]:
-    count = len(data) // CSUM_BLOCK
-    return [
-        (data[i * CSUM_BLOCK : (i + 1) * CSUM_BLOCK], entries[i * 16 : (i + 1) * 16])
-        for i in range(count)
-    ]
 
 
 async def resync_region(volume: "Volume", extents: "Extents", start: int, end: int) -> int:
@@ -71,25 +50,31 @@ async def resync_region(volume: "Volume", extents: "Extents", start: int, end: i
 async def _resync_copies(
     volume: "Volume", extents: "Extents", column: int, start: int, end: int
 ) -> int:
-    positions = data_positions(volume.spec, 0, column)  # same set of copies for every row
-    copies = {}
-    for position in sorted(positions):
-        raw = await read_raw(volume, extents, position, start, end)
-        if raw is not None:
+    copies: dict[int, tuple[bytes, bytes]] = {}
+    for position in sorted(data_positions(volume.spec, 0, column)):
+        raw = await volume._read_raw(extents, position, start, end)
+        if isinstance(raw, tuple):
             copies[position] = raw
     if not copies:
         return 0
-    order = sorted(copies)
-    split = {position: _blocks(*copies[position]) for position in order}
-    chosen = bytearray()
-    for index in range(len(split[order[0]])):
-        good = [p for p in order if block_ok(*split[p][index])]
-        chosen += split[good[0] if good else order[0]][index][0]
+    choice = choose_blocks(copies)
+    # A block no copy verifies was torn between data and checksum: its data (old or new,
+    # both legal for a write never acknowledged) is kept and given a matching checksum.
+    first = copies[min(copies)]
+    for index in choice.unrecoverable:
+        lo, hi = index * CSUM_BLOCK, (index + 1) * CSUM_BLOCK
+        seq = max(entry_seq(entry_at(entries, index)) for _, entries in copies.values())
+        choice.data[lo:hi] = first[0][lo:hi]
+        choice.entries[index * ENTRY_SIZE : (index + 1) * ENTRY_SIZE] = entries_for(
+            first[0][lo:hi], seq
+        )
+        for position in copies:
+            choice.repairs.setdefault(position, []).append(index)
     rewritten = 0
-    for position, (data, entries) in copies.items():
-        if data != chosen or bad_blocks(data, entries):
-            await volume._write_verified(extents, position, start, bytes(chosen))
-            rewritten += (end - start) // CSUM_BLOCK
+    for position, indexes in sorted(choice.repairs.items()):
+        rewritten += await volume._write_runs(
+            extents, position, start, sorted(set(indexes)), choice.data, choice.entries
+        )
     return rewritten
 
 
@@ -102,8 +87,8 @@ async def _resync_parity(volume: "Volume", extents: "Extents", start: int, end: 
         span = (offset, offset + spec.interleave)
         fragments = []
         for index in range(spec.width):
-            raw = await read_raw(volume, extents, code_position(spec, row, index), *span)
-            fragments.append(raw)
+            raw = await volume._read_raw(extents, code_position(spec, row, index), *span)
+            fragments.append(raw if isinstance(raw, tuple) else None)
         if any(raw is None for raw in fragments):
             log.warning(
                 "volume %s: row %d of a dirty region has a disk missing; parity not recomputed "
@@ -111,12 +96,13 @@ async def _resync_parity(volume: "Volume", extents: "Extents", start: int, end: 
             )
             continue
         data = [raw[0] for raw in fragments[: spec.columns] if raw is not None]
+        seq = volume.pool.next_seq()
         parity = volume.codec.encode(data)
         for index, raw in enumerate(fragments):
             assert raw is not None
             wanted = data[index] if index < spec.columns else parity[index - spec.columns]
             if raw[0] != wanted or bad_blocks(raw[0], raw[1]):
                 position = code_position(spec, row, index)
-                await volume._write_verified(extents, position, offset, wanted)
+                await volume._write_verified(extents, position, offset, wanted, seq=seq)
                 rewritten += spec.interleave // CSUM_BLOCK
     return rewritten

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from blockspace.checksums import CSUM_BLOCK, block_ok
+from blockspace.checksums import CSUM_BLOCK, block_ok, choose_blocks
 from blockspace.layouts import code_position, data_positions, row_start
-from blockspace.resync import read_raw
+from blockspace.volume import Fault
 
 if TYPE_CHECKING:
     from blockspace.volume import Extents, Volume
@@ -86,60 +86,35 @@ async def _scrub_copies(
     volume: "Volume", slab: int, extents: "Extents", column: int, start: int, end: int,
     repair: bool, report: ScrubReport,
 ) -> None:
-    positions = sorted(data_positions(volume.spec, 0, column))
-    copies = {}
-    for position in positions:
-        raw = await read_raw(volume, extents, position, start, end)
-        if raw is not None:
+    copies: dict[int, tuple[bytes, bytes]] = {}
+    unreadable = []
+    for position in sorted(data_positions(volume.spec, 0, column)):
+        raw = await volume._read_raw(extents, position, start, end)
+        if isinstance(raw, tuple):
             copies[position] = raw
+        elif raw is Fault.UNREADABLE:
+            unreadable.append(position)
     if not copies:
         return
     blocks = (end - start) // CSUM_BLOCK
     report.blocks_checked += blocks * len(copies)
     report.bytes_checked += (end - start) * len(copies)
-    repairs: dict[int, list[int]] = {}  # position -> blocks to rewrite from a good copy
-    chosen = bytearray(end - start)
-    for index in range(blocks):
-        lo, hi = index * CSUM_BLOCK, (index + 1) * CSUM_BLOCK
-        good, bad = [], []
-        for position, (data, entries) in copies.items():
-            if block_ok(data[lo:hi], entries[index * 16 : index * 16 + 16]):
-                good.append(position)
-            else:
-                report.checksum_errors += 1
-                volume.pool.disks[extents[position][0]].errors["checksum"] += 1
-                bad.append(position)
-        if not good:
-            # Nothing to repair from: leave the blocks (and their checksums) as they are,
-            # so reads keep failing rather than returning rot.
-            offset = _volume_offset(volume, slab, column, start + lo)
-            _add_unrecoverable(report, volume.name, offset, CSUM_BLOCK)
-            continue
-        reference = copies[good[0]][0][lo:hi]
-        chosen[lo:hi] = reference
-        for position in good[1:]:
-            if copies[position][0][lo:hi] != reference:
-                report.mismatches += 1
-                bad.append(position)
-        for position in bad:
-            repairs.setdefault(position, []).append(index)
+    choice = choose_blocks(copies)
+    report.checksum_errors += choice.checksum_errors
+    report.mismatches += choice.mismatches + choice.stale
+    for position, indexes in choice.repairs.items():
+        volume.pool.disks[extents[position][0]].errors["checksum"] += len(indexes)
+    for index in choice.unrecoverable:
+        offset = _volume_offset(volume, slab, column, start + index * CSUM_BLOCK)
+        _add_unrecoverable(report, volume.name, offset, CSUM_BLOCK)
+    lost = set(choice.unrecoverable)
+    for position in unreadable:
+        choice.repairs[position] = [i for i in range(blocks) if i not in lost]
     if repair:
-        for position, indexes in sorted(repairs.items()):
-            for first, count in _runs(indexes):
-                lo, hi = first * CSUM_BLOCK, (first + count) * CSUM_BLOCK
-                if await volume._write_verified(extents, position, start + lo, chosen[lo:hi]):
-                    report.repaired_blocks += count
-
-
-def _runs(indexes: list[int]) -> list[tuple[int, int]]:
-    """Sorted block indexes -> (first, count) runs of consecutive ones."""
-    runs: list[tuple[int, int]] = []
-    for index in indexes:
-        if runs and runs[-1][0] + runs[-1][1] == index:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((index, 1))
-    return runs
+        for position, indexes in sorted(choice.repairs.items()):
+            report.repaired_blocks += await volume._write_runs(
+                extents, position, start, sorted(set(indexes)), choice.data, choice.entries
+            )
 
 
 async def _scrub_parity(
@@ -154,8 +129,8 @@ async def _scrub_parity(
         good: dict[int, bytes] = {}
         bad: list[int] = []
         for index in range(spec.width):
-            raw = await read_raw(volume, extents, code_position(spec, row, index), *span)
-            if raw is None:
+            raw = await volume._read_raw(extents, code_position(spec, row, index), *span)
+            if isinstance(raw, Fault):
                 continue
             data, entries = raw
             report.blocks_checked += spec.interleave // CSUM_BLOCK
@@ -187,7 +162,8 @@ async def _scrub_parity(
         if repair:
             for index in bad:
                 position = code_position(spec, row, index)
-                if await volume._write_verified(extents, position, offset, full[index]):
+                if await volume._write_verified(extents, position, offset, full[index],
+                                                seq=volume.pool.next_seq()):
                     report.repaired_blocks += spec.interleave // CSUM_BLOCK
 
 

@@ -10,13 +10,23 @@ row never interleave. Device I/O below works in whole 4 KiB blocks.
 
 import enum
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
-from blockspace.checksums import CSUM_BLOCK, bad_blocks, entries_for
+from blockspace.checksums import (
+    CSUM_BLOCK,
+    ENTRY_SIZE,
+    Choice,
+    bad_blocks,
+    block_runs,
+    choose_blocks,
+    entries_for,
+    newer_elsewhere,
+)
 from blockspace.concurrency import bind, run_all
 from blockspace.erasure import ErasureCodec
 from blockspace.errors import DeviceError, InvalidInput, Unrecoverable
@@ -39,6 +49,8 @@ log = logging.getLogger(__name__)
 
 Extents = list[tuple[int, int]]
 BLOCK = CSUM_BLOCK
+IO_ATTEMPTS = 3  # a transient device error is retried this often before the disk is failed
+T = TypeVar("T")
 REGION_SIZE = 1 << 20  # write-intent granularity, in bytes of each extent
 
 
@@ -53,7 +65,8 @@ def align_up(value: int) -> int:
 class Fault(enum.Enum):
     """Why an extent read gave no data."""
 
-    MISSING = "missing"  # disk absent, failed, or the read returned an error
+    MISSING = "missing"  # disk absent or out of service
+    UNREADABLE = "unreadable"  # the read failed (a bad sector?): rewriting may fix it
     CORRUPT = "corrupt"  # read fine, but a block failed its checksum
 
 
@@ -227,51 +240,112 @@ class Volume:
 
     # ---- extent primitives: whole blocks, verified --------------------------------------
 
-    async def _read_verified(
+    async def _device_op(self, disk_id: int, what: str, op: Callable[[], Awaitable[T]]) -> T:
+        """One device call with a bounded retry for transient errors and a timeout for a
+        disk that stops answering (which then takes it out of service)."""
+        timeout = self.pool.io_timeout
+        for attempt in range(IO_ATTEMPTS):
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    return await op()
+                except DeviceError:
+                    if attempt + 1 == IO_ATTEMPTS:
+                        raise
+                    log.warning("disk %d: %s failed, retrying", disk_id, what)
+                    await trio.sleep(0.01 * (attempt + 1))
+                    continue
+            if scope.cancelled_caught:
+                reason = f"no answer to a {what} within {timeout:g}s"
+                await self.pool.mark_failed(disk_id, reason)
+                raise DeviceError(f"disk {disk_id}: {reason}")
+        raise AssertionError("unreachable")
+
+    async def _read_checked(
         self, extents: Extents, position: int, start: int, end: int
-    ) -> bytes | Fault:
-        """Blocks [start, end) of the extent at `position`, each checked against its entry."""
-        disk_id, extent = extents[position]
-        device = self.pool.device(disk_id)
-        if device is None:
-            return Fault.MISSING
-        disk = self.pool.disks[disk_id]
-        try:
-            entries = await self.pool.checksums.read(
-                disk_id, extent, start // BLOCK, (end - start) // BLOCK
-            )
-            data = await device.read(self.pool.extent_offset(disk_id, extent) + start, end - start)
-        except DeviceError as error:
-            disk.errors["read"] += 1
-            log.warning("read error on disk %d: %s", disk_id, error)
-            return Fault.MISSING
+    ) -> tuple[bytes, bytes] | Fault:
+        """Blocks [start, end) of the extent at `position` and their checksum entries,
+        each block checked against its entry."""
+        raw = await self._read_raw(extents, position, start, end)
+        if isinstance(raw, Fault):
+            return raw
+        data, entries = raw
         bad = bad_blocks(data, entries)
         if bad:
+            disk_id, extent = extents[position]
+            disk = self.pool.disks[disk_id]
             disk.errors["checksum"] += len(bad)
             log.warning(
                 "checksum mismatch on disk %d (%s), extent %d, blocks %s",
                 disk_id, disk.path, extent, [start // BLOCK + b for b in bad][:8],
             )
             return Fault.CORRUPT
-        return data
+        return raw
+
+    async def _read_raw(
+        self, extents: Extents, position: int, start: int, end: int
+    ) -> tuple[bytes, bytes] | Fault:
+        """Data and entries of extent blocks [start, end), unverified."""
+        disk_id, extent = extents[position]
+        device = self.pool.device(disk_id)
+        if device is None:
+            return Fault.MISSING
+        try:
+            entries = await self._device_op(disk_id, "checksum read", lambda: (
+                self.pool.checksums.read(disk_id, extent, start // BLOCK, (end - start) // BLOCK)
+            ))
+            offset = self.pool.extent_offset(disk_id, extent) + start
+            data = await self._device_op(disk_id, "read", lambda: device.read(offset, end - start))
+        except DeviceError as error:
+            self.pool.disks[disk_id].errors["read"] += 1
+            log.warning("read error on disk %d: %s", disk_id, error)
+            return Fault.UNREADABLE if self.pool.device(disk_id) is not None else Fault.MISSING
+        return data, entries
+
+    async def _read_verified(
+        self, extents: Extents, position: int, start: int, end: int
+    ) -> bytes | Fault:
+        result = await self._read_checked(extents, position, start, end)
+        return result if isinstance(result, Fault) else result[0]
 
     async def _write_verified(
-        self, extents: Extents, position: int, start: int, data: bytes | memoryview
+        self, extents: Extents, position: int, start: int, data: bytes | memoryview,
+        *, seq: int = 0, entries: bytes | None = None,
     ) -> bool:
-        """Write whole blocks and their checksum entries; False if the disk is out (a failed
-        write takes the disk out of service, durably, before returning)."""
+        """Write whole blocks and their checksum entries (computed for write `seq`, or the
+        given ones when copying); False if the disk is out (a failed write takes the disk
+        out of service, durably, before returning)."""
         disk_id, extent = extents[position]
         device = self.pool.device(disk_id)
         if device is None:
             return False
+        if entries is None:
+            entries = entries_for(data, seq)
+        offset = self.pool.extent_offset(disk_id, extent) + start
         try:
-            await device.write(self.pool.extent_offset(disk_id, extent) + start, data)
-            await self.pool.checksums.write(disk_id, extent, start // BLOCK, entries_for(data))
+            await self._device_op(disk_id, "write", lambda: device.write(offset, data))
+            await self._device_op(disk_id, "checksum write", lambda: self.pool.checksums.write(
+                disk_id, extent, start // BLOCK, entries))
             return True
         except DeviceError as error:
             self.pool.disks[disk_id].errors["write"] += 1
             await self.pool.mark_failed(disk_id, str(error))
             return False
+
+    async def _write_runs(
+        self, extents: Extents, position: int, start: int, blocks: list[int],
+        data: bytes | bytearray, entries: bytes | bytearray,
+    ) -> int:
+        """Rewrite some blocks of an extent (runs of consecutive ones) with given contents;
+        returns blocks written."""
+        written = 0
+        for first, count in block_runs(blocks):
+            lo, hi = first * BLOCK, (first + count) * BLOCK
+            if await self._write_verified(
+                extents, position, start + lo, bytes(data[lo:hi]),
+                entries=bytes(entries[first * ENTRY_SIZE : (first + count) * ENTRY_SIZE]),
+            ):
+                written += count
+        return written
 
     # ---- reads ----------------------------------------------------------------------
 
@@ -309,29 +383,77 @@ class Volume:
         self, slab: int, extents: Extents, row: int, column: int, start: int, end: int,
         *, locked: bool,
     ) -> bytes:
-        """Simple and mirror: the first copy that verifies. Bad copies are rewritten from it,
-        under the row locks (re-read there, so a concurrent write is never undone)."""
-        corrupt: list[int] = []
-        for position in data_positions(self.spec, row, column):
-            result = await self._read_verified(extents, position, start, end)
-            if isinstance(result, bytes):
-                if not corrupt:
-                    return result
-                if not locked:
-                    async with self._row_locks.hold(self._column_rows(slab, start, end)):
-                        return await self._read_copies(slab, extents, row, column, start, end,
-                                                       locked=True)
-                for bad in corrupt:
-                    if await self._write_verified(extents, bad, start, result):
-                        self._healed_blocks += (end - start) // BLOCK
-                        log.info("healed slab %d position %d [%d, %d)", slab, bad, start, end)
-                return result
-            self._degraded_reads += 1
-            if result is Fault.CORRUPT:
-                corrupt.append(position)
-        raise Unrecoverable(
-            f"volume {self.name!r}: no good copy of slab {slab} at extent offset {start}"
-        )
+        """Simple and mirror: the first copy that verifies and is not older than the other
+        copies' entries say. Anything else (a bad, unreadable or stale copy) goes to the
+        careful path under the row locks, which compares every copy and repairs."""
+        positions = data_positions(self.spec, row, column)
+        if not locked:
+            for position in positions:
+                result = await self._read_checked(extents, position, start, end)
+                if result is Fault.MISSING:
+                    self._degraded_reads += 1
+                    continue  # nothing to repair on a disk that is out
+                if isinstance(result, tuple):
+                    data, entries = result
+                    others = await self._entries_of(extents, positions, position, start, end)
+                    if not newer_elsewhere(entries, others):
+                        return data
+                break
+            async with self._row_locks.hold(self._column_rows(slab, start, end)):
+                return (await self.merge_copies(slab, extents, column, start, end))[0]
+        return (await self.merge_copies(slab, extents, column, start, end))[0]
+
+    async def _entries_of(
+        self, extents: Extents, positions: list[int], skip: int, start: int, end: int
+    ) -> list[bytes]:
+        found = []
+        for position in positions:
+            disk_id, extent = extents[position]
+            if position == skip or self.pool.device(disk_id) is None:
+                continue
+            try:
+                found.append(await self.pool.checksums.read(
+                    disk_id, extent, start // BLOCK, (end - start) // BLOCK))
+            except DeviceError:
+                continue
+        return found
+
+    async def merge_copies(
+        self, slab: int, extents: Extents, column: int, start: int, end: int,
+        *, repair: bool = True,
+    ) -> tuple[bytes, bytes, Choice]:
+        """Compare every copy of a column range block by block, take the newest that
+        verifies, and (with `repair`) rewrite the others. Caller holds the row locks.
+        Unrecoverable if some block has no good copy."""
+        copies: dict[int, tuple[bytes, bytes]] = {}
+        unreadable = []
+        for position in sorted(data_positions(self.spec, 0, column)):
+            raw = await self._read_raw(extents, position, start, end)
+            if isinstance(raw, tuple):
+                copies[position] = raw
+            elif raw is Fault.UNREADABLE:
+                unreadable.append(position)
+        if not copies:
+            raise Unrecoverable(
+                f"volume {self.name!r}: no readable copy of slab {slab} at extent offset {start}"
+            )
+        choice = choose_blocks(copies)
+        blocks = (end - start) // BLOCK
+        for position in unreadable:  # a drive remaps a sector when it is written again
+            choice.repairs[position] = list(range(blocks))
+        if choice.unrecoverable:
+            first = start + choice.unrecoverable[0] * BLOCK
+            raise Unrecoverable(
+                f"volume {self.name!r}: no good copy of slab {slab} at extent offset {first}"
+            )
+        if repair:
+            for position, indexes in sorted(choice.repairs.items()):
+                healed = await self._write_runs(extents, position, start, sorted(set(indexes)),
+                                                choice.data, choice.entries)
+                if healed:
+                    self._healed_blocks += healed
+                    log.info("healed %d blocks of slab %d on position %d", healed, slab, position)
+        return bytes(choice.data), bytes(choice.entries), choice
 
     async def _read_parity_column(
         self, slab: int, extents: Extents, row: int, column: int, start: int, end: int,
@@ -383,7 +505,8 @@ class Volume:
         rebuilt = self.codec.reconstruct(found, sorted(set(wanted) | set(corrupt)))
         for index in corrupt:
             position = code_position(self.spec, row, index)
-            if await self._write_verified(extents, position, offset, rebuilt[index]):
+            if await self._write_verified(extents, position, offset, rebuilt[index],
+                                          seq=self.pool.next_seq()):
                 self._healed_blocks += (end - start) // BLOCK
                 log.info("healed slab %d row %d fragment %d", slab, row, index)
         return {index: rebuilt[index] for index in wanted}
@@ -419,16 +542,19 @@ class Volume:
             if (start, aligned_end) != (offset, end):
                 data = await self._merge_partial_blocks(slab, extents, offset, data)
             pieces = split(self.spec, start, len(data))
+            seq = self.pool.next_seq()  # every copy of this write carries the same number
             if self.spec.kind == "parity":
                 by_row: dict[int, list[Piece]] = {}
                 for piece in pieces:
                     by_row.setdefault(piece.row, []).append(piece)
                 jobs = [
-                    bind(self._write_parity_row, slab, extents, row, row_pieces, data)
+                    bind(self._write_parity_row, slab, extents, row, row_pieces, data, seq)
                     for row, row_pieces in by_row.items()
                 ]
             else:
-                jobs = [bind(self._write_copies, slab, extents, piece, data) for piece in pieces]
+                jobs = [
+                    bind(self._write_copies, slab, extents, piece, data, seq) for piece in pieces
+                ]
             await run_all(jobs)
 
     async def _merge_partial_blocks(
@@ -455,14 +581,15 @@ class Volume:
             return extents
 
     async def _write_copies(
-        self, slab: int, extents: Extents, piece: Piece, data: memoryview
+        self, slab: int, extents: Extents, piece: Piece, data: memoryview, seq: int
     ) -> None:
         payload = data[piece.buf_offset : piece.buf_offset + piece.length]
         written = 0
 
         async def write_one(position: int) -> None:
             nonlocal written
-            if await self._write_verified(extents, position, piece.column_offset, payload):
+            if await self._write_verified(extents, position, piece.column_offset, payload,
+                                          seq=seq):
                 written += 1
 
         positions = data_positions(self.spec, piece.row, piece.column)
@@ -474,7 +601,8 @@ class Volume:
             )
 
     async def _write_parity_row(
-        self, slab: int, extents: Extents, row: int, pieces: list[Piece], data: memoryview
+        self, slab: int, extents: Extents, row: int, pieces: list[Piece], data: memoryview,
+        seq: int,
     ) -> None:
         """Write the pieces of one row and its parity. A row fully covered is encoded from
         the new data alone; otherwise the untouched part of the span is read first."""
@@ -494,7 +622,7 @@ class Volume:
         parity = self.codec.encode(columns)
 
         async def write_one(position: int, offset: int, payload: bytes | memoryview) -> None:
-            await self._write_verified(extents, position, offset, payload)
+            await self._write_verified(extents, position, offset, payload, seq=seq)
 
         jobs = []
         for piece in pieces:

@@ -145,6 +145,6 @@ def test_simple_volume_on_a_failed_disk_reports_the_lost_slab() -> None:
         )
         assert progress.state == "failed"
         assert progress.failed == pool.extents_on(victim)
-        assert "no good copy" in progress.errors[0]
+        assert "no readable copy" in progress.errors[0]
 
     trio.run(scenario)

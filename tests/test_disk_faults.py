@@ -1,0 +1,118 @@
+"""What the volume does when one disk misbehaves: drops writes, fails reads, or hangs."""
+
+import trio
+import trio.testing
+
+from blockspace.devices import MemoryDevice
+from blockspace.faults import FaultSpec, FaultyDevice
+from blockspace.layouts import LayoutSpec
+from blockspace.pool import Pool
+from blockspace.scrub import scrub_slab
+from blockspace.volume import Volume
+
+MiB = 1 << 20
+MIRROR = LayoutSpec("mirror", 1, copies=2, interleave=16384)
+
+
+async def make(disks: int = 2) -> tuple[Pool, Volume, list[FaultyDevice]]:
+    devices = [FaultyDevice(MemoryDevice(12 * MiB, path=f"mem{i}")) for i in range(disks)]
+    pool = await Pool.create("f", devices, media=["hdd"] * disks, slab_size=MiB,
+                             meta_slot_size=64 << 10)
+    record = await pool.create_volume("v", 2 * MiB, MIRROR, "thin")
+    return pool, Volume(pool, record), devices
+
+
+def copy_device(pool: Pool, volume: Volume, position: int) -> FaultyDevice:
+    disk_id, _ = volume.record.slabs[0][position]
+    device = pool.disks[disk_id].device
+    assert isinstance(device, FaultyDevice)
+    return device
+
+
+def test_a_write_dropped_by_one_disk_is_never_read_back_and_scrub_repairs_it() -> None:
+    async def scenario() -> None:
+        pool, volume, _ = await make()
+        await volume.write(0, b"A" * 65536)
+        await volume.flush()
+        for position in (0, 1):  # whichever copy a read prefers, it must not win
+            liar = copy_device(pool, volume, position)
+            liar.set_spec(FaultSpec(drop_writes=True))
+            new = bytes([66 + position]) * 65536
+            await volume.write(0, new)
+            await volume.flush()
+            liar.clear()
+            assert await volume.read(0, 65536) == new  # the stale copy lost, and was healed
+            for slab in volume.record.slabs:
+                report = await scrub_slab(volume, slab)
+                assert report.mismatches == 0  # the read already repaired it
+        # A lost write the reads never touched: scrub finds it and keeps the newer copy.
+        liar = copy_device(pool, volume, 1)
+        liar.set_spec(FaultSpec(drop_writes=True))
+        await volume.write(MiB // 2, b"N" * 8192)
+        await volume.flush()
+        liar.clear()
+        report = await scrub_slab(volume, 0)
+        # Found either as stale (older write number) or, while the checksum cache still
+        # holds the entry the disk dropped, as a checksum error: both are repaired.
+        assert report.mismatches + report.checksum_errors == 2
+        assert report.repaired_blocks == 2
+        again = await scrub_slab(volume, 0)
+        assert again.mismatches + again.checksum_errors == 0
+        liar_other = copy_device(pool, volume, 0)
+        liar_other.set_spec(FaultSpec(dead=True))  # only the repaired copy is left
+        assert await volume.read(MiB // 2, 8192) == b"N" * 8192
+
+    trio.run(scenario)
+
+
+def test_a_bad_sector_is_served_from_the_other_copy_and_rewritten() -> None:
+    async def scenario() -> None:
+        pool, volume, _ = await make()
+        await volume.write(0, b"s" * 65536)
+        device = copy_device(pool, volume, 0)
+        disk_id, extent = volume.record.slabs[0][0]
+        offset = pool.extent_offset(disk_id, extent)
+        device.set_spec(FaultSpec(read_error=1.0, ranges=((offset, 4096),)))
+        writes = device.statistics().writes
+        assert await volume.read(0, 65536) == b"s" * 65536
+        assert device.statistics().writes > writes  # the unreadable copy was rewritten
+        assert pool.disks[disk_id].record.state == "online"  # a bad sector is no dead disk
+
+    trio.run(scenario)
+
+
+def test_a_disk_that_stops_answering_is_failed_after_the_timeout_and_io_goes_on() -> None:
+    async def scenario() -> None:
+        pool, volume, _ = await make(disks=3)
+        await volume.write(0, b"t" * 65536)
+        pool.io_timeout = 5.0
+        hung = copy_device(pool, volume, 0)
+        hung.set_spec(FaultSpec(latency=3600.0))
+        started = trio.current_time()
+        assert await volume.read(0, 65536) == b"t" * 65536
+        await volume.write(0, b"u" * 65536)
+        assert trio.current_time() - started < 60  # not an hour
+        disk_id, _ = volume.record.slabs[0][0]
+        assert pool.disks[disk_id].record.state == "failed"
+        assert "within 5s" in pool.disks[disk_id].record.state_reason
+        assert await volume.read(0, 65536) == b"u" * 65536
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_transient_write_error_is_retried_not_fatal() -> None:
+    async def scenario() -> None:
+        pool, volume, _ = await make()
+        await volume.write(0, b"r" * 4096)
+        device = copy_device(pool, volume, 1)
+        device.set_spec(FaultSpec(write_error=0.1, seed=5))  # isolated errors, none 3 in a row
+        for i in range(20):
+            await volume.write(i * 4096, bytes([i]) * 4096)
+        disk_id, _ = volume.record.slabs[0][1]
+        assert device.statistics().injected_write_errors > 0
+        assert pool.disks[disk_id].record.state == "online"
+        device.clear()
+        for i in range(20):
+            assert await volume.read(i * 4096, 4096) == bytes([i]) * 4096
+
+    trio.run(scenario)
