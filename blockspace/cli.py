@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +30,13 @@ from blockspace.errors import BlockspaceError, FormatError, InvalidInput
 from blockspace.label import validate_name
 from blockspace.layouts import default_layout
 from blockspace.metadata import MAX_VOLUME_SIZE
-from blockspace.pool import DEFAULT_META_SLOT_SIZE, DEFAULT_SLAB_SIZE, Pool, read_label
+from blockspace.pool import (
+    DEFAULT_IO_TIMEOUT,
+    DEFAULT_META_SLOT_SIZE,
+    DEFAULT_SLAB_SIZE,
+    Pool,
+    read_label,
+)
 from blockspace.registry import PoolEntry, Registry, state_dir
 from blockspace.units import format_size, parse_size
 
@@ -408,6 +413,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         pool=args.pool, mountpoint=mountpoint, uid=args.owner_uid, gid=args.owner_gid,
         allow_other=not args.no_allow_other, log_file=log_file,
         allow_fault_injection=args.allow_fault_injection,
+        io_timeout=args.io_timeout or DEFAULT_IO_TIMEOUT,
     )
     if args.foreground:
         daemon.setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
@@ -421,18 +427,27 @@ def cmd_mount(args: argparse.Namespace) -> int:
         command.insert(-2, "--no-allow-other")
     if args.allow_fault_injection:
         command.insert(-2, "--allow-fault-injection")
-    process = subprocess.Popen(
-        command, pass_fds=[write_fd], start_new_session=True,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(log_file, "ab"),  # noqa: SIM115
+    if args.io_timeout is not None:
+        command.insert(-2, f"--io-timeout={args.io_timeout}")
+    # posix_spawn, not Popen: the daemon outlives this process, and a Popen object left
+    # running would warn when it is collected.
+    os.set_inheritable(write_fd, True)
+    pid = os.posix_spawn(
+        sys.executable, command, os.environ, setsid=True,
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 2, log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600),
+        ],
     )
     os.close(write_fd)
     with os.fdopen(read_fd) as ready:
         answer = ready.readline().strip()
     if answer != "ok":
-        process.wait(timeout=30)
+        os.waitpid(pid, 0)
         message = answer.removeprefix("error: ") or f"the daemon exited (see {log_file})"
         raise BlockspaceError(f"mount failed: {message}")
-    info = {"pool": args.pool, "mountpoint": mountpoint, "pid": process.pid, "log": log_file}
+    info = {"pool": args.pool, "mountpoint": mountpoint, "pid": pid, "log": log_file}
     _emit(args, info, lambda i: console.print(
         f"pool {i['pool']} mounted at {i['mountpoint']} (daemon pid {i['pid']}, log {i['log']})"))
     return 0
@@ -668,6 +683,16 @@ def _owner(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--owner takes UID[:GID], not {text!r}") from None
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"takes seconds between 0.1 and 3600, not {text!r}")
+    return value
+
+
 def build_parser() -> Parser:
     common = Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -790,6 +815,8 @@ def build_parser() -> Parser:
                    help="owner of the volume files (mode 0600; default root)")
     p.add_argument("--no-allow-other", action="store_true",
                    help="only the mounting user may access the files (losetup needs root)")
+    p.add_argument("--io-timeout", type=_seconds, metavar="SECONDS",
+                   help="fail a disk that does not answer an I/O within this time (default 30)")
     p.add_argument("--allow-fault-injection", action="store_true",
                    help="testing only: let `blockspace fault` make this mount's disks fail")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

@@ -39,6 +39,7 @@ class MountOptions:
     allow_other: bool = True
     log_file: str = ""
     allow_fault_injection: bool = False
+    io_timeout: float = 30.0
 
 
 class Daemon:
@@ -65,6 +66,7 @@ class Daemon:
             devices = list(faulty)
         try:
             self.pool = pool = await Pool.open(devices, expect_uuid=entry.uuid)
+            pool.io_timeout = self.options.io_timeout
             await pool.note_missing_disks()
             await pool.enable_intent_log()
             self.volumes = {v.name: Volume(pool, v) for v in pool.metadata.volumes}
