@@ -496,7 +496,7 @@ def cmd_disk(args: argparse.Namespace) -> int:
 
 def _disk_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     rate = parse_size(args.rate) if getattr(args, "rate", None) else 0
-    command = args.disk_command if args.command == "disk" else "repair"
+    command = args.disk_command if args.command == "disk" else args.pool_command
     if command == "add":
         paths = [os.path.abspath(p) for p in args.disks]
         return "disk_add", {"paths": paths, "media": args.media, "force": args.force}
@@ -505,7 +505,7 @@ def _disk_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     if command == "replace":
         return "disk_replace", {"old": args.old, "new": os.path.abspath(args.new),
                                 "media": args.media, "force": args.force, "rate": rate}
-    return "pool_repair", {"rate": rate}
+    return f"pool_{command}", {"rate": rate}
 
 
 def _disk_offline(
@@ -527,6 +527,8 @@ def _disk_offline(
             elif op == "disk_replace":
                 await manager.replace(fields["old"], fields["new"], fields["media"],
                                       fields["force"])
+            elif op == "pool_rebalance":
+                await manager.rebalance()
             else:
                 await manager.repair()
             with _progress_bar(args, "rebuild") as update:
@@ -764,6 +766,13 @@ def build_parser() -> Parser:
                         help="rebuild the data of failed, missing or retiring disks")
     p.add_argument("pool")
     p.add_argument("--wait", action="store_true", help="block until the rebuild is done")
+    p.add_argument("--rate", help="bandwidth limit, e.g. 200M (per second)")
+    p.set_defaults(func=cmd_disk)
+
+    p = pool.add_parser("rebalance", parents=[common],
+                        help="spread data evenly over the disks (after adding disks)")
+    p.add_argument("pool")
+    p.add_argument("--wait", action="store_true", help="block until done")
     p.add_argument("--rate", help="bandwidth limit, e.g. 200M (per second)")
     p.set_defaults(func=cmd_disk)
 

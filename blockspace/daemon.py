@@ -140,6 +140,8 @@ class Daemon:
                                          request.get("media"), bool(request.get("force")))
         if op == "pool_repair":
             return await manager.repair()
+        if op == "pool_rebalance":
+            return await manager.rebalance()
         if op == "rebuild_status":
             return manager.rebuilder.progress.to_dict()
         raise InvalidInput(f"unknown request {op!r}")
@@ -199,7 +201,7 @@ class Daemon:
             if self.disks is not None:
                 status["rebuild"] = self.disks.rebuilder.progress.to_dict()
             return status
-        if op.startswith("disk_") or op in ("pool_repair", "rebuild_status"):
+        if op.startswith("disk_") or op in ("pool_repair", "pool_rebalance", "rebuild_status"):
             return await self._disk_request(op, request)
         if op.startswith("fault_"):
             return handle_fault_request(self, op, request)

@@ -22,6 +22,7 @@ from blockspace.rebuild import (
     Rebuilder,
     check_moves_fit,
     plan_moves,
+    plan_rebalance,
 )
 from blockspace.registry import PoolEntry, Registry
 from blockspace.volume import Volume
@@ -136,6 +137,16 @@ class DiskManager:
 
         names = ", ".join(str(d) for d in sorted(sources))
         return await self._start(moves, f"repair (disks {names})", finish)
+
+    async def rebalance(self) -> dict[str, Any]:
+        """Spread extents evenly over the online disks (after adding disks)."""
+        self._idle_or_refuse()
+        moves = plan_rebalance(self.pool)
+
+        async def finish() -> None:
+            return None
+
+        return await self._start(moves, "rebalance", finish)
 
     def auto_repair(self, disk_id: int) -> None:
         """A disk just failed: rebuild its extents onto free space if there is room."""

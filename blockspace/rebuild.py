@@ -38,6 +38,45 @@ class Move:
     slab: int
     position: int
     disk_id: int  # the disk the extent leaves
+    target: int | None = None  # the disk it should go to (else: the most free)
+
+
+def plan_rebalance(pool: "Pool") -> list[Move]:
+    """Moves that even out how full the online disks are (after disks were added): take
+    an extent from the fullest disk to the emptiest one not already holding its slab,
+    while that narrows the gap by more than one extent."""
+    disks = pool.usable_disk_ids()
+    total = {d: pool.disks[d].record.extent_count for d in disks}
+    used = {d: pool.extents_on(d) for d in disks}
+    placements = {
+        (volume.name, slab): list(extents)
+        for volume in pool.metadata.volumes for slab, extents in volume.slabs.items()
+    }
+    moves: list[Move] = []
+    for _ in range(sum(used.values())):
+        source = max(disks, key=lambda d: (used[d] / total[d], d))
+        best: tuple[float, Move] | None = None
+        for (name, slab), extents in placements.items():
+            holders = {d for d, _ in extents}
+            if source not in holders:
+                continue
+            for target in disks:
+                if target in holders or used[target] >= total[target]:
+                    continue
+                gap = used[source] / total[source] - (used[target] + 1) / total[target]
+                if gap > 0 and (best is None or gap > best[0]):
+                    position = next(i for i, (d, _) in enumerate(extents) if d == source)
+                    best = (gap, Move(name, slab, position, source, target))
+        if best is None:
+            break
+        move = best[1]
+        moves.append(move)
+        used[move.disk_id] -= 1
+        assert move.target is not None
+        used[move.target] += 1
+        extents = placements[(move.volume, move.slab)]
+        extents[move.position] = (move.target, -1)
+    return moves
 
 
 def plan_moves(pool: "Pool", disk_ids: Collection[int]) -> list[Move]:
@@ -93,7 +132,8 @@ async def move_extent(volume: "Volume", move: Move, *, prefer: int | None = None
         if extents is None or extents[move.position][0] != move.disk_id:
             return 0  # already moved (or the slab went away)
         exclude = {d for d, _ in extents} | set(pool.unusable_disk_ids())
-        target = _choose(pool.allocator, exclude, prefer)
+        target = _choose(pool.allocator, exclude, move.target if move.target is not None
+                         else prefer)
         try:
             await _copy_to(volume, extents, move, target)
         except BaseException:

@@ -9,7 +9,13 @@ from blockspace.devices import MemoryDevice
 from blockspace.errors import NoSpace
 from blockspace.layouts import LayoutSpec
 from blockspace.pool import Pool
-from blockspace.rebuild import Rebuilder, check_moves_fit, move_extent, plan_moves
+from blockspace.rebuild import (
+    Rebuilder,
+    check_moves_fit,
+    move_extent,
+    plan_moves,
+    plan_rebalance,
+)
 from blockspace.volume import Volume
 
 MiB = 1 << 20
@@ -146,5 +152,24 @@ def test_simple_volume_on_a_failed_disk_reports_the_lost_slab() -> None:
         assert progress.state == "failed"
         assert progress.failed == pool.extents_on(victim)
         assert "no readable copy" in progress.errors[0]
+
+    trio.run(scenario)
+
+
+def test_rebalance_spreads_extents_over_added_disks() -> None:
+    async def scenario() -> None:
+        pool, volume, _, data = await make(MIRROR, disks=2, slabs=8)
+        for i in range(2):
+            await pool.add_disk(MemoryDevice(12 * MiB, path=f"added{i}"), "hdd")
+        before = {d: pool.extents_on(d) for d in pool.disks}
+        assert before[2] == before[3] == 0
+        moves = plan_rebalance(pool)
+        progress = await Rebuilder(pool, lambda: volumes_of(volume)).run(moves, "rebalance")
+        assert progress.state == "done"
+        after = [pool.extents_on(d) for d in sorted(pool.disks)]
+        assert max(after) - min(after) <= 1, after
+        assert sum(after) == sum(before.values())
+        assert await volume.read(0, volume.size) == data
+        assert plan_rebalance(pool) == []  # balanced: nothing more to do
 
     trio.run(scenario)
