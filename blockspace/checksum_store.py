@@ -42,6 +42,7 @@ class ChecksumStore:
         self._pages: OrderedDict[Key, bytearray] = OrderedDict()
         self._loading: dict[Key, list[tuple[int, bytes]]] = {}
         self._loaded: dict[Key, trio.Event] = {}
+        self._inflight: dict[Key, list[tuple[int, bytes]]] = {}  # written, not yet on disk
         self.max_pages = max_pages
         self._hits = self._misses = 0
 
@@ -67,8 +68,19 @@ class ChecksumStore:
         if device is None:
             raise DeviceError(f"disk {disk_id} is not available")
         start = first_block * ENTRY_SIZE
-        self._patch(disk_id, extent, start, entries)
-        await device.write(self._area_offset(disk_id, extent) + start, entries)
+        patches = self._patch(disk_id, extent, start, entries)
+        # Until the write is on the disk, a page loaded from the disk would miss it: loads
+        # started meanwhile apply these patches (see _page).
+        for key, patch in patches:
+            self._inflight.setdefault(key, []).append(patch)
+        try:
+            await device.write(self._area_offset(disk_id, extent) + start, entries)
+        finally:
+            for key, patch in patches:
+                pending = self._inflight[key]
+                pending.remove(patch)
+                if not pending:
+                    del self._inflight[key]
 
     def forget_extent(self, disk_id: int, extent: int, pages: int) -> None:
         """Drop cached pages of an extent that is being reused."""
@@ -79,18 +91,24 @@ class ChecksumStore:
         for key in [k for k in self._pages if k[0] == disk_id]:
             del self._pages[key]
 
-    def _patch(self, disk_id: int, extent: int, start: int, entries: bytes) -> None:
+    def _patch(
+        self, disk_id: int, extent: int, start: int, entries: bytes
+    ) -> list[tuple[Key, tuple[int, bytes]]]:
+        """Apply entries to cached pages and to pages being loaded; returns the patches."""
         end = start + len(entries)
+        patches = []
         for page in range(start // PAGE, (end - 1) // PAGE + 1):
             key = (disk_id, extent, page)
             lo = max(start, page * PAGE)
             hi = min(end, (page + 1) * PAGE)
-            chunk = entries[lo - start : hi - start]
+            patch = (lo - page * PAGE, entries[lo - start : hi - start])
+            patches.append((key, patch))
             cached = self._pages.get(key)
             if cached is not None:
-                cached[lo - page * PAGE : hi - page * PAGE] = chunk
+                cached[patch[0] : patch[0] + len(patch[1])] = patch[1]
             if key in self._loading:
-                self._loading[key].append((lo - page * PAGE, chunk))
+                self._loading[key].append(patch)
+        return patches
 
     async def _page(self, disk_id: int, extent: int, page: int) -> bytearray:
         key = (disk_id, extent, page)
@@ -108,7 +126,9 @@ class ChecksumStore:
         device = self._device_of(disk_id)
         if device is None:
             raise DeviceError(f"disk {disk_id} is not available")
-        self._loading[key] = []
+        # Writes still on their way to the disk may or may not be in what we read: reapply
+        # them (and any that start while we read) on top, oldest first.
+        self._loading[key] = list(self._inflight.get(key, ()))
         self._loaded[key] = event = trio.Event()
         try:
             data = bytearray(await device.read(self._area_offset(disk_id, extent) + page * PAGE,

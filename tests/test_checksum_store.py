@@ -1,0 +1,54 @@
+"""The checksum page cache never serves an entry older than one already written."""
+
+import trio
+import trio.testing
+
+from blockspace.checksum_store import ChecksumStore
+from blockspace.checksums import entries_for
+from blockspace.devices import MemoryDevice
+
+
+class SlowWriteDevice(MemoryDevice):
+    """Writes wait for `release`; reads do not: a write still on its way to the disk."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.release = trio.Event()
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        await self.release.wait()
+        await super().write(offset, data)
+
+
+def test_a_page_loaded_while_an_entry_write_is_in_flight_includes_that_write() -> None:
+    async def scenario() -> None:
+        device = SlowWriteDevice(1 << 20)
+        store = ChecksumStore(lambda disk_id: device, lambda disk_id, extent: 0)
+        new = entries_for(b"n" * 4096, seq=7)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.write, 0, 0, 3, new)
+            await trio.testing.wait_all_tasks_blocked()
+            # The page is not cached; the disk still has the old (zero) entry.
+            assert await store.read(0, 0, 3, 1) == new
+            device.release.set()
+        assert await store.read(0, 0, 3, 1) == new
+        assert bytes(device.data[48:64]) == new
+
+    trio.run(scenario)
+
+
+def test_cache_is_bounded_and_write_through() -> None:
+    async def scenario() -> None:
+        device = MemoryDevice(4 << 20)
+        store = ChecksumStore(lambda disk_id: device, lambda disk_id, extent: 0, max_pages=4)
+        for page in range(10):
+            entry = entries_for(bytes([page]) * 4096, seq=page)
+            await store.write(0, 0, page * 256, entry)
+            assert await store.read(0, 0, page * 256, 1) == entry
+        assert store.statistics().pages <= 4
+        for page in range(10):  # evicted pages come back from the disk intact
+            assert await store.read(0, 0, page * 256, 1) == entries_for(
+                bytes([page]) * 4096, seq=page
+            )
+
+    trio.run(scenario)
