@@ -7,7 +7,7 @@ from typing import Any
 
 from bench_lib.catalog import SETUPS_BY_NAME
 from bench_lib.jobs import JOBS, format_value
-from bench_lib.report import job_value
+from bench_lib.report import job_value, verified
 
 
 def draw(results: dict[str, Any], path: str, title: str) -> None:
@@ -29,7 +29,11 @@ def draw(results: dict[str, Any], path: str, title: str) -> None:
         heights = [v or 0.0 for v in values]
         colour = [colours.get(getattr(SETUPS_BY_NAME.get(s), "group", ""), "#4c72b0")
                   for s in setups]
-        ax.barh(positions, heights, color=colour)
+        bars = ax.barh(positions, heights, color=colour)
+        for bar, setup in zip(bars, setups, strict=True):
+            if verified(results["setups"][setup]).startswith("**NO**"):
+                bar.set_hatch("///")
+                bar.set_edgecolor("#c00000")
         top = max(heights) if any(heights) else 1.0
         for y, value in zip(positions, values, strict=True):
             text = format_value(value, job.metric) if value is not None else "n/a"
@@ -41,6 +45,8 @@ def draw(results: dict[str, Any], path: str, title: str) -> None:
     axes[0][0].set_yticks(positions, setups, fontsize=8)
     axes[1][0].set_yticks(positions, setups, fontsize=8)
     axes[0][0].invert_yaxis()
+    if any(verified(results["setups"][s]).startswith("**NO**") for s in setups):
+        title += "\nhatched red: data did not read back intact (fio verify or mkfs trial)"
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)

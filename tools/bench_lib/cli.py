@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-install", action="store_true",
                         help="never install anything: setups missing a tool are reported "
                         "unavailable")
+    parser.add_argument("--from-json", metavar="RESULTS_JSON",
+                        help="measure nothing: redo the tables and chart of an earlier run")
     parser.add_argument("--clean", action="store_true",
                         help="remove what runs killed with SIGKILL left behind, and exit")
     parser.add_argument("-v", "--verbose", action="store_true", help="print every command")
@@ -68,6 +70,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     system.VERBOSE = args.verbose
+    if args.from_json:
+        earlier = json.loads(Path(args.from_json).read_text())
+        report.finish(earlier)
+        out_dir = Path(args.out or Path(args.from_json).resolve().parent)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_outputs(earlier, args, out_dir)
+        return 0
     system.install_signal_handlers()
     if os.geteuid() != 0:
         system.log("must run as root (loop devices, mounts, drop_caches)")

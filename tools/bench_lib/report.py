@@ -116,12 +116,12 @@ def figures_table(results: Results) -> str:
         rss = daemon.get("rss_kib") or {}
         rss_cell = _mib(max(rss.values())) if rss else "-"
         shown = setup if entry.get("status", "ok") == "ok" else f"{setup} ({entry['status']})"
-        rows.append([shown, *cells, rss_cell, _verified(entry)])
+        rows.append([shown, *cells, rss_cell, verified(entry)])
     header = ["setup", *(job.label for job in JOBS), "daemon RSS MiB (max)", "data intact"]
     return _table(header, rows)
 
 
-def _verified(entry: dict[str, Any]) -> str:
+def verified(entry: dict[str, Any]) -> str:
     """"yes" when fio's verify passes and the mkfs trial's hash matches; "**NO**" naming the
     check that failed; "-" when nothing was checked."""
     failed = [name for name, outcome in (entry.get("verify") or {}).items() if outcome != "ok"]

@@ -144,8 +144,12 @@ def run_setup(name: str, options: Options, mkfs_data: MkfsData | None,
 
         for setup, job_name in options.profiles:
             if setup == name:
-                entry.setdefault("profiles", {})[job_name] = _profile(
-                    JOBS_BY_NAME[job_name], target, options, emit, name)
+                try:
+                    found = _profile(JOBS_BY_NAME[job_name], target, options, emit, name)
+                except (CommandError, OSError) as error:  # a profile is a bonus
+                    found = {"error": str(error).splitlines()[0][:300]}
+                    emit(f"{name}: profile of {job_name} failed: {found['error']}")
+                entry.setdefault("profiles", {})[job_name] = found
 
         entry["verify"] = _verify(target)
         bad = {k: v for k, v in entry["verify"].items() if v != "ok"}
