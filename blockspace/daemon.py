@@ -278,7 +278,13 @@ def run(registry: Registry, options: MountOptions, ready_fd: int | None = None) 
             report("ok")
 
     try:
-        trio.run(main)
+        try:
+            trio.run(main)
+        except BaseExceptionGroup as group:  # trio wraps what failed inside its nurseries
+            leaves = _leaves(group)
+            if len(leaves) == 1 and isinstance(leaves[0], Exception):
+                raise leaves[0] from None
+            raise
     except BlockspaceError as error:
         log.error("mount failed: %s", error)
         report(f"error: {error}")
@@ -297,3 +303,8 @@ def run(registry: Registry, options: MountOptions, ready_fd: int | None = None) 
     report("error: the daemon stopped before it was ready")
     return 0
 
+
+def _leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+    return [error]

@@ -488,11 +488,10 @@ class Pool:
             raise InvalidInput(f"volume {name!r} already exists in pool {self.name!r}")
         if provisioning not in ("thin", "fixed"):
             raise InvalidInput(f"provisioning must be thin or fixed, not {provisioning!r}")
-        if size <= 0 or size % BLOCK or size > MAX_VOLUME_SIZE:
-            raise InvalidInput(
-                f"volume size must be a positive multiple of 4K up to {MAX_VOLUME_SIZE}, "
-                f"not {size}"
-            )
+        if size <= 0 or size % BLOCK:
+            raise InvalidInput(f"volume size must be a positive multiple of 4K, not {size}")
+        if size > MAX_VOLUME_SIZE:
+            raise InvalidInput(f"volume size {size} is larger than the {MAX_VOLUME_SIZE} allowed")
         spec.validate(self.slab_size, len(self.usable_disk_ids()))
         record = VolumeRecord(
             name=name,

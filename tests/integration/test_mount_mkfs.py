@@ -389,11 +389,6 @@ def test_cleanup_takes_down_what_a_failed_test_leaves() -> None:
             env.cleanup()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon.run() catches BlockspaceError around trio.run(), but trio's strict exception "
-    "groups wrap it in an ExceptionGroup: the CLI only says 'the daemon exited'",
-)
 def test_failed_mount_says_why_and_leaves_nothing(blockspace_env: BlockspaceEnv) -> None:
     env = blockspace_env
     images = env.make_images(CASES["mirror-2"].disks)
