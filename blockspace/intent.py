@@ -194,8 +194,10 @@ class IntentLog:
             self._committed.set()
             self._committed = trio.Event()
 
-    async def run_cleaner(self, interval: float = 2.0, idle: float = 2.0) -> None:
-        """Background task: every `interval` seconds, clear regions idle for `idle` seconds."""
+    async def run_cleaner(self, interval: float = 5.0, idle: float = 10.0) -> None:
+        """Background task: every `interval` seconds, clear regions idle for `idle` seconds.
+        Idle long enough that a busy region stays dirty (a write into a clean region waits
+        for an intent commit on every disk), short enough that little is left to resync."""
         while True:
             await trio.sleep(interval)
             try:
