@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+PARALLEL_MOVES = 4  # slabs moved at once
 # Disks whose extents a repair moves away: out of service, or being retired.
 EVACUATE_STATES = ("failed", "missing", "retiring")
 
@@ -263,6 +264,17 @@ class Rebuilder:
     def active(self) -> bool:
         return self.progress.state == "running"
 
+    async def _move_one(self, move: Move, prefer: int | None, progress: RebuildProgress) -> None:
+        volume = self._volumes().get(move.volume)
+        try:
+            if volume is not None:
+                progress.bytes_moved += await move_extent(volume, move, prefer=prefer)
+            progress.done += 1
+        except (BlockspaceError, ValueError) as error:
+            progress.failed += 1
+            progress.errors.append(f"{move.volume} slab {move.slab}: {error}")
+            log.error("rebuild of %s slab %d failed: %s", move.volume, move.slab, error)
+
     async def run(
         self, moves: list[Move], reason: str, *, prefer: int | None = None, rate_limit: int = 0,
         after: Callable[[], Awaitable[None]] | None = None,
@@ -274,20 +286,22 @@ class Rebuilder:
         if self.finished.is_set():
             self.finished = trio.Event()
         try:
-            for move in moves:
-                volume = self._volumes().get(move.volume)
-                began = time.monotonic()
-                try:
-                    if volume is not None:
-                        progress.bytes_moved += await move_extent(volume, move, prefer=prefer)
-                    progress.done += 1
-                except (BlockspaceError, ValueError) as error:
-                    progress.failed += 1
-                    progress.errors.append(f"{move.volume} slab {move.slab}: {error}")
-                    log.error("rebuild of %s slab %d failed: %s", move.volume, move.slab, error)
-                if rate_limit:
-                    await trio.sleep(max(0.0, self.pool.slab_size / rate_limit
-                                         - (time.monotonic() - began)))
+            # Several slabs at once: their sources and targets are spread over all disks.
+            # Extents of one slab still move one at a time (each move locks its slab).
+            limiter = trio.CapacityLimiter(PARALLEL_MOVES)
+            pace = {"next": trio.current_time()}  # the rate limit, shared by all movers
+
+            async def mover(move: Move) -> None:
+                async with limiter:
+                    if rate_limit:
+                        start = max(trio.current_time(), pace["next"])
+                        pace["next"] = start + self.pool.slab_size / rate_limit
+                        await trio.sleep_until(start)
+                    await self._move_one(move, prefer, progress)
+
+            async with trio.open_nursery() as nursery:
+                for move in moves:
+                    nursery.start_soon(mover, move)
             progress.state = "done" if not progress.failed else "failed"
             if after is not None:
                 await after()
