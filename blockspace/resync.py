@@ -29,7 +29,7 @@ from blockspace.checksums import (
     entry_at,
     entry_seq,
 )
-from blockspace.layouts import code_position, data_positions, row_start
+from blockspace.layouts import code_position, row_start
 
 if TYPE_CHECKING:
     from blockspace.volume import Extents, Volume
@@ -50,11 +50,7 @@ async def resync_region(volume: "Volume", extents: "Extents", start: int, end: i
 async def _resync_copies(
     volume: "Volume", extents: "Extents", column: int, start: int, end: int
 ) -> int:
-    copies: dict[int, tuple[bytes, bytes]] = {}
-    for position in sorted(data_positions(volume.spec, 0, column)):
-        raw = await volume._read_raw(extents, position, start, end)
-        if isinstance(raw, tuple):
-            copies[position] = raw
+    copies, _ = await volume.read_copies_raw(extents, column, start, end)
     if not copies:
         return 0
     choice = choose_blocks(copies)

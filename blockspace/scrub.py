@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from blockspace.checksums import CSUM_BLOCK, block_ok, choose_blocks
-from blockspace.layouts import code_position, data_positions, row_start
+from blockspace.layouts import code_position, row_start
 from blockspace.volume import Fault
 
 if TYPE_CHECKING:
@@ -86,14 +86,7 @@ async def _scrub_copies(
     volume: "Volume", slab: int, extents: "Extents", column: int, start: int, end: int,
     repair: bool, report: ScrubReport,
 ) -> None:
-    copies: dict[int, tuple[bytes, bytes]] = {}
-    unreadable = []
-    for position in sorted(data_positions(volume.spec, 0, column)):
-        raw = await volume._read_raw(extents, position, start, end)
-        if isinstance(raw, tuple):
-            copies[position] = raw
-        elif raw is Fault.UNREADABLE:
-            unreadable.append(position)
+    copies, unreadable = await volume.read_copies_raw(extents, column, start, end)
     if not copies:
         return
     blocks = (end - start) // CSUM_BLOCK

@@ -418,13 +418,11 @@ class Volume:
                 continue
         return found
 
-    async def merge_copies(
-        self, slab: int, extents: Extents, column: int, start: int, end: int,
-        *, repair: bool = True,
-    ) -> tuple[bytes, bytes, Choice]:
-        """Compare every copy of a column range block by block, take the newest that
-        verifies, and (with `repair`) rewrite the others. Caller holds the row locks.
-        Unrecoverable if some block has no good copy."""
+    async def read_copies_raw(
+        self, extents: Extents, column: int, start: int, end: int
+    ) -> tuple[dict[int, tuple[bytes, bytes]], list[int]]:
+        """Every copy of a column range, unverified: ({position: (data, entries)}, positions
+        whose read failed). Disks that are out are left out of both."""
         copies: dict[int, tuple[bytes, bytes]] = {}
         unreadable = []
         for position in sorted(data_positions(self.spec, 0, column)):
@@ -433,6 +431,16 @@ class Volume:
                 copies[position] = raw
             elif raw is Fault.UNREADABLE:
                 unreadable.append(position)
+        return copies, unreadable
+
+    async def merge_copies(
+        self, slab: int, extents: Extents, column: int, start: int, end: int,
+        *, repair: bool = True,
+    ) -> tuple[bytes, bytes, Choice]:
+        """Compare every copy of a column range block by block, take the newest that
+        verifies, and (with `repair`) rewrite the others. Caller holds the row locks.
+        Unrecoverable if some block has no good copy."""
+        copies, unreadable = await self.read_copies_raw(extents, column, start, end)
         if not copies:
             raise Unrecoverable(
                 f"volume {self.name!r}: no readable copy of slab {slab} at extent offset {start}"
