@@ -24,6 +24,7 @@ help:
 	@echo "make lint        setup, then ruff check"
 	@echo "make demo        setup, then build and mount a demo pool under ./demo"
 	@echo "make demo-clean  unmount and remove ./demo"
+	@echo "make vmlab       setup, then the kernel-fault scenario table in a qemu VM (docs/vmlab.md)"
 
 setup:
 	@bash "$(REPO)/tools/setup-env.sh"
@@ -51,3 +52,13 @@ BENCH_ARGS ?=
 .PHONY: bench
 bench: setup
 	"$(REPO)/tools/bench" $(BENCH_ARGS)
+
+# The VM fault lab (docs/vmlab.md): dm-flakey, dm-delay, linear+error and dm-log-writes under
+# the pool's disks, inside a throw-away qemu VM. Extra runner options: VMLAB_ARGS="--all".
+VMLAB_ARGS ?=
+
+.PHONY: vmlab
+
+vmlab: setup
+	@"$(REPO)/tools/vmlab" setup
+	@"$(REPO)/tools/vmlab" scenarios $(VMLAB_ARGS)
