@@ -205,10 +205,29 @@ class Blockspace:
                 self.log(f"daemon {pid} did not exit: killed")
                 _kill(pid)
 
+    def dead_daemons(self) -> list[str]:
+        """Daemons of ours that exited on their own (reaped here), as 'pool: how'."""
+        dead = []
+        for pool, pid in list(self.daemons.items()):
+            with contextlib.suppress(ChildProcessError):
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    del self.daemons[pool]
+                    how = (f"exit {os.waitstatus_to_exitcode(status)}"
+                           if os.WIFEXITED(status) else f"signal {os.WTERMSIG(status)}")
+                    dead.append(f"{pool}: {how}")
+        return dead
+
     def kill(self, pool: str) -> None:
         pid = self.daemons.pop(pool, None)
         if pid is not None:
             _kill(pid)
+
+
+def _is_mounted(path: Path) -> bool:
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
 
 
 def _reap(pid: int, timeout: float) -> bool:
@@ -499,7 +518,8 @@ class World:
             except Exception as error:
                 self.log(f"unmount failed ({error}); killing the daemon")
                 self.bs.kill(self.pool)
-                sh("umount", "-l", str(self.mnt), check=False)
+        if _is_mounted(self.mnt):  # a daemon that died leaves its FUSE mount behind
+            sh("umount", "-l", str(self.mnt), check=False)
         self.devs.close()
 
 
@@ -1025,6 +1045,9 @@ def run_one(scenario: Scenario, layout: str, scratch_root: Path, tag: str,
     except Exception as error:  # noqa: BLE001
         log(traceback.format_exc())
         outcome = Outcome(False, 0, f"{type(error).__name__}: {str(error)[:200]}")
+        dead = world.bs.dead_daemons()
+        if dead:
+            outcome.detail += f" (the daemon died: {dead[0]})"
     finally:
         finished.set()
         try:

@@ -37,7 +37,8 @@ VIRTIOFSD_PATHS = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "/usr/bi
 BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox")
 DEFAULT_MEMORY_MB = 3072
 DEFAULT_CPUS = 2
-PROBE_TIMEOUT = 12.0
+PROBE_TIMEOUT = 12.0  # a working KVM reaches our init in about a second
+KVM_CPU_MODELS = ("host", "max", "qemu64")  # tried in this order by the probe
 
 # Loaded by /init before switching root (order resolved with modules.dep at setup time).
 BOOT_MODULES = {
@@ -467,8 +468,10 @@ def _cpu_virt_flags() -> set[str]:
 
 
 def probe_accelerator(kernel: Kernel, *, refresh: bool = False) -> dict[str, str]:
-    """{'accel': 'kvm'|'tcg', 'reason': ...}: KVM only if a timed trial boot of this very
-    kernel under -accel kvm reaches our init. Cached per host kernel, qemu and guest kernel."""
+    """{'accel': 'kvm:CPU'|'tcg', 'reason': ...}: KVM only if a timed trial boot of this very
+    kernel under -accel kvm reaches our init (`/dev/kvm` existing is no proof: a paravirtual
+    KVM may run only specially built guests, and a stock kernel then hangs silently).
+    Cached per host kernel, qemu and guest kernel."""
     key = f"{platform.release()}|{_qemu_version()}|{kernel.release}"
     cache = cache_dir() / "accel.json"
     if not refresh:
@@ -486,18 +489,23 @@ def probe_accelerator(kernel: Kernel, *, refresh: bool = False) -> dict[str, str
     elif not os.access("/dev/kvm", os.R_OK | os.W_OK):
         result = {"accel": "tcg", "reason": f"/dev/kvm is not accessible; {flag_note}"}
     else:
-        started = time.monotonic()
-        trial = run_vm(kernel, None, accel="kvm", timeout=PROBE_TIMEOUT, probe=True,
-                       stream=False)
-        took = time.monotonic() - started
-        if trial.rc == 0 and "VMLAB-PROBE-OK" in trial.output:
-            result = {"accel": "kvm", "reason": f"trial boot under KVM took {took:.1f}s; "
-                      f"{flag_note}"}
-        else:
-            why = ("no sign of life" if trial.timed_out else
-                   (trial.qemu_error.strip().splitlines() or ["qemu failed"])[-1])
-            result = {"accel": "tcg", "reason": f"/dev/kvm exists but a trial boot under KVM "
-                      f"failed after {took:.1f}s ({why}); {flag_note}"}
+        failures = []
+        result = {}
+        for cpu in KVM_CPU_MODELS:
+            started = time.monotonic()
+            trial = run_vm(kernel, None, accel=f"kvm:{cpu}", timeout=PROBE_TIMEOUT,
+                           probe=True, stream=False)
+            took = time.monotonic() - started
+            if trial.rc == 0 and "VMLAB-PROBE-OK" in trial.output:
+                result = {"accel": f"kvm:{cpu}", "reason": f"a trial boot under KVM "
+                          f"(-cpu {cpu}) reached init in {took:.1f}s; {flag_note}"}
+                break
+            why = (f"no sign of life within {took:.0f}s" if trial.timed_out else
+                   (trial.qemu_error.strip().splitlines() or ["qemu failed"])[-1][:160])
+            failures.append(f"-cpu {cpu}: {why}")
+        if not result:
+            result = {"accel": "tcg", "reason": "/dev/kvm exists but trial boots under KVM "
+                      f"failed ({'; '.join(failures)}); {flag_note}"}
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"key": key, **result}))
     return result
@@ -600,8 +608,9 @@ def run_vm(
             "-chardev", f"file,id=rc,path={rc_path}",
             "-device", "virtconsole,chardev=rc",
         ]
-        if accel == "kvm":
-            cmd += ["-accel", "kvm", "-cpu", "host"]
+        if accel.startswith("kvm"):
+            cpu = accel.partition(":")[2] or "host"
+            cmd += ["-accel", "kvm", "-cpu", cpu]
         else:
             cmd += ["-accel", "tcg,thread=multi"]
         if not probe:
@@ -680,6 +689,7 @@ def run_vm(
         else:
             rc = 125  # the guest never reported a status: it crashed or qemu failed
         console = console_path.read_text(errors="replace") if console_path.exists() else ""
+        console = re.sub(r"\x1b(\[[0-9;?]*[A-Za-z]|c)", "", console)  # SeaBIOS's escapes
         return VMResult(
             rc=rc,
             output=b"".join(output_parts).decode(errors="replace"),
