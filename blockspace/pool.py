@@ -9,7 +9,7 @@ even if it comes back: its contents are stale.
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -265,14 +265,30 @@ class Pool:
     async def _write_metadata(
         self, disk: PoolDisk, image: bytes, failed: list[tuple[int, DeviceError]]
     ) -> None:
-        assert disk.device is not None
         slot = self.metadata.generation % 2
         offset = disk.geometry.meta_offset + slot * self.metadata.meta_slot_size
+
+        async def write(device: Device) -> None:
+            await device.write(offset, image)
+            await device.flush()
+
         try:
-            await disk.device.write(offset, image)
-            await disk.device.flush()
+            await self._disk_io(disk, "metadata write", write)
         except DeviceError as error:
             failed.append((disk.record.disk_id, error))
+
+    async def _disk_io(
+        self, disk: PoolDisk, what: str, op: Callable[[Device], Awaitable[None]]
+    ) -> None:
+        """Run `op` on the disk's device as it is now (a concurrent failure may take the
+        device away meanwhile), bounded by the I/O timeout. DeviceError on either."""
+        device = disk.device
+        if device is None:
+            raise DeviceError(f"disk {disk.record.disk_id} is out of service")
+        with trio.move_on_after(self.io_timeout) as scope:
+            await op(device)
+        if scope.cancelled_caught:
+            raise DeviceError(f"no answer to a {what} within {self.io_timeout:g}s")
 
     # ---- write-intent log -------------------------------------------------------------
 
@@ -302,10 +318,12 @@ class Pool:
         failed: list[tuple[int, DeviceError]] = []
 
         async def write_one(disk: PoolDisk) -> None:
-            assert disk.device is not None
+            async def write(device: Device) -> None:
+                await device.write(disk.geometry.intent_slot_offset(generation % 2), record)
+                await device.flush()
+
             try:
-                await disk.device.write(disk.geometry.intent_slot_offset(generation % 2), record)
-                await disk.device.flush()
+                await self._disk_io(disk, "write-intent write", write)
             except DeviceError as error:
                 failed.append((disk.record.disk_id, error))
 
@@ -582,9 +600,11 @@ class Pool:
         await run_all([bind(self._flush_one, disk) for disk in self.disks.values() if disk.usable])
 
     async def _flush_one(self, disk: PoolDisk) -> None:
-        assert disk.device is not None
+        async def flush(device: Device) -> None:
+            await device.flush()
+
         try:
-            await disk.device.flush()
+            await self._disk_io(disk, "flush", flush)
         except DeviceError as error:
             await self.mark_failed(disk.record.disk_id, str(error))
 

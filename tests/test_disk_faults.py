@@ -116,3 +116,37 @@ def test_a_transient_write_error_is_retried_not_fatal() -> None:
             assert await volume.read(i * 4096, 4096) == bytes([i]) * 4096
 
     trio.run(scenario)
+
+
+def test_fsync_on_a_hung_disk_returns_after_the_timeout_and_fails_that_disk() -> None:
+    async def scenario() -> None:
+        pool, volume, devices = await make(disks=3)
+        await volume.write(0, b"f" * 65536)
+        pool.io_timeout = 5.0
+        hung = copy_device(pool, volume, 1)
+        hung.set_spec(FaultSpec(latency=3600.0))
+        started = trio.current_time()
+        await volume.flush()
+        assert trio.current_time() - started < 60
+        disk_id, _ = volume.record.slabs[0][1]
+        assert pool.disks[disk_id].record.state == "failed"
+        assert await volume.read(0, 65536) == b"f" * 65536
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_disk_failing_while_metadata_is_being_committed_does_not_crash_the_commit() -> None:
+    async def scenario() -> None:
+        pool, volume, devices = await make(disks=3)
+        await volume.write(0, b"m" * 4096)
+        slow = devices[2]
+        slow.set_spec(FaultSpec(latency=1.0))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.commit)  # writes metadata to every disk, disk 2 slowly
+            await trio.sleep(0.5)
+            await pool.mark_failed(2, "test: failed during a commit")  # takes its device away
+        assert pool.disks[2].record.state == "failed"
+        reopened = await Pool.open([d.inner for d in devices[:2]])
+        assert reopened.disks[2].record.state == "failed"
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
