@@ -240,3 +240,23 @@ def test_vm_boots_and_runs_a_dm_flakey_scenario(lab: None) -> None:
     assert rows, output
     assert rows[-1].rstrip().endswith("pass"), output
     assert "1 passed, 0 failed" in result.stdout, output
+
+
+@pytest.mark.slow
+def test_vm_run_returns_output_and_status(lab: None) -> None:
+    result = _vmlab("run", "--", "sh", "-c", "uname -r; echo to-stderr >&2; exit 7",
+                    timeout=180)
+    assert result.returncode == 7, result.stderr
+    assert "to-stderr" in result.stdout
+    assert result.stdout.split()[0].startswith("6."), result.stdout
+
+
+@pytest.mark.slow
+def test_vm_run_timeout_kills_the_vm_and_removes_its_scratch(lab: None, tmp_path: Path) -> None:
+    env = dict(os.environ, VMLAB_SCRATCH=str(tmp_path))
+    result = subprocess.run([sys.executable, str(VMLAB), "run", "--timeout", "20", "--",
+                             "sleep", "600"], capture_output=True, text=True, timeout=120,
+                            env=env, cwd=REPO)
+    assert result.returncode == 124, result.stderr
+    assert "timed out" in result.stderr
+    assert list(tmp_path.iterdir()) == []

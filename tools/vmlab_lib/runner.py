@@ -1236,6 +1236,7 @@ def describe() -> str:
 
 
 def main(argv: list[str]) -> int:
+    global POWER_CUTS
     parser = argparse.ArgumentParser(prog="vmlab scenarios --direct",
                                      description="the kernel-fault scenario runner")
     parser.add_argument("--only", action="append", default=[], metavar="NAME[/LAYOUT]",
@@ -1244,6 +1245,9 @@ def main(argv: list[str]) -> int:
                         help="every scenario on every layout (mirror-2/3, parity-1/2)")
     parser.add_argument("--jobs", "-j", type=int, default=2,
                         help="scenarios run at once (default 2)")
+    parser.add_argument("--cuts", type=int, default=POWER_CUTS, metavar="N",
+                        help=f"random power cuts per power-cut scenario, besides the one "
+                        f"after the final sync (default {POWER_CUTS})")
     parser.add_argument("--list", action="store_true", help="describe the scenarios")
     parser.add_argument("--in-vm", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--accel-note", default="", help=argparse.SUPPRESS)
@@ -1251,6 +1255,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--verbose", "-v", action="store_true", help="log every step")
     args = parser.parse_args(argv)
+    POWER_CUTS = max(0, args.cuts)
     if args.list:
         print(describe())
         return 0
