@@ -482,6 +482,7 @@ class Pool:
         try:
             for placement in placements:
                 await self._zero_extents(placement)
+            await self.flush()  # the zeroes are durable before any map points at them
             for index, placement in zip(slab_indexes, placements, strict=True):
                 volume.slabs[index] = list(placement)
             await self.commit()
@@ -606,7 +607,11 @@ class Pool:
         try:
             await self._disk_io(disk, "flush", flush)
         except DeviceError as error:
-            await self.mark_failed(disk.record.disk_id, str(error))
+            # The disk leaves service durably before this flush may report success, even
+            # if another task marked it first: if no disk can take that record any more,
+            # the commit raises and so does the flush.
+            self._set_state(disk.record.disk_id, "failed", str(error))
+            await self.commit()
 
     def close(self) -> None:
         for disk in self.disks.values():
