@@ -318,6 +318,11 @@ mkdir -p $N/dev/pts $N/dev/shm
 mount -t devpts devpts $N/dev/pts
 mount -t tmpfs tmpfs $N/dev/shm
 for d in tmp run var/tmp; do mkdir -p $N/$d; mount -t tmpfs -o mode=1777 tmpfs $N/$d; done
+# A checkout under /tmp (a CI clone) must stay visible through the fresh tmpfs above.
+keep=$(arg keep)
+case "$keep" in
+  /tmp/*|/run/*|/var/tmp/*) mkdir -p "$N$keep" && mount --bind "/mnt/host$keep" "$N$keep" ;;
+esac
 [ -d /sys/fs/fuse/connections ] && mount -t fusectl fusectl $N/sys/fs/fuse/connections
 M=/lib/modules/$(uname -r)
 mkdir -p $N$M && mount --bind $M $N$M
@@ -592,6 +597,7 @@ def run_vm(
             "console=ttyS0", "quiet", "panic=-1", "oops=panic", "mitigations=off",
             "tsc=reliable", "no_timer_check", "random.trust_cpu=on", "audit=0",
             f"vmlab.fs={transport}", f"vmlab.job={job}",
+            f"vmlab.keep={Path(__file__).resolve().parents[2]}",
         ]
         if probe:
             append.append("vmlab.probe=1")
