@@ -1,0 +1,1 @@
+"""The scenario suite behind tools/scenarios (docs/scenarios.md)."""
