@@ -292,10 +292,29 @@ EXPECTED = {
 }
 
 
+# Known product bugs these trials found (docs/scenarios.md, issue 4): a degraded thin volume
+# cannot place new slabs when no disk outside the slab is free (ENOSPC inside tolerance), and
+# writes made during a rebuild can be lost on the rebuilt copy. Non-strict: they still run,
+# and pass once fixed.
+KNOWN_BUGS = {
+    "loss-within-tolerance": "degraded thin volume cannot allocate new slabs (ENOSPC)",
+    "bitrot-and-loss": "writes during a rebuild can be lost on the rebuilt copy",
+}
+
+
+def _quick_params() -> list[object]:
+    params = []
+    for scenario, layout in QUICK_SET:
+        marks = []
+        if scenario in KNOWN_BUGS and layout != "simple":
+            marks.append(pytest.mark.xfail(strict=False, reason=KNOWN_BUGS[scenario]))
+        params.append(pytest.param(scenario, layout, marks=marks, id=f"{scenario}-{layout}"))
+    return params
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
-@pytest.mark.parametrize(("scenario", "layout"), QUICK_SET,
-                         ids=[f"{s}-{la}" for s, la in QUICK_SET])
+@pytest.mark.parametrize(("scenario", "layout"), _quick_params())
 def test_scenario_short(scenario: str, layout: str, workroot: Path) -> None:
     result = run_trial(scenario, layout, QUICK, seed=1, workroot=workroot)
     line = report.verdict_line(result)
