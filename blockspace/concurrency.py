@@ -33,13 +33,13 @@ async def run_all(jobs: list[Job]) -> None:
             for job in jobs:
                 nursery.start_soon(job)
     except BaseExceptionGroup as group:
-        leaves = list(_leaves(group))
-        if leaves and all(isinstance(leaf, BlockspaceError) for leaf in leaves):
-            raise leaves[0] from None
+        found = leaves(group)
+        if found and all(isinstance(leaf, BlockspaceError) for leaf in found):
+            raise found[0] from None
         raise
 
 
-def _leaves(error: BaseException) -> list[BaseException]:
+def leaves(error: BaseException) -> list[BaseException]:
     if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
+        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
     return [error]

@@ -17,6 +17,7 @@ import trio
 
 from blockspace import control
 from blockspace.admin import open_devices, pool_status
+from blockspace.concurrency import leaves as _leaves
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.faults import FaultyDevice, handle_fault_request
 from blockspace.fuse_ops import VolumeFS
@@ -303,8 +304,3 @@ def run(registry: Registry, options: MountOptions, ready_fd: int | None = None) 
     report("error: the daemon stopped before it was ready")
     return 0
 
-
-def _leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in _leaves(inner)]
-    return [error]
