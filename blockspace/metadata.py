@@ -69,6 +69,10 @@ _DISK_KEYS = frozenset(
     | {"state_reason", "state_since"}
 )
 _VOLUME_KEYS = frozenset({"name", "uuid", "size", "layout", "provisioning", "slabs", "created"})
+# Keys newer writers add only when set, so older pools decode unchanged.
+_DISK_OPTIONAL = frozenset({"missed_since"})
+_VOLUME_OPTIONAL: frozenset[str] = frozenset()
+MAX_SEQ = (1 << 63) - 1
 
 
 @dataclass
@@ -82,6 +86,9 @@ class DiskRecord:
     state: str = "online"
     state_reason: str = ""  # why it left "online" (the error), shown in pool status
     state_since: float = 0.0  # when the state last changed (seconds since the epoch)
+    # While out of service: the write sequence number from which it may have missed
+    # writes, so a disk that returns is resynced by what changed, not copied whole.
+    missed_since: int = 0
 
 
 @dataclass
@@ -234,6 +241,7 @@ def _validate_disks(md: PoolMetadata) -> dict[int, DiskRecord]:
             raise FormatError(f"{where} state time is not a number")
         if not 0.0 <= float(disk.state_since) < MAX_TIMESTAMP:
             raise FormatError(f"{where} state time is out of range")
+        _int(f"{where} missed-since sequence", disk.missed_since, 0, MAX_SEQ)
         by_id[disk_id] = disk
         uuids.add(disk_uuid)
     return by_id
@@ -348,6 +356,7 @@ def _document(md: PoolMetadata) -> dict[str, Any]:
                 "state": d.state,
                 "state_reason": d.state_reason,
                 "state_since": float(d.state_since),
+                **({"missed_since": d.missed_since} if d.missed_since else {}),
             }
             for d in md.disks
         ],
@@ -421,12 +430,14 @@ def _decompress(payload: bytes, cap: int) -> bytes:
     return data
 
 
-def _exact_keys(what: str, obj: object, keys: frozenset[str]) -> dict[str, Any]:
+def _exact_keys(
+    what: str, obj: object, keys: frozenset[str], optional: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise FormatError(f"{what} is not a JSON object")
-    if set(obj) != keys:
+    if not keys <= set(obj) <= keys | optional:
         missing = sorted(keys - set(obj))
-        extra = sorted(repr(k)[:40] for k in set(obj) - keys)[:5]
+        extra = sorted(repr(k)[:40] for k in set(obj) - keys - optional)[:5]
         raise FormatError(f"{what} fields wrong: missing {missing}, unexpected {extra}")
     return obj
 
@@ -457,11 +468,11 @@ def _from_document(document: object) -> PoolMetadata:
     top = _exact_keys("pool metadata", document, _TOP_KEYS)
     disks = []
     for entry in _list("pool metadata disks", top["disks"]):
-        fields = _exact_keys("pool metadata disk", entry, _DISK_KEYS)
+        fields = _exact_keys("pool metadata disk", entry, _DISK_KEYS, _DISK_OPTIONAL)
         disks.append(DiskRecord(**fields))
     volumes = []
     for entry in _list("pool metadata volumes", top["volumes"]):
-        fields = _exact_keys("pool metadata volume", entry, _VOLUME_KEYS)
+        fields = _exact_keys("pool metadata volume", entry, _VOLUME_KEYS, _VOLUME_OPTIONAL)
         where = f"volume {fields['name']!r:.70}"
         fields["slabs"] = _slab_map(where, fields["slabs"])
         volumes.append(VolumeRecord(**fields))
