@@ -59,13 +59,13 @@ class ScrubReport:
 
 async def scrub_slab(volume: "Volume", slab: int, *, repair: bool = True) -> ScrubReport:
     report = ScrubReport()
-    extents = volume.record.slabs.get(slab)
-    if extents is None:
+    if slab not in volume.record.slabs:
         return report
     slab_size = volume.pool.slab_size
     for start in range(0, slab_size, CHUNK):
         end = min(start + CHUNK, slab_size)
         async with volume._row_locks.hold(volume._column_rows(slab, start, end)):
+            extents = volume._current_extents(slab)  # a move may have switched it
             if volume.spec.kind == "parity":
                 await _scrub_parity(volume, slab, extents, start, end, repair, report)
             else:

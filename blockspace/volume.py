@@ -350,11 +350,21 @@ class Volume:
     # ---- reads ----------------------------------------------------------------------
 
     async def _read_slab(self, slab: int, offset: int, out: memoryview) -> None:
-        extents = self.record.slabs.get(slab)
-        if extents is None:
-            return  # unallocated: reads as zeros, and `out` is already zeroed
         await self._resync_if_pending(slab, offset, offset + len(out))
-        await self._read_range(slab, extents, offset, out, locked=False)
+        while True:
+            extents = self.record.slabs.get(slab)
+            if extents is None:
+                return  # unallocated: reads as zeros, and `out` is already zeroed
+            await self._read_range(slab, extents, offset, out, locked=False)
+            # A move that switched the slab's map meanwhile may have freed (and even
+            # reused) an extent this read came from: read again from the new map.
+            if self.record.slabs.get(slab) is extents:
+                return
+
+    def _current_extents(self, slab: int) -> Extents:
+        """The slab's extents as the map says now. Taken again once the row locks are held:
+        a move may have switched the map while the caller waited for them."""
+        return self.record.slabs[slab]
 
     async def _read_range(
         self, slab: int, extents: Extents, offset: int, out: memoryview, *, locked: bool
@@ -400,6 +410,7 @@ class Volume:
                         return data
                 break
             async with self._row_locks.hold(self._column_rows(slab, start, end)):
+                extents = self._current_extents(slab)
                 return (await self.merge_copies(slab, extents, column, start, end))[0]
         return (await self.merge_copies(slab, extents, column, start, end))[0]
 
@@ -477,6 +488,7 @@ class Volume:
         unit_end = end - row_start(self.spec, row)
         if not locked:
             async with self._row_locks.hold([(slab, row)]):
+                extents = self._current_extents(slab)
                 rebuilt = await self._fragments(slab, extents, row, unit_start, unit_end, [column])
         else:
             rebuilt = await self._fragments(slab, extents, row, unit_start, unit_end, [column])
@@ -547,6 +559,7 @@ class Volume:
         end = offset + len(data)
         start, aligned_end = align_down(offset), align_up(end)
         async with self._row_locks.hold(self._slab_rows(slab, start, aligned_end)):
+            extents = self._current_extents(slab)
             if (start, aligned_end) != (offset, end):
                 data = await self._merge_partial_blocks(slab, extents, offset, data)
             pieces = split(self.spec, start, len(data))
