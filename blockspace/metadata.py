@@ -70,6 +70,7 @@ _DISK_KEYS = frozenset(
 )
 _VOLUME_KEYS = frozenset({"name", "uuid", "size", "layout", "provisioning", "slabs", "created"})
 # Keys newer writers add only when set, so older pools decode unchanged.
+_TOP_OPTIONAL = frozenset({"opened_seq"})
 _DISK_OPTIONAL = frozenset({"missed_since"})
 _VOLUME_OPTIONAL: frozenset[str] = frozenset()
 MAX_SEQ = (1 << 63) - 1
@@ -112,6 +113,9 @@ class PoolMetadata:
     disks: list[DiskRecord]
     volumes: list[VolumeRecord]
     next_disk_id: int
+    # The write sequence number when the daemon last took the pool into service: every
+    # write of that session is numbered above it.
+    opened_seq: int = 0
 
     def disk(self, disk_id: int) -> DiskRecord:
         """The disk with this id; KeyError if the pool has none."""
@@ -264,6 +268,7 @@ def validate(md: PoolMetadata) -> None:
         raise FormatError(f"pool metadata slot size {meta_slot_size} is not a multiple of 4096")
     disks = _validate_disks(md)
     next_disk_id = _int("pool next disk id", md.next_disk_id, 0, MAX_DISK_ID)
+    _int("pool opened sequence", md.opened_seq, 0, MAX_SEQ)
     if disks and next_disk_id <= max(disks):
         raise FormatError(f"pool next disk id {next_disk_id} is not above disk {max(disks)}")
 
@@ -345,6 +350,7 @@ def _document(md: PoolMetadata) -> dict[str, Any]:
         "slab_size": md.slab_size,
         "meta_slot_size": md.meta_slot_size,
         "next_disk_id": md.next_disk_id,
+        **({"opened_seq": md.opened_seq} if md.opened_seq else {}),
         "disks": [
             {
                 "disk_id": d.disk_id,
@@ -465,7 +471,7 @@ def _slab_map(where: str, rows: object) -> dict[int, list[tuple[int, int]]]:
 
 
 def _from_document(document: object) -> PoolMetadata:
-    top = _exact_keys("pool metadata", document, _TOP_KEYS)
+    top = _exact_keys("pool metadata", document, _TOP_KEYS, _TOP_OPTIONAL)
     disks = []
     for entry in _list("pool metadata disks", top["disks"]):
         fields = _exact_keys("pool metadata disk", entry, _DISK_KEYS, _DISK_OPTIONAL)
@@ -485,6 +491,7 @@ def _from_document(document: object) -> PoolMetadata:
         disks=disks,
         volumes=volumes,
         next_disk_id=top["next_disk_id"],
+        opened_seq=top.get("opened_seq", 0),
     )
     validate(md)
     for volume in md.volumes:

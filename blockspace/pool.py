@@ -97,6 +97,8 @@ class Pool:
         self.io_timeout = DEFAULT_IO_TIMEOUT  # a disk silent for this long is failed
         self.recovering: set[IntentKey] = set()  # dirty at the last unclean stop
         self._last_seq = 0
+        # Disks whose state changed in memory but no committed generation records yet.
+        self._unsaved_states: set[int] = set()
 
     def next_seq(self) -> int:
         """A write sequence number: larger than any before, across restarts (a hybrid
@@ -246,6 +248,7 @@ class Pool:
         async with self._commit_lock:
             while True:
                 self.metadata.generation += 1
+                saving = set(self._unsaved_states)
                 image = encode_metadata(self.metadata, self.metadata.meta_slot_size)
                 targets = [d for d in self.disks.values() if d.usable]
                 if not targets:
@@ -255,6 +258,7 @@ class Pool:
                     for disk in targets:
                         nursery.start_soon(self._write_metadata, disk, image, failed)
                 if not failed:
+                    self._unsaved_states -= saving
                     return
                 if len(failed) == len(targets):
                     raise DeviceError(f"pool metadata could not be written: {failed[0][1]}")
@@ -338,6 +342,9 @@ class Pool:
         if disk.record.state != state:
             log.error("disk %d (%s) is now %s: %s", disk_id, disk.path, state, reason)
             disk.record.state_since = time.time()
+            self._unsaved_states.add(disk_id)
+            if disk.record.state in USABLE_STATES and state not in USABLE_STATES:
+                disk.record.missed_since = self.away_since()
         disk.record.state = state
         disk.record.state_reason = reason[:200].replace("\n", " ")
         if state not in USABLE_STATES:
@@ -435,20 +442,34 @@ class Pool:
     async def mark_failed(self, disk_id: int, reason: str) -> None:
         """Take a disk out of service after a write error, durably, before the write that
         could not reach it is acknowledged."""
-        if self.disks[disk_id].record.state == "failed":
-            return
-        self._set_state(disk_id, "failed", reason)
-        await self.commit()
+        if self.disks[disk_id].record.state != "failed":
+            self._set_state(disk_id, "failed", reason)
+        # Another task may have set the state and not committed it yet (or its commit was
+        # cancelled): this write is acknowledged only once a generation records it.
+        if disk_id in self._unsaved_states:
+            await self.commit()
+
+    def away_since(self) -> int:
+        """The write number from which a disk leaving service now may have missed writes:
+        a write numbered a little earlier may still be retrying (and fail) on it."""
+        margin_ns = int((4 * self.io_timeout + 10) * 1e9)
+        return max(1, self.next_seq() - margin_ns)
 
     async def note_missing_disks(self) -> None:
-        """Record disks absent at mount, so a stale copy coming back is never trusted."""
-        changed = False
+        """Take the pool into service: record disks absent at mount (so a stale copy coming
+        back is never trusted) and the write number this session starts from."""
+        # An absent disk may have missed any write of the last session, none before it.
+        previous = self.metadata.opened_seq
+        missed_since = max(1, previous - int(10e9)) if previous else 1
         for disk in self.disks.values():
-            if disk.device is None and disk.record.state == "online":
+            if disk.device is None and disk.record.state in USABLE_STATES:
+                log.error("disk %d (%s) is missing", disk.record.disk_id, disk.path)
                 disk.record.state = "missing"
-                changed = True
-        if changed:
-            await self.commit()
+                disk.record.state_reason = "not found at mount"
+                disk.record.state_since = time.time()
+                disk.record.missed_since = missed_since
+        self.metadata.opened_seq = self.next_seq()
+        await self.commit()
 
     # ---- extents --------------------------------------------------------------------
 

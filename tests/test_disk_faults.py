@@ -150,3 +150,44 @@ def test_a_disk_failing_while_metadata_is_being_committed_does_not_crash_the_com
         assert reopened.disks[2].record.state == "failed"
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_failure_whose_commit_was_cancelled_is_committed_by_the_next_writer() -> None:
+    """Scenario finding 3: the state was set in memory, its commit cancelled with the
+    request that ran it; a later write to the failed disk must not be acknowledged until
+    a generation records the failure, so a remount never trusts the disk again."""
+
+    async def scenario() -> None:
+        pool, volume, devices = await make(disks=3)
+        await volume.write(0, b"A" * 65536)
+        slow = copy_device(pool, volume, 0)
+        slow.set_spec(FaultSpec(latency=0.5))  # the commit is still writing when cancelled
+        with trio.move_on_after(0.1):
+            await pool.mark_failed(2, "test: first report")
+        assert pool.disks[2].record.state == "failed"
+        slow.set_spec(FaultSpec())
+        await pool.mark_failed(2, "test: second report")  # must commit, not return early
+        reopened = await Pool.open([d for i, d in enumerate(devices) if i != 2])
+        assert reopened.disks[2].record.state == "failed"
+        assert reopened.disks[2].record.missed_since > 0
+
+    trio.run(scenario)
+
+
+def test_a_disk_absent_at_mount_is_recorded_missing_with_what_it_may_have_missed() -> None:
+    async def scenario() -> None:
+        pool, volume, devices = await make(disks=3)
+        await pool.note_missing_disks()  # first session
+        first = pool.metadata.opened_seq
+        assert first > 0
+        await volume.write(0, b"B" * 65536)
+        second = await Pool.open(devices[:2])
+        await second.note_missing_disks()
+        record = second.disks[2].record
+        assert (record.state, record.state_reason) == ("missing", "not found at mount")
+        assert 0 < record.missed_since <= first  # every write of the last session is after
+        assert second.metadata.opened_seq > first
+        third = await Pool.open(devices[:2])
+        assert third.disks[2].record.missed_since == record.missed_since
+
+    trio.run(scenario)
