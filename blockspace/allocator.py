@@ -188,6 +188,27 @@ class ExtentAllocator:
                     del candidates[disk_id]
         return slabs
 
+    def allocate_degraded(
+        self, width: int, *, exclude: Collection[int], standby: Collection[int],
+        max_absent: int,
+    ) -> tuple[list[Extent], list[Extent]]:
+        """One slab when too few eligible disks have room: extents on as many eligible
+        disks as there are, the rest (at most `max_absent`) reserved on `standby` disks —
+        disks out of service, whose extents a repair or replace rebuilds elsewhere.
+        Returns (live extents, absent extents); NoSpace changes nothing."""
+        _check_width(width)
+        standby = set(standby)
+        live = self._candidates(set(exclude) | standby)
+        spare = self._candidates(set(self._disks) - standby)
+        absent = max(0, width - len(live))
+        if absent > max_absent or absent > len(spare):
+            raise NoSpace(
+                f"not enough free space: a slab needs {width} disks with a free extent, "
+                f"{len(live)} in service have one, and at most {min(max_absent, len(spare))} "
+                "of its extents may wait for a rebuild"
+            )
+        return self._place(width - absent, live), self._place(absent, spare) if absent else []
+
     def release(self, extents: Iterable[Extent]) -> None:
         """Free allocated extents. ValueError (and nothing freed) if any is not allocated."""
         checked: list[Extent] = []

@@ -193,6 +193,20 @@ def data_positions(spec: LayoutSpec, row: int, column: int) -> list[int]:
     return [column]
 
 
+def absent_positions(spec: LayoutSpec, count: int) -> list[int]:
+    """Where a slab placed short of `count` disks (at most the tolerance) leaves its
+    absent extents: for a mirror, the last copies of different columns, so every column
+    keeps a live copy; for parity any positions do (they rotate by row)."""
+    if not 0 <= count <= spec.tolerance:
+        raise ValueError(f"{count} absent extents exceed the tolerance of {spec.describe()}")
+    if spec.kind == "mirror":
+        return [
+            (i % spec.columns) * spec.copies + spec.copies - 1 - i // spec.columns
+            for i in range(count)
+        ]
+    return list(range(spec.width - count, spec.width))
+
+
 def code_position(spec: LayoutSpec, row: int, index: int) -> int:
     """Parity layouts: the extent position of code fragment `index` in `row`."""
     return (index + row) % spec.width

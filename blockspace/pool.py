@@ -33,7 +33,7 @@ from blockspace.label import (
     pick_label,
     validate_name,
 )
-from blockspace.layouts import LayoutSpec
+from blockspace.layouts import LayoutSpec, absent_positions
 from blockspace.metadata import (
     MAX_VOLUME_SIZE,
     DiskRecord,
@@ -242,6 +242,16 @@ class Pool:
     def unusable_disk_ids(self) -> list[int]:
         """Disks new data must not go to (out of service, or retiring)."""
         return [disk_id for disk_id, disk in self.disks.items() if not disk.allocatable]
+
+    def media_excluded(self, volume: VolumeRecord) -> list[int]:
+        """The disks of the other media class, when `volume` is one tier of a tiered
+        volume (blockspace/tiering.py): an ssd tier's slabs go to ssd disks only."""
+        for parent in self.metadata.volumes:
+            tiers = parent.tiers
+            if tiers is not None and volume.name in (tiers.ssd, tiers.hdd):
+                media = "ssd" if volume.name == tiers.ssd else "hdd"
+                return [d for d, disk in self.disks.items() if disk.record.media != media]
+        return []
 
     async def commit(self) -> None:
         """Write the next metadata generation to every usable disk, durably."""
@@ -494,12 +504,23 @@ class Pool:
                 jobs.append(bind(device.zero, offset, geometry.extent_stride))
         await run_all(jobs)
 
-    async def allocate_slabs(self, volume: VolumeRecord, slab_indexes: Sequence[int]) -> None:
-        """Place new slabs of `volume`: zero their extents, then commit the map."""
+    async def allocate_slabs(
+        self, volume: VolumeRecord, slab_indexes: Sequence[int], *, degraded_ok: bool = False
+    ) -> None:
+        """Place new slabs of `volume`: zero their extents, then commit the map. With
+        `degraded_ok` (one slab written into a thin volume) a slab that finds too few disks
+        in service may leave up to its tolerance of extents on failed or missing disks,
+        to be rebuilt with the others: writes within the tolerance keep succeeding."""
         spec = LayoutSpec.from_dict(volume.layout)
-        placements = self.allocator.allocate_many(
-            spec.width, len(slab_indexes), exclude=self.unusable_disk_ids()
-        )
+        try:
+            placements = self.allocator.allocate_many(
+                spec.width, len(slab_indexes),
+                exclude=self.unusable_disk_ids() + self.media_excluded(volume),
+            )
+        except NoSpace:
+            if not degraded_ok or len(slab_indexes) != 1:
+                raise
+            placements = [self._place_degraded(volume, spec, slab_indexes[0])]
         try:
             for placement in placements:
                 await self._zero_extents(placement)
@@ -512,6 +533,23 @@ class Pool:
                 volume.slabs.pop(index, None)
             self.allocator.release([e for placement in placements for e in placement])
             raise
+
+    def _place_degraded(self, volume: VolumeRecord, spec: LayoutSpec, index: int) -> list[Extent]:
+        standby = [d for d, disk in self.disks.items()
+                   if disk.record.state in ("failed", "missing")]
+        live, absent = self.allocator.allocate_degraded(
+            spec.width, exclude=self.unusable_disk_ids() + self.media_excluded(volume),
+            standby=standby,
+            max_absent=spec.tolerance,
+        )
+        placement: list[Extent | None] = [None] * spec.width
+        for position, extent in zip(absent_positions(spec, len(absent)), absent, strict=True):
+            placement[position] = extent
+        remaining = iter(live)
+        extents = [extent if extent is not None else next(remaining) for extent in placement]
+        log.warning("volume %s: slab %d placed degraded, its extents on disks %s wait for a "
+                    "repair or replace", volume.name, index, [d for d, _ in absent])
+        return extents
 
     # ---- volumes --------------------------------------------------------------------
 

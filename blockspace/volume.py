@@ -322,9 +322,9 @@ class Volume:
             entries = entries_for(data, seq)
         offset = self.pool.extent_offset(disk_id, extent) + start
         try:
-            await self._device_op(disk_id, "write", lambda: device.write(offset, data))
-            await self._device_op(disk_id, "checksum write", lambda: self.pool.checksums.write(
-                disk_id, extent, start // BLOCK, entries))
+            # Data, then its checksum entries, in one device request (one worker round trip).
+            await self._device_op(disk_id, "write", lambda: self.pool.checksums.write(
+                disk_id, extent, start // BLOCK, entries, data=(offset, data)))
             return True
         except DeviceError as error:
             self.pool.disks[disk_id].errors["write"] += 1
@@ -597,7 +597,7 @@ class Volume:
         async with self._allocation_lock:
             extents = self.record.slabs.get(slab)
             if extents is None:
-                await self.pool.allocate_slabs(self.record, [slab])
+                await self.pool.allocate_slabs(self.record, [slab], degraded_ok=True)
                 extents = self.record.slabs[slab]
             return extents
 

@@ -524,3 +524,51 @@ TestAllocatorModel.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+# -- degraded placement -------------------------------------------------------------------
+
+
+def test_degraded_allocation_uses_every_live_disk_then_standby_disks() -> None:
+    alloc = ExtentAllocator({0: 4, 1: 4, 2: 4, 3: 4})
+    live, absent = alloc.allocate_degraded(4, exclude=[2, 3], standby=[2, 3], max_absent=2)
+    assert sorted(d for d, _ in live) == [0, 1]
+    assert sorted(d for d, _ in absent) == [2, 3]
+    assert all(alloc.is_used(e) for e in live + absent)
+
+
+def test_degraded_allocation_beyond_the_tolerance_changes_nothing() -> None:
+    alloc = ExtentAllocator({0: 4, 1: 4, 2: 4})
+    before = alloc.free_map()
+    with pytest.raises(NoSpace, match="wait for a rebuild"):
+        alloc.allocate_degraded(3, exclude=[1, 2], standby=[1, 2], max_absent=1)
+    full = ExtentAllocator({0: 4, 1: 0})
+    with pytest.raises(NoSpace):  # the standby disk is full
+        full.allocate_degraded(2, exclude=[1], standby=[1], max_absent=1)
+    assert alloc.free_map() == before
+
+
+@given(
+    kind=st.sampled_from(["mirror", "parity"]),
+    columns=st.integers(1, 6),
+    extra=st.integers(2, 3),
+    data=st.data(),
+)
+def test_absent_positions_keep_every_column_readable(
+    kind: str, columns: int, extra: int, data: st.DataObject
+) -> None:
+    from blockspace.layouts import LayoutSpec, absent_positions, data_positions
+
+    if kind == "mirror":
+        spec = LayoutSpec("mirror", columns, copies=extra)
+    else:
+        spec = LayoutSpec("parity", max(2, columns), parity=extra - 1)
+    count = data.draw(st.integers(0, spec.tolerance))
+    absent = absent_positions(spec, count)
+    assert len(set(absent)) == count
+    assert all(0 <= p < spec.width for p in absent)
+    if kind == "mirror":
+        for column in range(spec.columns):
+            assert set(data_positions(spec, 0, column)) - set(absent)
+    with pytest.raises(ValueError):
+        absent_positions(spec, spec.tolerance + 1)

@@ -222,3 +222,78 @@ def test_writes_racing_a_rebuild_reach_the_rebuilt_extents(spec: LayoutSpec) -> 
         assert await volume.read(0, volume.size) == bytes(model)
 
     trio.run(scenario)
+
+
+DUAL = LayoutSpec("parity", 2, parity=2, interleave=16384)
+
+
+@pytest.mark.parametrize("spec", [MIRROR, DUAL], ids=["mirror-2", "parity-2"])
+def test_a_degraded_thin_volume_places_new_slabs_and_a_replace_completes_them(
+    spec: LayoutSpec,
+) -> None:
+    """No disk outside the layout's width: with tolerance-many disks dead, writes into
+    unallocated space still succeed (the slab's absent extents wait on the dead disks),
+    and replacing the dead disks rebuilds those extents too (scenario finding 1)."""
+
+    async def scenario() -> None:
+        devices = [MemoryDevice(12 * MiB, path=f"mem{i}") for i in range(spec.width)]
+        pool = await Pool.create("d", devices, media=["hdd"] * spec.width, slab_size=MiB,
+                                 meta_slot_size=64 << 10)
+        record = await pool.create_volume("v", 6 * spec.slab_data_size(MiB), spec, "thin")
+        volume = Volume(pool, record)
+        model = bytearray(volume.size)
+        first = random.Random(1).randbytes(spec.slab_data_size(MiB))
+        await volume.write(0, first)
+        model[: len(first)] = first
+        dead = list(range(1, 1 + spec.tolerance))
+        for disk_id in dead:
+            devices[disk_id].failed = True
+            await pool.mark_failed(disk_id, "test: died")
+        later = random.Random(2).randbytes(2 * spec.slab_data_size(MiB) + 4096)
+        at = 3 * spec.slab_data_size(MiB) - 4096
+        await volume.write(at, later)
+        model[at : at + len(later)] = later
+        assert len(volume.record.slabs) == 4  # slab 0, then 2, 3, 4 placed degraded
+        assert await volume.read(0, volume.size) == bytes(model)
+        # Replace every dead disk: every slab, the degraded ones too, is whole again.
+        for disk_id in dead:
+            new = await pool.add_disk(MemoryDevice(12 * MiB, path=f"new{disk_id}"), "hdd")
+            moves = plan_moves(pool, {disk_id})
+            check_moves_fit(pool, moves)
+            progress = await Rebuilder(pool, lambda: volumes_of(volume)).run(
+                moves, "replace", prefer=new.record.disk_id)
+            assert progress.state == "done", progress.errors
+            assert pool.extents_on(disk_id) == 0
+        from blockspace.scrub import scrub_slab
+
+        for slab in volume.record.slabs:
+            report = await scrub_slab(volume, slab, repair=False)
+            assert (report.mismatches, report.checksum_errors) == (0, 0), slab
+        # The survivors may now fail in turn: the rebuilt extents carry the data.
+        for disk_id in range(spec.width)[-spec.tolerance:]:
+            if disk_id not in dead:
+                devices[disk_id].failed = True
+                await pool.mark_failed(disk_id, "test")
+        devices[0].failed = True
+        await pool.mark_failed(0, "test")
+        assert await volume.read(0, volume.size) == bytes(model)
+
+    trio.run(scenario)
+
+
+def test_a_slab_beyond_the_tolerance_still_gets_no_space() -> None:
+    async def scenario() -> None:
+        devices = [MemoryDevice(12 * MiB, path=f"mem{i}") for i in range(2)]
+        pool = await Pool.create("d", devices, media=["hdd"] * 2, slab_size=MiB,
+                                 meta_slot_size=64 << 10)
+        simple = LayoutSpec("simple", 2, interleave=16384)
+        volume = Volume(pool, await pool.create_volume("v", 8 * MiB, simple, "thin"))
+        devices[1].failed = True
+        await pool.mark_failed(1, "test")
+        generation = pool.metadata.generation
+        with pytest.raises(NoSpace):
+            await volume.write(0, b"x" * 4096)
+        assert volume.record.slabs == {}
+        assert pool.metadata.generation == generation
+
+    trio.run(scenario)
