@@ -48,7 +48,7 @@ META_HEADER_SIZE = 64
 _HEADER = struct.Struct("<8sIIQQQ16s8x")
 assert _HEADER.size == META_HEADER_SIZE
 
-DISK_STATES = ("online", "missing", "failed", "retiring", "retired")
+DISK_STATES = ("online", "missing", "failed", "retiring", "retired", "resyncing")
 LAYOUT_KINDS = ("simple", "mirror", "parity")
 PROVISIONING = ("thin", "fixed")
 LAYOUT_KEYS = ("kind", "columns", "copies", "parity", "interleave")
@@ -72,8 +72,14 @@ _VOLUME_KEYS = frozenset({"name", "uuid", "size", "layout", "provisioning", "sla
 # Keys newer writers add only when set, so older pools decode unchanged.
 _TOP_OPTIONAL = frozenset({"opened_seq"})
 _DISK_OPTIONAL = frozenset({"missed_since"})
-_VOLUME_OPTIONAL: frozenset[str] = frozenset()
+_VOLUME_OPTIONAL: frozenset[str] = frozenset({"tiers"})
 MAX_SEQ = (1 << 63) - 1
+# Tiered volumes (blockspace/tiering.py): the keys of a volume's "tiers" object.
+_TIER_KEYS = frozenset({"unit", "ssd", "hdd", "map", "pins"})
+TIER_NAMES = ("ssd", "hdd")
+MIN_TIER_UNIT = BLOCK
+MAX_TIER_UNIT = GIB
+MAX_PINS = 64
 
 
 @dataclass
@@ -93,6 +99,23 @@ class DiskRecord:
 
 
 @dataclass
+class TierInfo:
+    """What makes a volume tiered: its two hidden sub-volumes (ordinary volume records of
+    this pool) and which tiering units currently live on the ssd one.
+
+    The hdd sub-volume holds every unit's home (unit u at byte u * unit); `map` lists the
+    units with a copy in an ssd slot (slot s at byte s * unit of the ssd sub-volume) and
+    whether that copy is newer than the home ("dirty"). `pins`: (offset, length, tier).
+    """
+
+    unit: int
+    ssd: str
+    hdd: str
+    map: dict[int, tuple[int, bool]]
+    pins: list[tuple[int, int, str]]
+
+
+@dataclass
 class VolumeRecord:
     name: str
     uuid: str
@@ -101,6 +124,7 @@ class VolumeRecord:
     provisioning: str
     slabs: dict[int, list[tuple[int, int]]]
     created: float
+    tiers: TierInfo | None = None
 
 
 @dataclass
@@ -302,6 +326,73 @@ def validate(md: PoolMetadata) -> None:
         for index, placement in volume.slabs.items():
             _int(f"{where} slab index", index, 0, slab_count - 1)
             _validate_placement(f"{where} slab {index}", placement, width, disks, used)
+    _validate_tiers(md.volumes)
+
+
+def _validate_tiers(volumes: list[VolumeRecord]) -> None:
+    """A tiered volume names two distinct, untiered sub-volumes no other volume claims;
+    its own slab map is empty; its map and pins stay inside both tiers."""
+    by_name = {volume.name: volume for volume in volumes}
+    claimed: set[str] = set()
+    for volume in volumes:
+        tiers = volume.tiers
+        if tiers is None:
+            continue
+        where = f"volume {volume.name} tiers"
+        if not isinstance(tiers, TierInfo):
+            raise FormatError(f"{where} is not a tier description")
+        unit = _int(f"{where} unit", tiers.unit, MIN_TIER_UNIT, MAX_TIER_UNIT)
+        if unit % BLOCK:
+            raise FormatError(f"{where} unit {unit} is not a multiple of {BLOCK}")
+        if volume.slabs:
+            raise FormatError(f"{where}: a tiered volume keeps its data in its tiers, not slabs")
+        if volume.size % unit:
+            raise FormatError(f"{where}: size {volume.size} is not a multiple of the unit")
+        subs = {}
+        for tier in TIER_NAMES:
+            name = getattr(tiers, tier)
+            sub = by_name.get(name) if isinstance(name, str) else None
+            if sub is None or sub is volume:
+                raise FormatError(f"{where} {tier} tier {name!r:.70} is not another volume")
+            if sub.tiers is not None or name in claimed:
+                raise FormatError(f"{where} {tier} tier {name} is tiered or already claimed")
+            claimed.add(name)
+            subs[tier] = sub
+        if subs["hdd"].size != volume.size:
+            raise FormatError(f"{where}: the hdd tier is not the size of the volume")
+        ssd_size = subs["ssd"].size
+        if ssd_size % unit:
+            raise FormatError(f"{where}: the ssd tier is not a whole number of units")
+        units, slots = volume.size // unit, ssd_size // unit
+        if not isinstance(tiers.map, dict):
+            raise FormatError(f"{where} map is not a mapping")
+        seen: set[int] = set()
+        for index, entry in tiers.map.items():
+            _int(f"{where} map unit", index, 0, units - 1)
+            if not isinstance(entry, tuple) or len(entry) != 2 or type(entry[1]) is not bool:
+                raise FormatError(f"{where} map entry is not (slot, dirty)")
+            slot = _int(f"{where} map slot", entry[0], 0, slots - 1)
+            if slot in seen:
+                raise FormatError(f"{where} map uses ssd slot {slot} twice")
+            seen.add(slot)
+        _validate_pins(where, tiers.pins, volume.size)
+
+
+def _validate_pins(where: str, pins: object, size: int) -> None:
+    if not isinstance(pins, list) or len(pins) > MAX_PINS:
+        raise FormatError(f"{where} pins is not a list of at most {MAX_PINS}")
+    previous_end = 0
+    for pin in pins:
+        if not isinstance(pin, tuple) or len(pin) != 3:
+            raise FormatError(f"{where} pin is not (offset, length, tier)")
+        offset = _int(f"{where} pin offset", pin[0], 0, size - BLOCK)
+        length = _int(f"{where} pin length", pin[1], BLOCK, size - offset)
+        if offset % BLOCK or length % BLOCK:
+            raise FormatError(f"{where} pin {offset}+{length} is not 4 KiB aligned")
+        if offset < previous_end:
+            raise FormatError(f"{where} pins overlap or are not in ascending order")
+        previous_end = offset + length
+        _choice(f"{where} pin tier", pin[2], TIER_NAMES)
 
 
 def _validate_placement(
@@ -378,9 +469,22 @@ def _document(md: PoolMetadata) -> dict[str, Any]:
                     for index in sorted(v.slabs)
                 ],
                 "created": float(v.created),
+                **({"tiers": _tiers_document(v.tiers)} if v.tiers is not None else {}),
             }
             for v in md.volumes
         ],
+    }
+
+
+def _tiers_document(tiers: TierInfo) -> dict[str, Any]:
+    return {
+        "unit": tiers.unit,
+        "ssd": tiers.ssd,
+        "hdd": tiers.hdd,
+        # Flat [unit, slot, dirty, ...], ascending by unit: compact and compresses well.
+        "map": [n for index in sorted(tiers.map) for n in
+                (index, tiers.map[index][0], int(tiers.map[index][1]))],
+        "pins": [list(pin) for pin in tiers.pins],
     }
 
 
@@ -470,6 +574,30 @@ def _slab_map(where: str, rows: object) -> dict[int, list[tuple[int, int]]]:
     return slabs
 
 
+def _tier_info(where: str, obj: object) -> TierInfo:
+    """Shape and types of a "tiers" object; ranges are checked by `validate`."""
+    fields = _exact_keys(f"{where} tiers", obj, _TIER_KEYS)
+    flat = _list(f"{where} tier map", fields["map"])
+    if len(flat) % 3 or any(type(n) is not int for n in flat):
+        raise FormatError(f"{where} tier map is not [unit, slot, dirty, ...] integers")
+    tier_map: dict[int, tuple[int, bool]] = {}
+    previous = -1
+    for i in range(0, len(flat), 3):
+        index, slot, dirty = flat[i : i + 3]
+        if index <= previous:
+            raise FormatError(f"{where} tier map is not strictly ascending at {index}")
+        if dirty not in (0, 1):
+            raise FormatError(f"{where} tier map dirty flag is not 0 or 1")
+        previous = index
+        tier_map[index] = (slot, bool(dirty))
+    pins = []
+    for pin in _list(f"{where} tier pins", fields["pins"]):
+        if not isinstance(pin, list) or len(pin) != 3:
+            raise FormatError(f"{where} tier pin is not [offset, length, tier]")
+        pins.append((pin[0], pin[1], pin[2]))
+    return TierInfo(fields["unit"], fields["ssd"], fields["hdd"], tier_map, pins)
+
+
 def _from_document(document: object) -> PoolMetadata:
     top = _exact_keys("pool metadata", document, _TOP_KEYS, _TOP_OPTIONAL)
     disks = []
@@ -481,6 +609,8 @@ def _from_document(document: object) -> PoolMetadata:
         fields = _exact_keys("pool metadata volume", entry, _VOLUME_KEYS, _VOLUME_OPTIONAL)
         where = f"volume {fields['name']!r:.70}"
         fields["slabs"] = _slab_map(where, fields["slabs"])
+        if "tiers" in fields:
+            fields["tiers"] = _tier_info(where, fields["tiers"])
         volumes.append(VolumeRecord(**fields))
     md = PoolMetadata(
         pool_uuid=top["pool_uuid"],
