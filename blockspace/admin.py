@@ -134,7 +134,7 @@ async def opened_disks(paths: Sequence[str], pool_uuid: str, name: str) -> Async
 def volume_state(pool: Pool, spec: LayoutSpec, slabs: dict[int, list[tuple[int, int]]]) -> str:
     worst = 0
     for extents in slabs.values():
-        lost = sum(pool.device(disk_id) is None for disk_id, _ in extents)
+        lost = sum(pool.extent_device(*extent) is None for extent in extents)
         worst = max(worst, lost)
     if worst == 0:
         return "online"

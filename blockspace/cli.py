@@ -502,6 +502,9 @@ def _disk_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return "disk_add", {"paths": paths, "media": args.media, "force": args.force}
     if command in ("retire", "remove"):
         return f"disk_{command}", {"disk": args.disk, "rate": rate}
+    if command == "online":
+        path = os.path.abspath(args.path) if args.path else None
+        return "disk_online", {"disk": args.disk, "path": path}
     if command == "replace":
         return "disk_replace", {"old": args.old, "new": os.path.abspath(args.new),
                                 "media": args.media, "force": args.force, "rate": rate}
@@ -527,6 +530,8 @@ def _disk_offline(
             elif op == "disk_replace":
                 await manager.replace(fields["old"], fields["new"], fields["media"],
                                       fields["force"])
+            elif op == "disk_online":
+                await manager.online(fields["disk"], fields["path"])
             elif op == "pool_rebalance":
                 await manager.rebalance()
             else:
@@ -792,6 +797,14 @@ def build_parser() -> Parser:
         p.add_argument("--wait", action="store_true", help="block until done")
         p.add_argument("--rate", help="bandwidth limit, e.g. 200M (per second)")
         p.set_defaults(func=cmd_disk)
+    p = disk.add_parser("online", parents=[common],
+                        help="take back a failed or missing disk that returned, resyncing "
+                             "only what it missed")
+    p.add_argument("pool")
+    p.add_argument("disk", help="disk id or path (see pool status)")
+    p.add_argument("--path", help="where the disk is now, if it moved")
+    p.add_argument("--wait", action="store_true", help="block until the resync is done")
+    p.set_defaults(func=cmd_disk)
     p = disk.add_parser("replace", parents=[common], help="rebuild a disk's data onto a new one")
     p.add_argument("pool")
     p.add_argument("old", help="disk id or path of the disk to replace")

@@ -18,6 +18,7 @@ import trio
 from blockspace import control
 from blockspace.admin import open_devices, pool_status
 from blockspace.concurrency import leaves as _leaves
+from blockspace.devices import Device, FileDevice
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.faults import FaultyDevice, handle_fault_request
 from blockspace.fuse_ops import VolumeFS
@@ -91,8 +92,9 @@ class Daemon:
                 nursery.start_soon(pool.intent.run_cleaner)
                 self._nursery = nursery
                 self.disks = DiskManager(pool, lambda: self.volumes, self.registry,
-                                         self.options.pool, nursery)
+                                         self.options.pool, nursery, self._open_device)
                 pool.on_disk_failed = self.disks.auto_repair
+                nursery.start_soon(self.disks.resume)
                 if self.scrubber.active:  # interrupted by a restart: carry on
                     log.info("resuming the scrub interrupted by the last stop")
                     nursery.start_soon(self.scrubber.run)
@@ -125,6 +127,15 @@ class Daemon:
             self.registry.clear_mount(self.options.pool)
             log.info("pool %s unmounted", pool.name)
 
+    def _open_device(self, path: str) -> Device:
+        """A disk joining while mounted: behind the fault layer too, when it is allowed."""
+        device: Device = FileDevice(path)
+        if self.options.allow_fault_injection:
+            faulty = FaultyDevice(device)
+            self.faulty[faulty.path] = faulty
+            device = faulty
+        return device
+
     async def _disk_request(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         manager = self.disks
         assert manager is not None
@@ -139,6 +150,8 @@ class Daemon:
         if op == "disk_replace":
             return await manager.replace(str(request["old"]), str(request["new"]),
                                          request.get("media"), bool(request.get("force")))
+        if op == "disk_online":
+            return await manager.online(str(request["disk"]), request.get("path"))
         if op == "pool_repair":
             return await manager.repair()
         if op == "pool_rebalance":

@@ -13,14 +13,17 @@ from typing import Any
 import trio
 
 from blockspace.admin import check_new_disks
-from blockspace.devices import FileDevice
+from blockspace.devices import Device, FileDevice
 from blockspace.errors import BlockspaceError, InvalidInput, NoSpace
 from blockspace.pool import Pool
+from blockspace.readmit import RETURNING_STATES, prepare, resync_disk
 from blockspace.rebuild import (
     EVACUATE_STATES,
     Move,
     Rebuilder,
+    RebuildProgress,
     check_moves_fit,
+    check_moves_sources,
     plan_moves,
     plan_rebalance,
 )
@@ -38,8 +41,10 @@ class DiskManager:
         registry: Registry,
         pool_name: str,
         nursery: trio.Nursery,
+        open_device: Callable[[str], Device] = FileDevice,
     ) -> None:
         self.pool = pool
+        self.open_device = open_device  # the daemon's, so new disks can take injected faults
         self.registry = registry
         self.pool_name = pool_name  # the registered name (may differ from the labels')
         self.nursery = nursery
@@ -53,7 +58,7 @@ class DiskManager:
                                 meta_slot_size=self.pool.metadata.meta_slot_size, force=force)
         added = []
         for disk in disks:
-            device = FileDevice(disk.path)
+            device = self.open_device(disk.path)
             try:
                 member = await self.pool.add_disk(device, disk.media)
             except BaseException:
@@ -70,6 +75,7 @@ class DiskManager:
         if state == "retired" and not remove:
             raise InvalidInput(f"disk {disk_id} is already retired")
         moves = plan_moves(self.pool, {disk_id})
+        check_moves_sources(self.pool, moves)
         check_moves_fit(self.pool, moves)
         if state == "online":
             await self.pool.set_state(disk_id, "retiring", "retired by the user")
@@ -99,6 +105,7 @@ class DiskManager:
 
         geometry = compute_geometry(new.size, self.pool.slab_size,
                                     self.pool.metadata.meta_slot_size)
+        check_moves_sources(self.pool, plan_moves(self.pool, {old_id}))
         needed = self.pool.extents_on(old_id)
         if geometry.extent_count < needed:
             raise NoSpace(
@@ -126,6 +133,7 @@ class DiskManager:
         if not sources:
             return self.rebuilder.progress.to_dict() | {"state": "done", "total": 0}
         moves = plan_moves(self.pool, sources)
+        check_moves_sources(self.pool, moves)
         check_moves_fit(self.pool, moves)
 
         async def finish() -> None:
@@ -137,6 +145,58 @@ class DiskManager:
 
         names = ", ".join(str(d) for d in sorted(sources))
         return await self._start(moves, f"repair (disks {names})", finish)
+
+    async def online(self, name: str, path: str | None = None) -> dict[str, Any]:
+        """Re-admit a failed or missing disk that is back (the same disk, its label intact),
+        resyncing only what it missed (blockspace/readmit.py)."""
+        disk_id = self.pool.find_disk(name)
+        self._idle_or_refuse()
+        disk = self.pool.disks[disk_id]
+        if disk.record.state not in RETURNING_STATES:
+            raise InvalidInput(f"disk {disk_id} is {disk.record.state}, not failed or missing")
+        device = disk.returned if path is None else None
+        opened = device is None
+        if device is None:
+            try:
+                device = self.open_device(path or disk.path)
+            except BlockspaceError as error:
+                raise InvalidInput(f"disk {disk_id} cannot be opened: {error}") from None
+        try:
+            await prepare(self.pool, disk_id, device)
+        except BaseException:
+            if opened:
+                device.close()
+            raise
+        return await self._start_resync(disk_id)
+
+    async def _start_resync(self, disk_id: int) -> dict[str, Any]:
+        async def work(progress: RebuildProgress) -> None:
+            await resync_disk(self.pool, self.rebuilder.volumes(), disk_id, progress)
+
+        self.rebuilder.finished = trio.Event()
+        self.rebuilder.progress.state = "running"
+        reason = f"resync disk {disk_id}"
+        self.rebuilder.progress.reason = reason
+        self.nursery.start_soon(self.rebuilder.run_task, reason, work)
+        await trio.lowlevel.checkpoint()
+        return self.rebuilder.progress.to_dict()
+
+    async def resume(self) -> None:
+        """At mount: finish an interrupted resync, take back disks found missing at the last
+        mount that are present again (a failed disk waits for `disk online`)."""
+        for disk_id, disk in sorted(self.pool.disks.items()):
+            if disk.record.state == "resyncing" and disk.device is not None:
+                await self.rebuilder.finished.wait()
+                await self._start_resync(disk_id)
+            elif disk.returned is not None and disk.record.state == "missing":
+                await self.rebuilder.finished.wait()
+                try:
+                    await self.online(str(disk_id))
+                except BlockspaceError as error:
+                    log.error("disk %d is back but cannot be re-admitted: %s", disk_id, error)
+            elif disk.returned is not None and disk.record.state == "failed":
+                log.warning("disk %d (%s) is present but failed: `blockspace disk online` "
+                            "re-admits it", disk_id, disk.path)
 
     async def rebalance(self) -> dict[str, Any]:
         """Spread extents evenly over the online disks (after adding disks)."""

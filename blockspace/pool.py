@@ -9,7 +9,8 @@ even if it comes back: its contents are stale.
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -48,7 +49,9 @@ log = logging.getLogger(__name__)
 DEFAULT_SLAB_SIZE = 64 << 20
 DEFAULT_META_SLOT_SIZE = 4 << 20
 DEFAULT_IO_TIMEOUT = 30.0
-USABLE_STATES = ("online", "retiring")  # readable and written; retiring takes no new data
+# Readable and written; retiring takes no new data; each extent of a resyncing disk (back
+# after being away) is used only once resynced.
+USABLE_STATES = ("online", "retiring", "resyncing")
 
 
 @dataclass
@@ -62,6 +65,8 @@ class PoolDisk:
     errors: dict[str, int] = field(
         default_factory=lambda: {"read": 0, "write": 0, "checksum": 0}
     )
+    # Found at open although out of service: what `disk online` re-admits.
+    returned: Device | None = None
 
     @property
     def usable(self) -> bool:
@@ -69,7 +74,8 @@ class PoolDisk:
 
     @property
     def allocatable(self) -> bool:
-        return self.device is not None and self.record.state == "online"
+        # A resyncing disk takes new slabs: their extents are zeroed, so current at once.
+        return self.device is not None and self.record.state in ("online", "resyncing")
 
 
 def read_label(device: Device) -> DiskLabel | None:
@@ -99,6 +105,9 @@ class Pool:
         self._last_seq = 0
         # Disks whose state changed in memory but no committed generation records yet.
         self._unsaved_states: set[int] = set()
+        self.writes_in_flight: dict[int, int] = {}  # write sequence number -> count
+        # Extents of a returning disk not resynced yet: treated as absent by all I/O.
+        self.resyncing: set[Extent] = set()
 
     def next_seq(self) -> int:
         """A write sequence number: larger than any before, across restarts (a hybrid
@@ -216,9 +225,13 @@ class Pool:
             device, label = found
             usable = record.state in USABLE_STATES
             disks[record.disk_id] = PoolDisk(
-                record, label.geometry, device if usable else None, device.path
+                record, label.geometry, device if usable else None, device.path,
+                returned=None if usable else device,
             )
         pool = cls(metadata, disks)
+        for disk_id, disk in disks.items():
+            if disk.record.state == "resyncing":  # interrupted: every extent again
+                pool.resyncing.update(pool.extents_of(disk_id))
         return pool
 
     # ---- metadata -------------------------------------------------------------------
@@ -354,7 +367,10 @@ class Pool:
             disk.record.state_since = time.time()
             self._unsaved_states.add(disk_id)
             if disk.record.state in USABLE_STATES and state not in USABLE_STATES:
-                disk.record.missed_since = self.away_since()
+                # A disk leaving in the middle of a resync still misses the older writes.
+                since = self.away_since()
+                old = disk.record.missed_since
+                disk.record.missed_since = min(old, since) if old else since
         disk.record.state = state
         disk.record.state_reason = reason[:200].replace("\n", " ")
         if state not in USABLE_STATES:
@@ -461,9 +477,20 @@ class Pool:
 
     def away_since(self) -> int:
         """The write number from which a disk leaving service now may have missed writes:
-        a write numbered a little earlier may still be retrying (and fail) on it."""
-        margin_ns = int((4 * self.io_timeout + 10) * 1e9)
-        return max(1, self.next_seq() - margin_ns)
+        the oldest write still in flight (it may be retrying, and fail, on that disk)."""
+        return min(self.writes_in_flight, default=self.next_seq())
+
+    @contextmanager
+    def write_in_flight(self) -> Iterator[int]:
+        """A write sequence number, registered while the write runs."""
+        seq = self.next_seq()
+        self.writes_in_flight[seq] = self.writes_in_flight.get(seq, 0) + 1
+        try:
+            yield seq
+        finally:
+            self.writes_in_flight[seq] -= 1
+            if not self.writes_in_flight[seq]:
+                del self.writes_in_flight[seq]
 
     async def note_missing_disks(self) -> None:
         """Take the pool into service: record disks absent at mount (so a stale copy coming
@@ -477,7 +504,8 @@ class Pool:
                 disk.record.state = "missing"
                 disk.record.state_reason = "not found at mount"
                 disk.record.state_since = time.time()
-                disk.record.missed_since = missed_since
+                old = disk.record.missed_since
+                disk.record.missed_since = min(old, missed_since) if old else missed_since
         self.metadata.opened_seq = self.next_seq()
         await self.commit()
 
@@ -492,6 +520,16 @@ class Pool:
     def device(self, disk_id: int) -> Device | None:
         disk = self.disks.get(disk_id)
         return disk.device if disk is not None and disk.usable else None
+
+    def extent_device(self, disk_id: int, extent: int, *, resync: bool = False) -> Device | None:
+        """The device an extent is read and written through; None while the disk is out of
+        service or the extent is awaiting its resync (unless `resync`: the resync itself)."""
+        if not resync and (disk_id, extent) in self.resyncing:
+            return None
+        return self.device(disk_id)
+
+    def extents_of(self, disk_id: int) -> list[Extent]:
+        return [(d, e) for d, e in self.metadata.used_extents() if d == disk_id]
 
     async def _zero_extents(self, extents: Sequence[Extent]) -> None:
         jobs = []

@@ -19,7 +19,7 @@ import trio
 
 from blockspace.allocator import ExtentAllocator
 from blockspace.checksums import CSUM_BLOCK, bad_blocks, entries_for
-from blockspace.errors import BlockspaceError, DeviceError, NoSpace
+from blockspace.errors import BlockspaceError, DeviceError, NoSpace, Unrecoverable
 
 if TYPE_CHECKING:
     from blockspace.pool import Pool
@@ -112,6 +112,31 @@ def check_moves_fit(pool: "Pool", moves: list[Move], *, prefer: int | None = Non
         raise NoSpace(
             f"not enough free space: {stuck} of {len(moves)} extents would have no disk to go to "
             "(each must land on a disk not already holding its slab); add a disk first"
+        )
+
+
+def check_moves_sources(pool: "Pool", moves: list[Move]) -> None:
+    """Unrecoverable, before anything moves, if some extent leaving a disk that is out of
+    service has nothing to be rebuilt from (more of its slab is out than the layout
+    tolerates: a simple volume's dead disk, or a mirror with every copy gone)."""
+    from blockspace.layouts import LayoutSpec
+
+    lost: dict[str, set[int]] = {}
+    for move in moves:
+        record = pool.metadata.volume(move.volume)
+        extents = record.slabs[move.slab]
+        if pool.extent_device(*extents[move.position]) is not None:
+            continue  # the extent is readable where it is
+        tolerance = LayoutSpec.from_dict(record.layout).tolerance
+        if sum(pool.extent_device(*extent) is None for extent in extents) > tolerance:
+            lost.setdefault(move.volume, set()).add(move.slab)
+    if lost:
+        detail = "; ".join(f"volume {v}: slabs {sorted(s)[:8]}" for v, s in sorted(lost.items()))
+        count = sum(len(s) for s in lost.values())
+        raise Unrecoverable(
+            f"{count} slabs have more disks out of service than their resiliency tolerates, "
+            f"so their data cannot be rebuilt ({detail}); bring the disk back online "
+            "(`disk online`) instead, or delete the volume"
         )
 
 
@@ -255,7 +280,7 @@ class Rebuilder:
 
     def __init__(self, pool: "Pool", volumes: Callable[[], dict[str, "Volume"]]) -> None:
         self.pool = pool
-        self._volumes = volumes
+        self.volumes = volumes
         self.progress = RebuildProgress()
         self.finished = trio.Event()
         self.finished.set()
@@ -265,7 +290,7 @@ class Rebuilder:
         return self.progress.state == "running"
 
     async def _move_one(self, move: Move, prefer: int | None, progress: RebuildProgress) -> None:
-        volume = self._volumes().get(move.volume)
+        volume = self.volumes().get(move.volume)
         try:
             if volume is not None:
                 progress.bytes_moved += await move_extent(volume, move, prefer=prefer)
@@ -274,6 +299,30 @@ class Rebuilder:
             progress.failed += 1
             progress.errors.append(f"{move.volume} slab {move.slab}: {error}")
             log.error("rebuild of %s slab %d failed: %s", move.volume, move.slab, error)
+
+    async def run_task(
+        self, reason: str, work: Callable[[RebuildProgress], Awaitable[None]]
+    ) -> RebuildProgress:
+        """Other background work on the disks (a returning disk's resync), reported and
+        waited for like a rebuild."""
+        self.progress = progress = RebuildProgress(state="running", reason=reason,
+                                                   started=time.time())
+        if self.finished.is_set():
+            self.finished = trio.Event()
+        try:
+            await work(progress)
+            progress.state = "done"
+        except BlockspaceError as error:
+            progress.state = "failed"
+            progress.errors.append(str(error))
+            log.error("%s failed: %s", reason, error)
+        except trio.Cancelled:
+            progress.state = "cancelled"
+            raise
+        finally:
+            progress.finished = time.time()
+            self.finished.set()
+        return progress
 
     async def run(
         self, moves: list[Move], reason: str, *, prefer: int | None = None, rate_limit: int = 0,

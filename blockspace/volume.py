@@ -286,7 +286,7 @@ class Volume:
     ) -> tuple[bytes, bytes] | Fault:
         """Data and entries of extent blocks [start, end), unverified."""
         disk_id, extent = extents[position]
-        device = self.pool.device(disk_id)
+        device = self.pool.extent_device(disk_id, extent)
         if device is None:
             return Fault.MISSING
         try:
@@ -298,7 +298,7 @@ class Volume:
         except DeviceError as error:
             self.pool.disks[disk_id].errors["read"] += 1
             log.warning("read error on disk %d: %s", disk_id, error)
-            return Fault.UNREADABLE if self.pool.device(disk_id) is not None else Fault.MISSING
+            return Fault.UNREADABLE if self.pool.extent_device(disk_id, extent) else Fault.MISSING
         return data, entries
 
     async def _read_verified(
@@ -309,13 +309,13 @@ class Volume:
 
     async def _write_verified(
         self, extents: Extents, position: int, start: int, data: bytes | memoryview,
-        *, seq: int = 0, entries: bytes | None = None,
+        *, seq: int = 0, entries: bytes | None = None, resync: bool = False,
     ) -> bool:
         """Write whole blocks and their checksum entries (computed for write `seq`, or the
         given ones when copying); False if the disk is out (a failed write takes the disk
         out of service, durably, before returning)."""
         disk_id, extent = extents[position]
-        device = self.pool.device(disk_id)
+        device = self.pool.extent_device(disk_id, extent, resync=resync)
         if device is None:
             return False
         if entries is None:
@@ -420,7 +420,7 @@ class Volume:
         found = []
         for position in positions:
             disk_id, extent = extents[position]
-            if position == skip or self.pool.device(disk_id) is None:
+            if position == skip or self.pool.extent_device(disk_id, extent) is None:
                 continue
             try:
                 found.append(await self.pool.checksums.read(
@@ -563,20 +563,23 @@ class Volume:
             if (start, aligned_end) != (offset, end):
                 data = await self._merge_partial_blocks(slab, extents, offset, data)
             pieces = split(self.spec, start, len(data))
-            seq = self.pool.next_seq()  # every copy of this write carries the same number
-            if self.spec.kind == "parity":
-                by_row: dict[int, list[Piece]] = {}
-                for piece in pieces:
-                    by_row.setdefault(piece.row, []).append(piece)
-                jobs = [
-                    bind(self._write_parity_row, slab, extents, row, row_pieces, data, seq)
-                    for row, row_pieces in by_row.items()
-                ]
-            else:
-                jobs = [
-                    bind(self._write_copies, slab, extents, piece, data, seq) for piece in pieces
-                ]
-            await run_all(jobs)
+            with self.pool.write_in_flight() as seq:  # the same number on every copy
+                await self._write_pieces(slab, extents, pieces, data, seq)
+
+    async def _write_pieces(
+        self, slab: int, extents: Extents, pieces: list[Piece], data: memoryview, seq: int
+    ) -> None:
+        if self.spec.kind == "parity":
+            by_row: dict[int, list[Piece]] = {}
+            for piece in pieces:
+                by_row.setdefault(piece.row, []).append(piece)
+            jobs = [
+                bind(self._write_parity_row, slab, extents, row, row_pieces, data, seq)
+                for row, row_pieces in by_row.items()
+            ]
+        else:
+            jobs = [bind(self._write_copies, slab, extents, piece, data, seq) for piece in pieces]
+        await run_all(jobs)
 
     async def _merge_partial_blocks(
         self, slab: int, extents: Extents, offset: int, data: memoryview
@@ -656,7 +659,7 @@ class Volume:
         await run_all(jobs)
         # The row is recoverable only while no more than `parity` of its extents are lost,
         # counting disks that were already out as well as writes that just failed.
-        lost = sum(self.pool.device(disk_id) is None for disk_id, _ in extents)
+        lost = sum(self.pool.extent_device(*extent) is None for extent in extents)
         if lost > self.spec.parity:
             raise Unrecoverable(
                 f"volume {self.name!r}: {lost} columns of slab {slab} row {row} are unavailable"
