@@ -25,6 +25,13 @@ from blockspace.admin import (
     pool_status,
 )
 from blockspace.cli_faults import add_fault_commands
+from blockspace.cli_tiers import (
+    add_tier_commands,
+    add_volume_options,
+    annotate_status,
+    create_fields,
+    offline_volume_op,
+)
 from blockspace.devices import FileDevice, probe
 from blockspace.errors import BlockspaceError, FormatError, InvalidInput
 from blockspace.label import validate_name
@@ -152,9 +159,12 @@ def _status(args: argparse.Namespace, name: str) -> dict[str, Any]:
                 scrub = registry.scrub_state(name)
                 if scrub is not None:
                     scrub.pop("cursor", None)
-                return pool_status(pool, scrub=scrub)
+                from blockspace.tier_admin import overview
+
+                return pool_status(pool, scrub=scrub) | {"tiers": overview(pool)}
 
         status = trio.run(offline)
+    annotate_status(status)
     # The name the user addresses the pool by; `pool import --name` may differ from the labels'.
     status["name"] = name
     return status
@@ -315,7 +325,9 @@ def _volume_request(args: argparse.Namespace, op: str, **fields: Any) -> Any:
 
     async def offline() -> Any:
         async with opened_pool(registry, args.pool) as pool:
-            if op == "volume_create":
+            if await offline_volume_op(pool, op, fields):
+                pass  # tiered volumes (and deletes, which must not take a tier alone)
+            elif op == "volume_create":
                 spec = default_layout(
                     fields["resiliency"], len(pool.usable_disk_ids()),
                     copies=fields["copies"], parity=fields["parity"],
@@ -334,13 +346,19 @@ def _volume_request(args: argparse.Namespace, op: str, **fields: Any) -> Any:
 
 def cmd_volume_create(args: argparse.Namespace) -> int:
     validate_name("volume", args.name)
-    size = _size(args.size, "--size")
     interleave = parse_size(args.interleave) if args.interleave else None
-    _volume_request(
-        args, "volume_create", name=args.name, size=size, resiliency=args.resiliency,
-        copies=args.copies, parity=args.parity, columns=args.columns, interleave=interleave,
-        provisioning=args.provisioning,
-    )
+    if args.tier:
+        _volume_request(args, "volume_create", name=args.name, interleave=interleave,
+                        provisioning=args.provisioning, **create_fields(args))
+    else:
+        if args.size is None:
+            raise InvalidInput("--size is required (or --tier ssd:... --tier hdd:...)")
+        size = _size(args.size, "--size")
+        _volume_request(
+            args, "volume_create", name=args.name, size=size,
+            resiliency=args.resiliency or "mirror", copies=args.copies, parity=args.parity,
+            columns=args.columns, interleave=interleave, provisioning=args.provisioning,
+        )
     volume = _find_volume(args, args.name)
     _emit(args, volume, lambda v: console.print(
         f"created volume [bold]{v['name']}[/]: {format_size(v['size'])} {v['resiliency']}, "
@@ -504,7 +522,7 @@ def _disk_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return f"disk_{command}", {"disk": args.disk, "rate": rate}
     if command == "online":
         path = os.path.abspath(args.path) if args.path else None
-        return "disk_online", {"disk": args.disk, "path": path}
+        return "disk_online", {"disk": args.disk, "device": path}
     if command == "replace":
         return "disk_replace", {"old": args.old, "new": os.path.abspath(args.new),
                                 "media": args.media, "force": args.force, "rate": rate}
@@ -531,7 +549,7 @@ def _disk_offline(
                 await manager.replace(fields["old"], fields["new"], fields["media"],
                                       fields["force"])
             elif op == "disk_online":
-                await manager.online(fields["disk"], fields["path"])
+                await manager.online(fields["disk"], fields["device"])
             elif op == "pool_rebalance":
                 await manager.rebalance()
             else:
@@ -746,13 +764,15 @@ def build_parser() -> Parser:
     p = volume.add_parser("create", parents=[common], help="add a volume to a pool")
     p.add_argument("pool")
     p.add_argument("name")
-    p.add_argument("--size", required=True, help="e.g. 20G")
-    p.add_argument("--resiliency", choices=["simple", "mirror", "parity"], default="mirror")
+    p.add_argument("--size", help="e.g. 20G (required unless tiered)")
+    p.add_argument("--resiliency", choices=["simple", "mirror", "parity"],
+                   help="default mirror")
     p.add_argument("--copies", type=int, help="mirror: 2 (default) or 3")
     p.add_argument("--parity", type=int, help="parity: 1 (default) or 2")
     p.add_argument("--columns", type=int, help="data columns per slab")
     p.add_argument("--interleave", help="stripe unit (default 64K)")
     p.add_argument("--provisioning", choices=["thin", "fixed"], default="thin")
+    add_volume_options(p)
     p.set_defaults(func=cmd_volume_create)
     p = volume.add_parser("list", parents=[common], help="volumes of a pool")
     p.add_argument("pool")
@@ -850,6 +870,7 @@ def build_parser() -> Parser:
     p.add_argument("--timeout", type=float, default=120.0)
     p.set_defaults(func=cmd_unmount)
     add_fault_commands(commands, common)
+    add_tier_commands(commands, common)
     return parser
 
 

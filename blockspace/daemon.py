@@ -27,6 +27,9 @@ from blockspace.manage import DiskManager
 from blockspace.pool import Pool
 from blockspace.registry import MountEntry, Registry
 from blockspace.scrub import Scrubber, ScrubProgress
+from blockspace.tier_admin import check_growable
+from blockspace.tier_admin import overview as tier_overview
+from blockspace.tier_service import TierService
 from blockspace.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,7 @@ class Daemon:
         )
         self._nursery: trio.Nursery | None = None
         self.disks: DiskManager | None = None
+        self.tiers: TierService | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         entry = self.registry.get(self.options.pool)
@@ -71,8 +75,13 @@ class Daemon:
             pool.io_timeout = self.options.io_timeout
             await pool.note_missing_disks()
             await pool.enable_intent_log()
-            self.volumes = {v.name: Volume(pool, v) for v in pool.metadata.volumes}
-            self.fs = VolumeFS(lambda: self.volumes, uid=self.options.uid, gid=self.options.gid)
+            self.volumes = {v.name: Volume(pool, v) for v in pool.metadata.volumes
+                            if v.tiers is None}
+            # Tiered volumes are served on top of their (hidden) tier volumes.
+            self.tiers = tiers = TierService(pool, self.volumes, self.registry.root,
+                                             self.options.pool)
+            self.fs = VolumeFS(tiers.served, uid=self.options.uid,  # type: ignore[arg-type]
+                               gid=self.options.gid)
             fuse_options = set(pyfuse3.default_options)
             fuse_options.add(f"fsname=blockspace:{self.options.pool}")
             fuse_options.add("subtype=blockspace")
@@ -100,6 +109,7 @@ class Daemon:
                     nursery.start_soon(self.scrubber.run)
                 for volume in self.volumes.values():
                     nursery.start_soon(self._resync, volume)
+                tiers.start(nursery)
                 self.registry.set_mount(
                     MountEntry(
                         pool=self.options.pool,
@@ -115,6 +125,8 @@ class Daemon:
                 nursery.cancel_scope.cancel()
         finally:
             log.info("pool %s: stopping", pool.name)
+            if self.tiers is not None:
+                self.tiers.save_all()
             with trio.CancelScope(shield=True):
                 try:
                     await pool.close_intent_log()  # flushes every disk first
@@ -151,7 +163,7 @@ class Daemon:
             return await manager.replace(str(request["old"]), str(request["new"]),
                                          request.get("media"), bool(request.get("force")))
         if op == "disk_online":
-            return await manager.online(str(request["disk"]), request.get("path"))
+            return await manager.online(str(request["disk"]), request.get("device"))
         if op == "pool_repair":
             return await manager.repair()
         if op == "pool_rebalance":
@@ -214,13 +226,20 @@ class Daemon:
             status = pool_status(pool, self.options.mountpoint, self.scrubber.progress.to_dict())
             if self.disks is not None:
                 status["rebuild"] = self.disks.rebuilder.progress.to_dict()
+            status["tiers"] = tier_overview(pool)
             return status
+        if op.startswith("tier_"):
+            assert self.tiers is not None
+            return await self.tiers.handle(op, request)
         if op.startswith("disk_") or op in ("pool_repair", "pool_rebalance", "rebuild_status"):
             return await self._disk_request(op, request)
         if op.startswith("fault_"):
             return handle_fault_request(self, op, request)
         if op.startswith("scrub_"):
             return self._scrub_request(op, request)
+        if op == "volume_create" and request.get("tiers"):
+            assert self.tiers is not None
+            return {"name": (await self.tiers.create(request)).name}
         if op == "volume_create":
             spec = default_layout(
                 str(request["resiliency"]),
@@ -242,14 +261,16 @@ class Daemon:
                 raise BlockspaceError(
                     f"volume {name!r} is open (detach its loop device first: losetup -d)"
                 )
-            await pool.delete_volume(name)
-            self.volumes.pop(name, None)
+            assert self.tiers is not None
+            await self.tiers.delete(name)  # a tiered volume goes with its tiers
             return {"name": name}
         if op == "volume_grow":
+            check_growable(pool, str(request["name"]))
             record = await pool.grow_volume(str(request["name"]), int(request["size"]))
             return {"name": record.name, "size": record.size}
         if op == "unmount":
-            busy = [name for name in self.volumes if self.fs.is_open(name)]
+            served = self.tiers.served() if self.tiers is not None else self.volumes
+            busy = [name for name in served if self.fs.is_open(name)]
             if busy and not request.get("force"):
                 raise BlockspaceError(
                     f"volume {busy[0]!r} is in use (detach its loop device first, "

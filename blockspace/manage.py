@@ -14,7 +14,7 @@ import trio
 
 from blockspace.admin import check_new_disks
 from blockspace.devices import Device, FileDevice
-from blockspace.errors import BlockspaceError, InvalidInput, NoSpace
+from blockspace.errors import BlockspaceError, DeviceError, InvalidInput, NoSpace
 from blockspace.pool import Pool
 from blockspace.readmit import RETURNING_STATES, prepare, resync_disk
 from blockspace.rebuild import (
@@ -155,7 +155,7 @@ class DiskManager:
         if disk.record.state not in RETURNING_STATES:
             raise InvalidInput(f"disk {disk_id} is {disk.record.state}, not failed or missing")
         device = disk.returned if path is None else None
-        opened = device is None
+        opened = device is None  # ours to close if it does not come back
         if device is None:
             try:
                 device = self.open_device(path or disk.path)
@@ -163,9 +163,11 @@ class DiskManager:
                 raise InvalidInput(f"disk {disk_id} cannot be opened: {error}") from None
         try:
             await prepare(self.pool, disk_id, device)
-        except BaseException:
+        except BaseException as error:
             if opened:
                 device.close()
+            if isinstance(error, DeviceError):
+                raise DeviceError(f"disk {disk_id} cannot come back online: {error}") from None
             raise
         return await self._start_resync(disk_id)
 

@@ -65,7 +65,8 @@ class PoolDisk:
     errors: dict[str, int] = field(
         default_factory=lambda: {"read": 0, "write": 0, "checksum": 0}
     )
-    # Found at open although out of service: what `disk online` re-admits.
+    # The device of a disk out of service, still open (found at open, or kept when it
+    # failed): what `disk online` re-admits once it works again.
     returned: Device | None = None
 
     @property
@@ -374,6 +375,8 @@ class Pool:
         disk.record.state = state
         disk.record.state_reason = reason[:200].replace("\n", " ")
         if state not in USABLE_STATES:
+            if disk.device is not None:
+                disk.returned = disk.device
             disk.device = None
         if state == "failed" and self.on_disk_failed is not None:
             self.on_disk_failed(disk_id)
