@@ -355,7 +355,8 @@ def volume_status(pool: Pool, record: VolumeRecord, heat: HeatMap | None,
     ssd_units = [0] * buckets
     for u in tiers.map:
         ssd_units[u * buckets // units] += 1
-    per_bucket = [len(range(b * units // buckets, (b + 1) * units // buckets))
+    # units u with u * buckets // units == b: from ceil(b * units / buckets) on
+    per_bucket = [-(-(b + 1) * units // buckets) - -(-b * units // buckets)
                   for b in range(buckets)]
     status: dict[str, Any] = {
         "name": record.name,
@@ -383,8 +384,8 @@ def volume_status(pool: Pool, record: VolumeRecord, heat: HeatMap | None,
         "heat_map": {
             "buckets": buckets,
             "heat": heat.buckets(buckets) if heat is not None else [0.0] * buckets,
-            "ssd_fraction": [s / n if n else 0.0 for s, n in zip(ssd_units, per_bucket,
-                                                                   strict=True)],
+            "ssd_fraction": [min(1.0, s / n) if n else 0.0
+                             for s, n in zip(ssd_units, per_bucket, strict=True)],
         },
     }
     counters = (live or {}).get("counters")
