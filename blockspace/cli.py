@@ -522,7 +522,7 @@ def _disk_request(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         return f"disk_{command}", {"disk": args.disk, "rate": rate}
     if command == "online":
         path = os.path.abspath(args.path) if args.path else None
-        return "disk_online", {"disk": args.disk, "device": path}
+        return "disk_online", {"disks": args.disks, "device": path}
     if command == "replace":
         return "disk_replace", {"old": args.old, "new": os.path.abspath(args.new),
                                 "media": args.media, "force": args.force, "rate": rate}
@@ -549,7 +549,7 @@ def _disk_offline(
                 await manager.replace(fields["old"], fields["new"], fields["media"],
                                       fields["force"])
             elif op == "disk_online":
-                await manager.online(fields["disk"], fields["device"])
+                await manager.online(fields["disks"], fields["device"])
             elif op == "pool_rebalance":
                 await manager.rebalance()
             else:
@@ -821,8 +821,8 @@ def build_parser() -> Parser:
                         help="take back a failed or missing disk that returned, resyncing "
                              "only what it missed")
     p.add_argument("pool")
-    p.add_argument("disk", help="disk id or path (see pool status)")
-    p.add_argument("--path", help="where the disk is now, if it moved")
+    p.add_argument("disks", nargs="+", metavar="DISK", help="disk ids or paths")
+    p.add_argument("--path", help="where the disk is now, if it moved (one disk only)")
     p.add_argument("--wait", action="store_true", help="block until the resync is done")
     p.set_defaults(func=cmd_disk)
     p = disk.add_parser("replace", parents=[common], help="rebuild a disk's data onto a new one")

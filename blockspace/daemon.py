@@ -163,7 +163,8 @@ class Daemon:
             return await manager.replace(str(request["old"]), str(request["new"]),
                                          request.get("media"), bool(request.get("force")))
         if op == "disk_online":
-            return await manager.online(str(request["disk"]), request.get("device"))
+            return await manager.online([str(d) for d in request["disks"]],
+                                        request.get("device"))
         if op == "pool_repair":
             return await manager.repair()
         if op == "pool_rebalance":

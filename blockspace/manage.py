@@ -16,7 +16,13 @@ from blockspace.admin import check_new_disks
 from blockspace.devices import Device, FileDevice
 from blockspace.errors import BlockspaceError, DeviceError, InvalidInput, NoSpace
 from blockspace.pool import Pool
-from blockspace.readmit import RETURNING_STATES, prepare, resync_disk
+from blockspace.readmit import (
+    RETURNING_STATES,
+    check_return_order,
+    prepare,
+    resync_disk,
+    returning_order,
+)
 from blockspace.rebuild import (
     EVACUATE_STATES,
     Move,
@@ -146,14 +152,32 @@ class DiskManager:
         names = ", ".join(str(d) for d in sorted(sources))
         return await self._start(moves, f"repair (disks {names})", finish)
 
-    async def online(self, name: str, path: str | None = None) -> dict[str, Any]:
-        """Re-admit a failed or missing disk that is back (the same disk, its label intact),
-        resyncing only what it missed (blockspace/readmit.py)."""
-        disk_id = self.pool.find_disk(name)
+    async def online(self, names: list[str], path: str | None = None) -> dict[str, Any]:
+        """Re-admit failed or missing disks that are back (the same disks, labels intact),
+        resyncing only what they missed (blockspace/readmit.py). Several at once come back
+        in the order they left, the last first: it holds the newest data of the slabs
+        they share."""
+        ids = sorted({self.pool.find_disk(name) for name in names})
+        if path is not None and len(ids) != 1:
+            raise InvalidInput("--path needs exactly one disk")
         self._idle_or_refuse()
+        for disk_id in ids:
+            state = self.pool.disks[disk_id].record.state
+            if state not in RETURNING_STATES:
+                raise InvalidInput(f"disk {disk_id} is {state}, not failed or missing")
+        check_return_order(self.pool, ids)
+        prepared: list[int] = []
+        try:
+            for disk_id in returning_order(self.pool, ids):
+                await self._prepare_one(disk_id, path)
+                prepared.append(disk_id)
+        finally:
+            if prepared:
+                await self._start_resync(prepared)
+        return self.rebuilder.progress.to_dict()
+
+    async def _prepare_one(self, disk_id: int, path: str | None) -> None:
         disk = self.pool.disks[disk_id]
-        if disk.record.state not in RETURNING_STATES:
-            raise InvalidInput(f"disk {disk_id} is {disk.record.state}, not failed or missing")
         device = disk.returned if path is None else None
         opened = device is None  # ours to close if it does not come back
         if device is None:
@@ -169,15 +193,15 @@ class DiskManager:
             if isinstance(error, DeviceError):
                 raise DeviceError(f"disk {disk_id} cannot come back online: {error}") from None
             raise
-        return await self._start_resync(disk_id)
 
-    async def _start_resync(self, disk_id: int) -> dict[str, Any]:
+    async def _start_resync(self, disk_ids: list[int]) -> dict[str, Any]:
         async def work(progress: RebuildProgress) -> None:
-            await resync_disk(self.pool, self.rebuilder.volumes(), disk_id, progress)
+            for disk_id in disk_ids:
+                await resync_disk(self.pool, self.rebuilder.volumes(), disk_id, progress)
 
         self.rebuilder.finished = trio.Event()
         self.rebuilder.progress.state = "running"
-        reason = f"resync disk {disk_id}"
+        reason = f"resync disk{'s' if len(disk_ids) > 1 else ''} " + ", ".join(map(str, disk_ids))
         self.rebuilder.progress.reason = reason
         self.nursery.start_soon(self.rebuilder.run_task, reason, work)
         await trio.lowlevel.checkpoint()
@@ -186,17 +210,20 @@ class DiskManager:
     async def resume(self) -> None:
         """At mount: finish an interrupted resync, take back disks found missing at the last
         mount that are present again (a failed disk waits for `disk online`)."""
+        resyncing = [d for d, disk in self.pool.disks.items()
+                     if disk.record.state == "resyncing" and disk.device is not None]
+        if resyncing:
+            await self._start_resync(returning_order(self.pool, resyncing))
+        back = [d for d, disk in self.pool.disks.items()
+                if disk.returned is not None and disk.record.state == "missing"]
+        if back:
+            await self.rebuilder.finished.wait()
+            try:
+                await self.online([str(d) for d in back])
+            except BlockspaceError as error:
+                log.error("disks %s are back but cannot be re-admitted: %s", back, error)
         for disk_id, disk in sorted(self.pool.disks.items()):
-            if disk.record.state == "resyncing" and disk.device is not None:
-                await self.rebuilder.finished.wait()
-                await self._start_resync(disk_id)
-            elif disk.returned is not None and disk.record.state == "missing":
-                await self.rebuilder.finished.wait()
-                try:
-                    await self.online(str(disk_id))
-                except BlockspaceError as error:
-                    log.error("disk %d is back but cannot be re-admitted: %s", disk_id, error)
-            elif disk.returned is not None and disk.record.state == "failed":
+            if disk.returned is not None and disk.record.state == "failed":
                 log.warning("disk %d (%s) is present but failed: `blockspace disk online` "
                             "re-admits it", disk_id, disk.path)
 

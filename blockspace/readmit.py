@@ -28,7 +28,7 @@ import trio
 from blockspace.allocator import Extent
 from blockspace.checksums import CSUM_BLOCK, entry_at, entry_seq
 from blockspace.devices import Device
-from blockspace.errors import DeviceError, FormatError, InvalidInput
+from blockspace.errors import DeviceError, FormatError, InvalidInput, Unrecoverable
 from blockspace.metadata import PoolMetadata
 
 if TYPE_CHECKING:
@@ -76,6 +76,36 @@ def rows_written_since(
                 written.append(row)
                 break
     return written
+
+
+def returning_order(pool: "Pool", disk_ids: Iterable[int]) -> list[int]:
+    """The disks that left last come back first: for the slabs they share, the disk
+    that stayed longer holds writes the other one missed."""
+    return sorted(disk_ids, key=lambda d: (-pool.disks[d].record.missed_since, d))
+
+
+def check_return_order(pool: "Pool", disk_ids: Iterable[int]) -> None:
+    """InvalidInput if a disk that left later than one coming back, and shares slabs with
+    it, stays out: the returning disk's resync would miss the writes only that one has."""
+    coming = set(disk_ids)
+    for disk_id in coming:
+        since = pool.disks[disk_id].record.missed_since
+        for other, disk in pool.disks.items():
+            if other in coming or disk.record.state not in RETURNING_STATES:
+                continue
+            if disk.record.missed_since > since and _share_slabs(pool, disk_id, other):
+                raise InvalidInput(
+                    f"disk {other} left after disk {disk_id} and holds writes it missed: "
+                    f"bring both back together (`disk online POOL {disk_id} {other}`), or "
+                    f"disk {other} first"
+                )
+
+
+def _share_slabs(pool: "Pool", a: int, b: int) -> bool:
+    return any(
+        {a, b} <= {d for d, _ in extents}
+        for volume in pool.metadata.volumes for extents in volume.slabs.values()
+    )
 
 
 async def prepare(pool: "Pool", disk_id: int, device: Device) -> int:
@@ -224,7 +254,13 @@ async def _resync_parity(
         for local in rows_written_since(entries, position, rows, blocks_per_row, since):
             row = start // unit + local
             index = (position - row) % spec.width
-            rebuilt = await volume._fragments(slab, extents, row, 0, unit, [index])
+            try:
+                rebuilt = await volume._fragments(slab, extents, row, 0, unit, [index])
+            except Unrecoverable as error:
+                # Too many columns out to rebuild it: what the disk holds is the best there is.
+                log.warning("slab %d row %d kept as it is on the returning disk: %s",
+                            slab, row, error)
+                continue
             offset = row_start(spec, row)
             if not await volume._write_verified(extents, position, offset, rebuilt[index],
                                                 seq=volume.pool.next_seq(), resync=True):

@@ -159,3 +159,39 @@ def test_rows_written_since_looks_at_the_other_columns_only() -> None:
     assert rows_written_since(entries, 2, range(2), 2, since=10) == [1]
     assert rows_written_since(entries, 1, range(2), 2, since=10) == [0, 1]
     assert rows_written_since(entries, 0, range(2), 2, since=100) == []
+
+
+def test_disks_lost_beyond_the_tolerance_come_back_last_out_first() -> None:
+    """Mirror-2 on three disks: one copy of slab 0 dies, a write lands on the other alone,
+    then that one dies too. Both come back: the last out must be first (it has the
+    write), and the first out alone is refused."""
+    from blockspace.readmit import check_return_order, returning_order
+
+    async def scenario() -> None:
+        devices = [MemoryDevice(16 * MiB, path=f"mem{i}") for i in range(3)]
+        pool = await Pool.create("r", devices, media=["hdd"] * 3, slab_size=MiB,
+                                 meta_slot_size=64 << 10)
+        volume = Volume(pool, await pool.create_volume("v", 4 * MiB, MIRROR, "thin"))
+        model = bytearray(volume.size)
+        await write(volume, model, 0, volume.size, seed=6)
+        (last, _), (first, _) = volume.record.slabs[0]
+        devices[first].failed = True
+        await pool.mark_failed(first, "test: first")
+        await write(volume, model, 0, 256 << 10, seed=7)  # slab 0: on `last` alone
+        devices[last].failed = True
+        await pool.mark_failed(last, "test: second")
+        for device in devices:
+            device.failed = False
+        with pytest.raises(InvalidInput, match=f"disk {last} left after disk {first}"):
+            check_return_order(pool, [first])
+        check_return_order(pool, [first, last])
+        order = returning_order(pool, [first, last])
+        assert order == [last, first]
+        for disk_id in order:
+            await prepare(pool, disk_id, devices[disk_id])
+        for disk_id in order:
+            await resync_disk(pool, {"v": volume}, disk_id, RebuildProgress())
+        assert {d.record.state for d in pool.disks.values()} == {"online"}
+        await check_whole(pool, volume, model)
+
+    trio.run(scenario)
