@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import trio
 
 from blockspace.checksums import ENTRY_SIZE
-from blockspace.devices import Device
+from blockspace.devices import Buffer, Device
 from blockspace.errors import DeviceError
 
 PAGE = 4096
@@ -62,8 +62,13 @@ class ChecksumStore:
             parts.append(bytes(data[lo:hi]))
         return b"".join(parts)
 
-    async def write(self, disk_id: int, extent: int, first_block: int, entries: bytes) -> None:
-        """Write entries through to the disk (not flushed) and into any cached page."""
+    async def write(
+        self, disk_id: int, extent: int, first_block: int, entries: bytes,
+        *, data: tuple[int, Buffer] | None = None,
+    ) -> None:
+        """Write entries through to the disk (not flushed) and into any cached page.
+        With `data` = (device offset, bytes), write those blocks first, in the same device
+        request (`Device.write_many`: one worker round trip for both)."""
         device = self._device_of(disk_id)
         if device is None:
             raise DeviceError(f"disk {disk_id} is not available")
@@ -74,7 +79,11 @@ class ChecksumStore:
         for key, patch in patches:
             self._inflight.setdefault(key, []).append(patch)
         try:
-            await device.write(self._area_offset(disk_id, extent) + start, entries)
+            entries_at = self._area_offset(disk_id, extent) + start
+            if data is None:
+                await device.write(entries_at, entries)
+            else:
+                await device.write_many([data, (entries_at, entries)])
         finally:
             for key, patch in patches:
                 pending = self._inflight[key]

@@ -10,7 +10,10 @@ Two implementations of `Device`:
   Reads first try `preadv(..., RWF_NOWAIT)` inline on the trio thread: data already in the
   page cache is returned without any thread hop (`DeviceStats.inline_reads`); a miss
   (EAGAIN) or a partial hit goes to the workers. Writes, flushes and zeroing always go to the
-  workers, so a slow or hung disk never blocks the trio loop.
+  workers, so a slow or hung disk never blocks the trio loop. `write_many` writes several
+  pieces (a block and its checksum entries) in one job: one round trip instead of two.
+  Completions arriving close together are handed back in one batch (`_Completions`): one
+  loop wake-up for all of them.
 * `MemoryDevice`: a bytearray, with fault hooks (`failed`, `bad_ranges`, `delay`) for tests.
 
 Every OS failure becomes a `DeviceError` ("<path>: read at <offset>: <strerror>") whose
@@ -226,6 +229,14 @@ class Device(abc.ABC):
     async def write(self, offset: int, data: Buffer) -> None:
         """Write all of `data` at `offset`. Do not modify `data` until this returns."""
 
+    async def write_many(self, pieces: list[tuple[int, Buffer]]) -> None:
+        """Write each (offset, data) piece, in order, as one request where the device can
+        (`FileDevice`: one worker job, so one thread round trip instead of one per piece).
+        If a piece fails the later ones are not written. This fallback writes them one by
+        one through `write`, so wrappers (fault injection) see every piece."""
+        for offset, data in pieces:
+            await self.write(offset, data)
+
     @abc.abstractmethod
     async def flush(self) -> None:
         """Make every completed write durable (fdatasync)."""
@@ -293,7 +304,53 @@ class Device(abc.ABC):
 # worker pool
 
 
-# A job: (function, args, trio token, waiting task, claim, reply). `claim` and `reply` are
+class _Completions:
+    """Results of worker jobs on their way back to the trio thread, delivered in batches:
+    the first result of a batch asks the loop (`TrioToken.run_sync_soon`, a socket write and
+    a loop wake-up) to run `_deliver`; results that arrive before it runs join the same
+    batch for the price of a lock. One per trio run (see `_completions`)."""
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self._token = token
+        self._lock = threading.Lock()
+        self._ready: list[tuple[trio.lowlevel.Task, outcome.Outcome[Any]]] = []
+        self._armed = False
+
+    def put(self, task: trio.lowlevel.Task, result: outcome.Outcome[Any]) -> None:
+        """From a worker thread: hand `result` to `task`."""
+        with self._lock:
+            self._ready.append((task, result))
+            if self._armed:
+                return
+            self._armed = True
+        try:
+            self._token.run_sync_soon(self._deliver)
+        except trio.RunFinishedError:  # pragma: no cover - the run ended without the task
+            pass
+
+    def _deliver(self) -> None:
+        """On the trio thread: wake every task whose result has arrived."""
+        with self._lock:
+            ready, self._ready = self._ready, []
+            self._armed = False
+        reschedule = trio.lowlevel.reschedule
+        for task, result in ready:
+            reschedule(task, result)
+
+
+_COMPLETIONS: trio.lowlevel.RunVar[_Completions] = trio.lowlevel.RunVar("blockspace_completions")
+
+
+def _completions() -> _Completions:
+    try:
+        return _COMPLETIONS.get()
+    except LookupError:
+        found = _Completions(trio.lowlevel.current_trio_token())
+        _COMPLETIONS.set(found)
+        return found
+
+
+# A job: (function, args, completions, waiting task, claim, reply). `claim` and `reply` are
 # one-element lists; whoever pops `claim` first (the worker starting the job, or the task's
 # abort callback) owns the start, and whoever pops `reply` first owns the wake-up: a task
 # cancelled while its I/O hangs (a dead disk) is released at once and the late result
@@ -301,7 +358,7 @@ class Device(abc.ABC):
 _Job = tuple[
     Callable[..., Any],
     tuple[Any, ...],
-    trio.lowlevel.TrioToken,
+    _Completions,
     trio.lowlevel.Task,
     list[None],
     list[None],
@@ -315,22 +372,21 @@ def _worker_loop(jobs: queue.SimpleQueue[_Job | None]) -> None:
         job = jobs.get()
         if job is None:
             return
-        fn, args, token, task, claim, reply = job
+        fn, args, completions, task, claim, reply = job
         job = None
         try:
             claim.pop()
         except IndexError:  # withdrawn by cancellation before it started
-            fn = args = token = task = claim = reply = None  # type: ignore[assignment]
+            fn = args = completions = task = claim = reply = None  # type: ignore[assignment]
             continue
         result = outcome.capture(fn, *args)
         try:
             reply.pop()
-            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
         except IndexError:  # the task gave up waiting (cancelled): drop the result
             pass
-        except trio.RunFinishedError:  # pragma: no cover - the run ended without the task
-            pass
-        fn = args = token = task = claim = reply = result = None  # type: ignore[assignment]
+        else:
+            completions.put(task, result)
+        fn = args = completions = task = claim = reply = result = None  # type: ignore[assignment]
 
 
 @functools.cache
@@ -421,10 +477,9 @@ class FileDevice(Device):
         if not self._threads:
             self._start_workers()
         task = trio.lowlevel.current_task()
-        token = trio.lowlevel.current_trio_token()
         claim: list[None] = [None]
         reply: list[None] = [None]
-        self._jobs.put((fn, args, token, task, claim, reply))
+        self._jobs.put((fn, args, _completions(), task, claim, reply))
 
         def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
             try:
@@ -615,6 +670,29 @@ class FileDevice(Device):
             raise
         self._writes += 1
         self._bytes_written += length
+
+    async def write_many(self, pieces: list[tuple[int, Buffer]]) -> None:
+        lengths = []
+        for offset, data in pieces:
+            what = f"write at {offset}"
+            length = _byte_view(data).nbytes
+            self._check(what, offset, length)
+            self._check_writable(what)
+            lengths.append(length)
+        if not any(lengths):
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            await self._run(self._pwrite_many, pieces)
+        except DeviceError:
+            self._errors += 1
+            raise
+        self._writes += sum(1 for length in lengths if length)
+        self._bytes_written += sum(lengths)
+
+    def _pwrite_many(self, pieces: list[tuple[int, Buffer]]) -> None:
+        for offset, data in pieces:
+            self._pwrite(offset, data)
 
     async def flush(self) -> None:
         self._check("flush", 0, 0)

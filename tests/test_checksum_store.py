@@ -52,3 +52,36 @@ def test_cache_is_bounded_and_write_through() -> None:
             )
 
     trio.run(scenario)
+
+
+def test_a_write_with_its_data_is_one_device_request_and_keeps_the_cache_right() -> None:
+    """Data and entries go through `Device.write_many` together; while that request is on
+    its way, a page load still gets the new entries, and afterwards both are on the disk."""
+
+    class Recording(SlowWriteDevice):
+        def __init__(self, size: int) -> None:
+            super().__init__(size)
+            self.requests: list[list[int]] = []
+
+        async def write_many(self, pieces: list[tuple[int, bytes]]) -> None:  # type: ignore[override]
+            self.requests.append([offset for offset, _ in pieces])
+            await super().write_many(pieces)
+
+    async def scenario() -> None:
+        device = Recording(1 << 20)
+        store = ChecksumStore(lambda disk_id: device, lambda disk_id, extent: 0)
+        block = b"n" * 4096
+        new = entries_for(block, seq=9)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: store.write(0, 0, 5, new, data=(65536, memoryview(block)))
+            )
+            await trio.testing.wait_all_tasks_blocked()
+            assert await store.read(0, 0, 5, 1) == new  # loaded while the write is pending
+            device.release.set()
+        assert device.requests == [[65536, 80]]
+        assert bytes(device.data[65536:69632]) == block
+        assert bytes(device.data[80:96]) == new
+        assert await store.read(0, 0, 5, 1) == new
+
+    trio.run(scenario)

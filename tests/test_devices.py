@@ -576,3 +576,113 @@ def test_memory_device_delay_is_a_slow_disk() -> None:
         assert dev.data[0] == 0  # cancelled before it happened
 
     run(main)
+
+
+def test_write_many_is_one_worker_job_in_order(image: str) -> None:
+    """A block and its checksum entries go to the disk in one worker round trip, in order;
+    statistics count every piece."""
+
+    async def main() -> None:
+        with FileDevice(image, workers=2) as dev:
+            jobs: list[object] = []
+            real_run = dev._run
+
+            async def counting_run(fn: Callable[..., Any], *args: Any) -> Any:
+                jobs.append(fn)
+                return await real_run(fn, *args)
+
+            dev._run = counting_run  # type: ignore[method-assign]
+            block, entries = pattern(8192, 1), pattern(16, 2)
+            await dev.write_many([(4096, memoryview(block)), (MiB, entries)])
+            assert len(jobs) == 1
+            assert await dev.read(4096, 8192) == block
+            assert await dev.read(MiB, 16) == entries
+            # overlapping pieces: the later one wins, as with two writes in a row
+            await dev.write_many([(0, b"a" * 100), (50, b"b" * 10)])
+            assert await dev.read(0, 100) == b"a" * 50 + b"b" * 10 + b"a" * 40
+            stats = dev.statistics()
+            assert (stats.writes, stats.bytes_written) == (4, 8192 + 16 + 110)
+
+    run(main)
+
+
+def test_write_many_checks_every_piece_before_writing_any(image: str) -> None:
+    async def main() -> None:
+        with FileDevice(image) as dev:
+            with pytest.raises(DeviceError, match=f"write at {IMAGE_SIZE}"):
+                await dev.write_many([(0, b"x" * 4096), (IMAGE_SIZE, b"y")])
+            assert await dev.read(0, 4096) == bytes(4096)
+        with open_device(image, writable=False) as ro:
+            with pytest.raises(DeviceError, match="read-only"):
+                await ro.write_many([(0, b"x")])
+
+    run(main)
+
+
+def test_write_many_on_a_plain_device_writes_piece_by_piece() -> None:
+    """The fallback goes through `write`, so a wrapper (fault injection) sees each piece."""
+    seen: list[int] = []
+
+    class Recording(MemoryDevice):
+        async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+            seen.append(offset)
+            await super().write(offset, data)
+
+    async def main() -> None:
+        dev = Recording(MiB)
+        await dev.write_many([(8192, b"d" * 4096), (4096, b"e" * 16)])
+        assert seen == [8192, 4096]
+        assert dev.read_sync(8192, 4096) == b"d" * 4096
+        assert dev.read_sync(4096, 16) == b"e" * 16
+        dev.failed = True
+        with pytest.raises(DeviceError):
+            await dev.write_many([(0, b"x")])
+
+    run(main)
+
+
+def test_write_many_that_hangs_still_releases_its_caller(image: str) -> None:
+    """A combined write stuck in the kernel (a hung disk) must not hold the task past its
+    timeout, like any other request."""
+    gate = threading.Event()
+
+    async def main() -> None:
+        with FileDevice(image, workers=1) as dev:
+            real = dev._pwrite_many
+
+            def stuck(pieces: list[tuple[int, bytes]]) -> None:
+                gate.wait()
+                real(pieces)
+
+            dev._pwrite_many = stuck  # type: ignore[method-assign]
+            try:
+                with trio.move_on_after(0.2) as scope:
+                    await dev.write_many([(0, b"x" * 4096), (MiB, b"y" * 16)])
+                assert scope.cancelled_caught
+            finally:
+                gate.set()
+
+    run(main)
+
+
+def test_many_completions_at_once_each_reach_their_task(image: str) -> None:
+    """Completions are handed back in batches: every task still gets its own result, and
+    requests started from a batch's callbacks complete too."""
+
+    async def main() -> None:
+        with FileDevice(image, workers=4) as dev:
+            results: dict[int, bytes] = {}
+
+            async def one(i: int) -> None:
+                data = pattern(4096, i)
+                await dev.write_many([(i * 8192, data), (IMAGE_SIZE - 16 * (i + 1), b"%16d" % i)])
+                results[i] = await dev.read(i * 8192, 4096)
+
+            async with trio.open_nursery() as nursery:
+                for i in range(200):
+                    nursery.start_soon(one, i)
+            assert all(results[i] == pattern(4096, i) for i in range(200))
+            assert await dev.read(IMAGE_SIZE - 16, 16) == b"%16d" % 0
+
+    run(main)
+    run(main)  # a second trio run gets its own completion queue
