@@ -296,20 +296,9 @@ EXPECTED = {
 # cannot place new slabs when no disk outside the slab is free (ENOSPC inside tolerance), and
 # writes made during a rebuild can be lost on the rebuilt copy. Non-strict: they still run,
 # and pass once fixed.
-KNOWN_BUGS = {
-    "loss-within-tolerance": "degraded thin volume cannot allocate new slabs (ENOSPC)",
-    "bitrot-and-loss": "writes during a rebuild can be lost on the rebuilt copy",
-}
-
-
 def _quick_params() -> list[object]:
-    params = []
-    for scenario, layout in QUICK_SET:
-        marks = []
-        if scenario in KNOWN_BUGS and layout != "simple":
-            marks.append(pytest.mark.xfail(strict=False, reason=KNOWN_BUGS[scenario]))
-        params.append(pytest.param(scenario, layout, marks=marks, id=f"{scenario}-{layout}"))
-    return params
+    return [pytest.param(scenario, layout, id=f"{scenario}-{layout}")
+            for scenario, layout in QUICK_SET]
 
 
 @pytest.mark.integration

@@ -36,7 +36,7 @@ from .workload import BLOCK, describe, iter_log
 
 KiB = 1 << 10
 MiB = 1 << 20
-USABLE = ("online", "retiring")
+USABLE = ("online", "retiring", "resyncing")
 
 
 @dataclass(frozen=True)
@@ -669,8 +669,20 @@ class Trial:
             self.attempt_replace_beyond(disk)
         if not remount:
             return
-        # Bring the disks back and restart: what does the pool make of them?
+        # Bring the disks back: `disk online` resyncs what they missed, and the data must
+        # come back with them ("it comes back when the disk does"); then restart.
         self.clear_faults()
+        out = sorted(self.not_usable(self.status()))
+        readmitted = False
+        if out:
+            result = self.env.cli("--json", "disk", "online", self.pool, *map(str, out),
+                                  "--wait", check=False, timeout=900)
+            readmitted = result.returncode == 0
+            self.step(f"disk online {out}: exit {result.returncode}")
+            if not readmitted:
+                self.problem(f"disks {out} did not come back online after fault clear: "
+                             f"{result.stderr.strip()[-300:]}")
+        status = self.status()
         before = self.states(status)
         try:
             self.down()
@@ -697,10 +709,15 @@ class Trial:
         if back:
             self.problem(f"disks {back} were out of service before the remount and are back "
                          "online after it without a rebuild (stale contents trusted again)")
+        if readmitted and (stay or volume_state != "online"):
+            self.problem(f"after disk online and a remount: volume {volume_state}, disks {after}")
         assert self.pool_mnt is not None
         self.loop = self.env.attach_loop(self.pool_mnt / self.volume)
-        self.model_check("base files, block level, after fault clear + remount",
-                         self.not_usable(status), rotted)
+        back_model = self.model_check("base files, block level, after disk online + remount",
+                                      self.not_usable(status), rotted)
+        if readmitted and back_model["lost"]:
+            self.problem(f"{back_model['lost']} base blocks still fail after the disks came "
+                         "back online")
         if self.up_fs_read_only():
             summary = self.check_all("all acknowledged files through ext4, after remount",
                                      must_be_ok=False)
