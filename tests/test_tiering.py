@@ -124,7 +124,7 @@ def test_foreground_io_racing_moves_stays_correct() -> None:
         async def worker(index: int) -> None:
             rng = random.Random(index)
             base = index * region
-            for _ in range(40):
+            for _ in range(20):
                 offset = base + rng.randrange(region - 8192)
                 length = rng.randrange(1, 3 * UNIT)
                 length = min(length, base + region - offset)
@@ -135,17 +135,21 @@ def test_foreground_io_racing_moves_stays_correct() -> None:
                 assert await volume.read(probe, 4096) == model[probe : probe + 4096]
                 await volume.read(base + (index + 1) * UNIT, 4096)  # keep a unit hot
 
+        done = trio.Event()
+
         async def mover() -> None:
-            for _ in range(6):
+            while not done.is_set():  # moves for as long as the workers write
                 await optimizer.optimize()
                 for unit in list(volume.map)[:3]:
                     await volume.demote(unit)
                 await trio.sleep(0.005)
 
         async with trio.open_nursery() as nursery:
-            for index in range(4):
-                nursery.start_soon(worker, index)
             nursery.start_soon(mover)
+            async with trio.open_nursery() as workers:
+                for index in range(4):
+                    workers.start_soon(worker, index)
+            done.set()
         assert volume.counters.promotions + volume.counters.demotions > 5
         assert await volume.read(0, volume.size) == model
 
