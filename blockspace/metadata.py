@@ -48,7 +48,7 @@ META_HEADER_SIZE = 64
 _HEADER = struct.Struct("<8sIIQQQ16s8x")
 assert _HEADER.size == META_HEADER_SIZE
 
-DISK_STATES = ("online", "missing", "failed", "retiring", "retired", "resyncing")
+DISK_STATES = ("online", "missing", "failed", "retiring", "retired", "resyncing", "failing")
 LAYOUT_KINDS = ("simple", "mirror", "parity")
 PROVISIONING = ("thin", "fixed")
 LAYOUT_KEYS = ("kind", "columns", "copies", "parity", "interleave")

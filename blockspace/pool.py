@@ -51,7 +51,10 @@ DEFAULT_META_SLOT_SIZE = 4 << 20
 DEFAULT_IO_TIMEOUT = 30.0
 # Readable and written; retiring takes no new data; each extent of a resyncing disk (back
 # after being away) is used only once resynced.
-USABLE_STATES = ("online", "retiring", "resyncing")
+# A failing disk (repeated checksum errors) still serves, takes no new data, and is what
+# `pool repair` evacuates.
+USABLE_STATES = ("online", "retiring", "resyncing", "failing")
+FAILING_CHECKSUM_ERRORS = 64  # bad blocks in one session that make a disk "failing"
 
 
 @dataclass
@@ -476,6 +479,17 @@ class Pool:
         # Another task may have set the state and not committed it yet (or its commit was
         # cancelled): this write is acknowledged only once a generation records it.
         if disk_id in self._unsaved_states:
+            await self.commit()
+
+    async def count_checksum_errors(self, disk_id: int, blocks: int) -> None:
+        """Blocks of this disk that failed their checksum; past a threshold the disk is
+        "failing": it keeps serving (its copies are healed) but takes no new data, and the
+        pool asks for it to be replaced."""
+        disk = self.disks[disk_id]
+        disk.errors["checksum"] += blocks
+        if disk.errors["checksum"] >= FAILING_CHECKSUM_ERRORS and disk.record.state == "online":
+            self._set_state(disk_id, "failing",
+                            f"{disk.errors['checksum']} blocks failed their checksum")
             await self.commit()
 
     def away_since(self) -> int:

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 PARALLEL_MOVES = 4  # slabs moved at once
 # Disks whose extents a repair moves away: out of service, or being retired.
-EVACUATE_STATES = ("failed", "missing", "retiring")
+EVACUATE_STATES = ("failed", "missing", "retiring", "failing")
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,7 @@ async def _scrub_copies(
     report.checksum_errors += choice.checksum_errors
     report.mismatches += choice.mismatches + choice.stale
     for position, indexes in choice.repairs.items():
-        volume.pool.disks[extents[position][0]].errors["checksum"] += len(indexes)
+        await volume.pool.count_checksum_errors(extents[position][0], len(indexes))
     for index in choice.unrecoverable:
         offset = _volume_offset(volume, slab, column, start + index * CSUM_BLOCK)
         _add_unrecoverable(report, volume.name, offset, CSUM_BLOCK)
@@ -136,8 +136,8 @@ async def _scrub_parity(
             else:
                 bad.append(index)
                 report.checksum_errors += 1
-                volume.pool.disks[extents[code_position(spec, row, index)][0]].errors[
-                    "checksum"] += 1
+                await volume.pool.count_checksum_errors(
+                    extents[code_position(spec, row, index)][0], 1)
         if len(good) < spec.columns:
             for index in bad:
                 if index < spec.columns:

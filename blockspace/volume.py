@@ -273,7 +273,7 @@ class Volume:
         if bad:
             disk_id, extent = extents[position]
             disk = self.pool.disks[disk_id]
-            disk.errors["checksum"] += len(bad)
+            await self.pool.count_checksum_errors(disk_id, len(bad))
             log.warning(
                 "checksum mismatch on disk %d (%s), extent %d, blocks %s",
                 disk_id, disk.path, extent, [start // BLOCK + b for b in bad][:8],

@@ -191,3 +191,33 @@ def test_a_disk_absent_at_mount_is_recorded_missing_with_what_it_may_have_missed
         assert third.disks[2].record.missed_since == record.missed_since
 
     trio.run(scenario)
+
+
+def test_repeated_checksum_errors_make_a_disk_failing_but_it_keeps_serving() -> None:
+    from blockspace.pool import FAILING_CHECKSUM_ERRORS
+
+    async def scenario() -> None:
+        pool, volume, devices = await make(disks=3)
+        data = bytes(range(256)) * (2 * MiB // 256)
+        await volume.write(0, data)
+        await volume.flush()
+        rotten = copy_device(pool, volume, 1)
+        disk_id = volume.record.slabs[0][1][0]
+        rotten.set_spec(FaultSpec(bitflip=1.0))  # every read of it comes back flipped
+        healthy_reads = 0
+        while pool.disks[disk_id].record.state == "online":
+            assert await volume.read(0, volume.size) == data  # served from the good copy
+            healthy_reads += 1
+            assert healthy_reads < 1000
+        record = pool.disks[disk_id].record
+        assert record.state == "failing"
+        assert "failed their checksum" in record.state_reason
+        assert pool.disks[disk_id].errors["checksum"] >= FAILING_CHECKSUM_ERRORS
+        assert disk_id not in pool.usable_disk_ids()  # no new data goes there
+        rotten.set_spec(FaultSpec())
+        await volume.write(0, data[:65536])  # still written: its copies stay current
+        assert await volume.read(0, volume.size) == data
+        reopened = await Pool.open(devices)
+        assert reopened.disks[disk_id].record.state == "failing"
+
+    trio.run(scenario)
