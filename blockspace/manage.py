@@ -235,7 +235,7 @@ class DiskManager:
         async def finish() -> None:
             return None
 
-        return await self._start(moves, "rebalance", finish)
+        return await self._start(moves, "rebalance", finish, evacuate=False)
 
     def auto_repair(self, disk_id: int) -> None:
         """A disk just failed: rebuild its extents onto free space if there is room."""
@@ -261,11 +261,16 @@ class DiskManager:
 
     async def _start(
         self, moves: list[Move], reason: str, finish: Callable[[], Any], *,
-        prefer: int | None = None,
+        prefer: int | None = None, evacuate: bool = True,
     ) -> dict[str, Any]:
+        sources = {move.disk_id for move in moves}
+
+        def replan() -> list[Move]:  # what is still (or newly) on the disks being emptied
+            return plan_moves(self.pool, sources & set(self.pool.disks))
+
         async def run() -> None:
             await self.rebuilder.run(moves, reason, prefer=prefer, rate_limit=self.rate_limit,
-                                     after=finish)
+                                     after=finish, replan=replan if evacuate else None)
 
         self.rebuilder.finished = trio.Event()  # active from now, even before the task runs
         self.rebuilder.progress.state = "running"

@@ -549,14 +549,29 @@ class Pool:
         return [(d, e) for d, e in self.metadata.used_extents() if d == disk_id]
 
     async def _zero_extents(self, extents: Sequence[Extent]) -> None:
+        """Zero new extents. A disk that fails to (dead, though nothing noticed yet) is
+        failed, and its extent left absent like a degraded placement's."""
+
+        async def zero(disk_id: int, extent: int) -> None:
+            disk = self.disks[disk_id]
+            offset = self.extent_offset(disk_id, extent)
+            stride = disk.geometry.extent_stride
+
+            async def op(device: Device) -> None:
+                await device.zero(offset, stride)
+
+            try:
+                await self._disk_io(disk, "zeroing of a new extent", op)
+            except DeviceError as error:
+                disk.errors["write"] += 1
+                await self.mark_failed(disk_id, str(error))
+
         jobs = []
         for disk_id, extent in extents:
-            device = self.device(disk_id)
-            if device is not None:
+            if self.device(disk_id) is not None:
                 geometry = self.disks[disk_id].geometry
                 self.checksums.forget_extent(disk_id, extent, geometry.checksum_area_size // BLOCK)
-                offset = self.extent_offset(disk_id, extent)
-                jobs.append(bind(device.zero, offset, geometry.extent_stride))
+                jobs.append(bind(zero, disk_id, extent))
         await run_all(jobs)
 
     async def allocate_slabs(
@@ -580,6 +595,11 @@ class Pool:
             for placement in placements:
                 await self._zero_extents(placement)
             await self.flush()  # the zeroes are durable before any map points at them
+            for placement in placements:
+                absent = sum(self.device(d) is None for d, _ in placement)
+                if absent > spec.tolerance:
+                    raise DeviceError(f"a new slab of volume {volume.name!r} lost {absent} "
+                                      "disks while it was being placed")
             for index, placement in zip(slab_indexes, placements, strict=True):
                 volume.slabs[index] = list(placement)
             await self.commit()

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 PARALLEL_MOVES = 4  # slabs moved at once
+REPLAN_ROUNDS = 5  # passes over what is left on the disks being emptied
 # Disks whose extents a repair moves away: out of service, or being retired.
 EVACUATE_STATES = ("failed", "missing", "retiring", "failing")
 
@@ -327,6 +328,7 @@ class Rebuilder:
     async def run(
         self, moves: list[Move], reason: str, *, prefer: int | None = None, rate_limit: int = 0,
         after: Callable[[], Awaitable[None]] | None = None,
+        replan: Callable[[], list[Move]] | None = None,
     ) -> RebuildProgress:
         self.progress = progress = RebuildProgress(
             state="running", reason=reason, total=len(moves), started=time.time(),
@@ -348,9 +350,18 @@ class Rebuilder:
                         await trio.sleep_until(start)
                     await self._move_one(move, prefer, progress)
 
-            async with trio.open_nursery() as nursery:
-                for move in moves:
-                    nursery.start_soon(mover, move)
+            for _ in range(REPLAN_ROUNDS):
+                async with trio.open_nursery() as nursery:
+                    for move in moves:
+                        nursery.start_soon(mover, move)
+                # Writes meanwhile may have placed new slabs degraded on a disk being
+                # emptied (the only out-of-service disk with room): take those too.
+                if replan is None or progress.failed:
+                    break
+                moves = replan()
+                if not moves:
+                    break
+                progress.total += len(moves)
             progress.state = "done" if not progress.failed else "failed"
             if after is not None:
                 await after()

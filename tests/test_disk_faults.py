@@ -221,3 +221,16 @@ def test_repeated_checksum_errors_make_a_disk_failing_but_it_keeps_serving() -> 
         assert reopened.disks[disk_id].record.state == "failing"
 
     trio.run(scenario)
+
+
+def test_a_dead_disk_first_noticed_while_zeroing_a_new_slab_does_not_fail_the_write() -> None:
+    async def scenario() -> None:
+        pool, volume, devices = await make(disks=2)
+        await volume.write(0, b"A" * 65536)  # slab 0
+        devices[1].set_spec(FaultSpec(dead=True))  # nothing has touched it since
+        await volume.write(MiB, b"B" * 65536)  # slab 1: its zeroing finds disk 1 dead
+        assert pool.disks[1].record.state == "failed"
+        assert await volume.read(MiB, 65536) == b"B" * 65536
+        assert await volume.read(0, 65536) == b"A" * 65536
+
+    trio.run(scenario)
