@@ -30,6 +30,7 @@ DEFAULT_INTERVAL = 300.0  # seconds between scheduled passes
 DEFAULT_RATE = 64 << 20  # bytes per second moved between tiers
 DEFAULT_MAX_MOVES = 4096  # moves per pass
 SETTLE = 1.0  # a dirty unit is destaged once not written for this long
+PARALLEL_MOVES = 16  # moves in flight at once (each locks its own unit; commits are shared)
 
 
 @dataclass
@@ -128,12 +129,9 @@ class TierOptimizer:
                     await self._destage(volume.dirty_units(), report, settle=0.0)
                 plan = self.plan()
                 report.planned = plan.moves
-                for unit in plan.demote:
-                    if await self._move(volume.demote, unit, report):
-                        report.demoted += 1
-                for unit in plan.promote:
-                    if await self._move(volume.promote, unit, report):
-                        report.promoted += 1
+                # Demotions first: they free the slots the promotions take.
+                await self._parallel(volume.demote, plan.demote, report, "demoted")
+                await self._parallel(volume.promote, plan.promote, report, "promoted")
             finally:
                 report.finished = time.time()
                 self.last = report
@@ -150,16 +148,25 @@ class TierOptimizer:
     def wake(self) -> None:
         self._wake.set()
 
+    async def _parallel(self, op: Callable[[int], Any], units: list[int], report: PassReport,
+                        field: str) -> None:
+        limiter = trio.CapacityLimiter(PARALLEL_MOVES)
+
+        async def one(unit: int) -> None:
+            async with limiter:
+                if await self._move(op, unit, report):
+                    setattr(report, field, getattr(report, field) + 1)
+
+        async with trio.open_nursery() as nursery:
+            for unit in units:
+                nursery.start_soon(one, unit)
+
     async def _destage(self, units: list[int], report: PassReport, *, settle: float) -> int:
-        done = 0
         now = time.monotonic()
-        for unit in units:
-            if settle and now - self.volume.last_write.get(unit, -math.inf) < settle:
-                continue
-            if await self._move(self.volume.destage, unit, report):
-                report.destaged += 1
-            done += 1
-        return done
+        ready = [u for u in units
+                 if not settle or now - self.volume.last_write.get(u, -math.inf) >= settle]
+        await self._parallel(self.volume.destage, ready, report, "destaged")
+        return len(ready)
 
     async def _move(self, op: Callable[[int], Any], unit: int, report: PassReport) -> bool:
         if self.rate:
