@@ -110,6 +110,7 @@ class Pool:
         # Disks whose state changed in memory but no committed generation records yet.
         self._unsaved_states: set[int] = set()
         self.writes_in_flight: dict[int, int] = {}  # write sequence number -> count
+        self.evacuating: set[int] = set()  # disks a running rebuild is emptying
         # Extents of a returning disk not resynced yet: treated as absent by all I/O.
         self.resyncing: set[Extent] = set()
 
@@ -610,13 +611,17 @@ class Pool:
             raise
 
     def _place_degraded(self, volume: VolumeRecord, spec: LayoutSpec, index: int) -> list[Extent]:
-        standby = [d for d, disk in self.disks.items()
-                   if disk.record.state in ("failed", "missing")]
-        live, absent = self.allocator.allocate_degraded(
-            spec.width, exclude=self.unusable_disk_ids() + self.media_excluded(volume),
-            standby=standby,
-            max_absent=spec.tolerance,
-        )
+        out = [d for d, disk in self.disks.items() if disk.record.state in ("failed", "missing")]
+        exclude = self.unusable_disk_ids() + self.media_excluded(volume)
+        # Rather not on a disk a rebuild is emptying: the extent could not follow it there.
+        for standby in ([d for d in out if d not in self.evacuating], out):
+            try:
+                live, absent = self.allocator.allocate_degraded(
+                    spec.width, exclude=exclude, standby=standby, max_absent=spec.tolerance)
+                break
+            except NoSpace:
+                if standby is out:
+                    raise
         placement: list[Extent | None] = [None] * spec.width
         for position, extent in zip(absent_positions(spec, len(absent)), absent, strict=True):
             placement[position] = extent

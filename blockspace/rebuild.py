@@ -336,6 +336,8 @@ class Rebuilder:
         )
         if self.finished.is_set():
             self.finished = trio.Event()
+        sources = {move.disk_id for move in moves} - self.pool.evacuating
+        self.pool.evacuating |= sources
         try:
             # Several slabs at once: their sources and targets are spread over all disks.
             # Extents of one slab still move one at a time (each move locks its slab).
@@ -369,6 +371,7 @@ class Rebuilder:
             progress.state = "cancelled"
             raise
         finally:
+            self.pool.evacuating -= sources
             progress.finished = time.time()
             self.finished.set()
             log.info("rebuild (%s) %s: %d moved, %d failed", reason, progress.state,

@@ -297,3 +297,43 @@ def test_a_slab_beyond_the_tolerance_still_gets_no_space() -> None:
         assert pool.metadata.generation == generation
 
     trio.run(scenario)
+
+
+def test_a_replace_also_takes_the_slabs_placed_on_the_old_disk_while_it_ran() -> None:
+    async def scenario() -> None:
+        devices = [MemoryDevice(12 * MiB, path=f"mem{i}") for i in range(4)]
+        pool = await Pool.create("d", devices, media=["hdd"] * 4, slab_size=MiB,
+                                 meta_slot_size=64 << 10)
+        record = await pool.create_volume("v", 8 * DUAL.slab_data_size(MiB), DUAL, "thin")
+        volume = Volume(pool, record)
+        model = bytearray(volume.size)
+        await volume.write(0, b"a" * DUAL.slab_data_size(MiB))
+        model[: DUAL.slab_data_size(MiB)] = b"a" * DUAL.slab_data_size(MiB)
+        for disk_id in (1, 2):
+            devices[disk_id].failed = True
+            await pool.mark_failed(disk_id, "test")
+        new = await pool.add_disk(MemoryDevice(12 * MiB, path="new"), "hdd")
+        for device in devices:
+            device.delay = 0.001
+
+        async def writer() -> None:  # new slabs: 3 disks live, one extent on disk 1 or 2
+            for slab in range(1, 8):
+                payload = bytes([slab]) * 8192
+                await volume.write(slab * DUAL.slab_data_size(MiB), payload)
+                offset = slab * DUAL.slab_data_size(MiB)
+                model[offset : offset + len(payload)] = payload
+
+        async def replace() -> None:
+            await Rebuilder(pool, lambda: volumes_of(volume)).run(
+                plan_moves(pool, {1}), "replace", prefer=new.record.disk_id,
+                replan=lambda: plan_moves(pool, {1}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer)
+            nursery.start_soon(replace)
+        assert pool.extents_on(1) == 0
+        assert {d for extents in volume.record.slabs.values() for d, _ in extents} == {
+            0, 2, 3, new.record.disk_id}  # degraded slabs went to disk 2, not disk 1
+        assert await volume.read(0, volume.size) == bytes(model)
+
+    trio.run(scenario)
