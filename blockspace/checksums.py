@@ -57,6 +57,7 @@ class Choice:
     repairs: dict[int, list[int]] = field(default_factory=dict)  # position -> blocks to rewrite
     unrecoverable: list[int] = field(default_factory=list)  # blocks with no valid copy
     checksum_errors: int = 0
+    failed: dict[int, int] = field(default_factory=dict)  # position -> blocks failing
     stale: int = 0  # valid copies older than the newest (a lost write)
     mismatches: int = 0  # valid copies of the same write that differ
 
@@ -76,6 +77,7 @@ def choose_blocks(copies: dict[int, tuple[bytes, bytes]]) -> Choice:
                 valid.append(position)
             else:
                 choice.checksum_errors += 1
+                choice.failed[position] = choice.failed.get(position, 0) + 1
                 failing.append(position)
         if not valid:
             choice.unrecoverable.append(index)  # nothing to repair from: leave it as it is

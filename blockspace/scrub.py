@@ -95,8 +95,8 @@ async def _scrub_copies(
     choice = choose_blocks(copies)
     report.checksum_errors += choice.checksum_errors
     report.mismatches += choice.mismatches + choice.stale
-    for position, indexes in choice.repairs.items():
-        await volume.pool.count_checksum_errors(extents[position][0], len(indexes))
+    for position, count in choice.failed.items():
+        await volume.pool.count_checksum_errors(extents[position][0], count)
     for index in choice.unrecoverable:
         offset = _volume_offset(volume, slab, column, start + index * CSUM_BLOCK)
         _add_unrecoverable(report, volume.name, offset, CSUM_BLOCK)

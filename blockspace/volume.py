@@ -271,13 +271,12 @@ class Volume:
         data, entries = raw
         bad = bad_blocks(data, entries)
         if bad:
+            # Not counted against the disk here: an unlocked read racing a write can see new
+            # entries with old data. The careful path re-reads under the row locks and
+            # counts what is really bad (merge_copies, _fragments).
             disk_id, extent = extents[position]
-            disk = self.pool.disks[disk_id]
-            await self.pool.count_checksum_errors(disk_id, len(bad))
-            log.warning(
-                "checksum mismatch on disk %d (%s), extent %d, blocks %s",
-                disk_id, disk.path, extent, [start // BLOCK + b for b in bad][:8],
-            )
+            log.debug("checksum mismatch on disk %d, extent %d, blocks %s",
+                      disk_id, extent, [start // BLOCK + b for b in bad][:8])
             return Fault.CORRUPT
         return raw
 
@@ -457,6 +456,11 @@ class Volume:
                 f"volume {self.name!r}: no readable copy of slab {slab} at extent offset {start}"
             )
         choice = choose_blocks(copies)
+        for position, count in choice.failed.items():
+            disk_id, extent = extents[position]
+            log.warning("checksum mismatch on disk %d, extent %d: %d blocks", disk_id, extent,
+                        count)
+            await self.pool.count_checksum_errors(disk_id, count)
         blocks = (end - start) // BLOCK
         for position in unreadable:  # a drive remaps a sector when it is written again
             choice.repairs[position] = list(range(blocks))
@@ -512,6 +516,10 @@ class Volume:
                 found[index] = result
             elif result is Fault.CORRUPT:
                 corrupt.append(index)
+                disk_id, extent = extents[position]
+                log.warning("checksum mismatch on disk %d, extent %d (slab %d row %d)",
+                            disk_id, extent, slab, row)
+                await self.pool.count_checksum_errors(disk_id, 1)
 
         await run_all([bind(fetch, index) for index in wanted])
         if all(index in found for index in wanted):

@@ -204,11 +204,13 @@ def test_repeated_checksum_errors_make_a_disk_failing_but_it_keeps_serving() -> 
         rotten = copy_device(pool, volume, 1)
         disk_id = volume.record.slabs[0][1][0]
         rotten.set_spec(FaultSpec(bitflip=1.0))  # every read of it comes back flipped
-        healthy_reads = 0
-        while pool.disks[disk_id].record.state == "online":
+        scrubs = 0
+        while pool.disks[disk_id].record.state == "online":  # one bad block per scrub
+            report = await scrub_slab(volume, 0)
+            assert report.checksum_errors == 1
             assert await volume.read(0, volume.size) == data  # served from the good copy
-            healthy_reads += 1
-            assert healthy_reads < 1000
+            scrubs += 1
+            assert scrubs <= FAILING_CHECKSUM_ERRORS
         record = pool.disks[disk_id].record
         assert record.state == "failing"
         assert "failed their checksum" in record.state_reason

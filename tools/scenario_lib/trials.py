@@ -36,7 +36,7 @@ from .workload import BLOCK, describe, iter_log
 
 KiB = 1 << 10
 MiB = 1 << 20
-USABLE = ("online", "retiring", "resyncing")
+USABLE = ("online", "retiring", "resyncing", "failing")
 
 
 @dataclass(frozen=True)
