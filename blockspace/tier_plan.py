@@ -8,8 +8,9 @@ Rules, in order:
 2. Free ssd slots take the hottest units that are not there yet, if they are warm enough
    (heat >= `min_heat`).
 3. A full ssd tier swaps a resident unit for a hotter one only when the newcomer is
-   clearly hotter: heat(new) > heat(old) * (1 + hysteresis) + min_heat. So a plan applied
-   once leaves nothing for the next plan to undo at the same heat: no ping-pong.
+   clearly hotter: heat(new) > heat(old) * (1 + hysteresis) + margin. So a plan applied
+   once leaves nothing for the next plan to undo at the same heat (and decay scales all
+   heat alike, so it stays so): no ping-pong.
 4. At most `max_moves` moves (promotions + demotions) per plan: the rate limit per pass.
 """
 
@@ -20,6 +21,13 @@ from dataclasses import dataclass, field
 
 DEFAULT_HYSTERESIS = 0.25
 DEFAULT_MIN_HEAT = 2.0
+DEFAULT_MARGIN = 0.5
+
+
+def clearly_hotter(new: float, old: float, hysteresis: float = DEFAULT_HYSTERESIS,
+                   margin: float = DEFAULT_MARGIN) -> bool:
+    """Whether a unit of heat `new` should take the ssd slot of one of heat `old`."""
+    return new > old * (1.0 + hysteresis) + margin
 
 
 @dataclass
@@ -42,6 +50,7 @@ def plan_moves(
     max_moves: int = 1 << 30,
     hysteresis: float = DEFAULT_HYSTERESIS,
     min_heat: float = DEFAULT_MIN_HEAT,
+    margin: float = DEFAULT_MARGIN,
 ) -> Plan:
     """The moves that bring the ssd tier closer to the hottest `capacity` units."""
     on_ssd = set(resident)
@@ -89,7 +98,7 @@ def plan_moves(
         if not victims or plan.moves + 2 > max_moves:
             break
         victim = victims[0]
-        if heat_of(unit) <= heat_of(victim) * (1.0 + hysteresis) + min_heat:
+        if not clearly_hotter(heat_of(unit), heat_of(victim), hysteresis, margin):
             break  # candidates only get colder from here
         victims.pop(0)
         plan.demote.append(victim)

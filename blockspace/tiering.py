@@ -26,6 +26,7 @@ point leaves a committed map whose every entry points at verified data.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -38,6 +39,7 @@ from blockspace.errors import DeviceError, InvalidInput
 from blockspace.heat import HeatMap
 from blockspace.metadata import TierInfo, VolumeRecord
 from blockspace.pool import Pool
+from blockspace.tier_plan import clearly_hotter
 from blockspace.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -163,6 +165,7 @@ class TieredVolume:
         self._version = self._persisted = 0
         self._persist_lock = trio.Lock()
         self.last_write: dict[int, float] = {}  # dirty unit -> last write (monotonic)
+        self._coldest: tuple[float, float] = (0.0, -1.0)  # (heat, when): scans are O(slots)
         self.dirty_changed = trio.Event()
 
     # ---- what the FUSE adapter and the daemon use ----------------------------------
@@ -257,8 +260,10 @@ class TieredVolume:
                     await self.hdd.write(unit * self.unit + unit_offset, payload)
                     return
             # Write-back of a unit not on the ssd tier: bring it there (no lock held while
-            # room is made, so no two unit locks are ever held at once).
-            if not self._free and not await self.evict_one_clean():
+            # room is made, so no two unit locks are ever held at once), taking the slot
+            # of a clean unit only if this one is clearly hotter (a bulk write of cold
+            # data does not flush the hot data out).
+            if not self._free and not await self.evict_one_clean(self.heat.heat(unit)):
                 self.counters.writes_bypassed += 1
                 self.dirty_changed.set()  # the destager makes room for the next ones
                 to_hdd = True
@@ -404,14 +409,23 @@ class TieredVolume:
             self.counters.demotions += 1
             return True
 
-    async def evict_one_clean(self) -> bool:
-        """Free a slot by dropping the coldest clean unit not pinned to the ssd tier."""
+    async def evict_one_clean(self, for_heat: float | None = None) -> bool:
+        """Free a slot by dropping the coldest clean unit not pinned to the ssd tier (if
+        `for_heat` is given: only one clearly colder than that)."""
+        coldest, when = self._coldest
+        now = time.monotonic()
+        if for_heat is not None and now - when < 1.0 and not clearly_hotter(for_heat, coldest):
+            return False  # no clean unit was colder than this a moment ago: do not rescan
         candidates = [
             u for u, (_, dirty) in self.map.items()
             if not dirty and pinned_tier(self.tiers.pins, u, self.unit) != "ssd"
         ]
         if not candidates:
+            self._coldest = (math.inf, now)
             return False
         victim = min(candidates, key=lambda u: (self.heat.heat(u), u))
+        self._coldest = (self.heat.heat(victim), now)
+        if for_heat is not None and not clearly_hotter(for_heat, self._coldest[0]):
+            return False
         await self.demote(victim)
         return bool(self._free)

@@ -24,7 +24,7 @@ def test_fills_free_slots_with_the_hottest() -> None:
 
 
 def test_swaps_only_when_clearly_hotter() -> None:
-    assert plan_moves({1: 10.0, 2: 12.0}, {1}, 1).moves == 0  # 12 <= 10 * 1.25 + 2
+    assert plan_moves({1: 10.0, 2: 12.0}, {1}, 1).moves == 0  # 12 <= 10 * 1.25 + 0.5
     plan = plan_moves({1: 10.0, 2: 40.0}, {1}, 1)
     assert plan.demote == [1]
     assert plan.promote == [2]
