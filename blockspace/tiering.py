@@ -248,7 +248,7 @@ class TieredVolume:
     async def _write_piece(self, unit: int, unit_offset: int, payload: memoryview) -> None:
         self.counters.writes += 1
         self.heat.touch(unit)
-        to_hdd = not self.write_back or not any(payload) or (
+        to_hdd = not self.write_back or not payload.tobytes().lstrip(b"\0") or (
             pinned_tier(self.tiers.pins, unit, self.unit) == "hdd")
         for _attempt in range(3):
             async with self.locks.shared(unit):
