@@ -51,9 +51,10 @@ DEFAULT_META_SLOT_SIZE = 4 << 20
 DEFAULT_IO_TIMEOUT = 30.0
 # Readable and written; retiring takes no new data; each extent of a resyncing disk (back
 # after being away) is used only once resynced.
-# A failing disk (repeated checksum errors) still serves, takes no new data, and is what
-# `pool repair` evacuates.
+# A failing disk (repeated checksum errors) still serves and is healed: a warning to
+# replace it.
 USABLE_STATES = ("online", "retiring", "resyncing", "failing")
+ALLOCATABLE_STATES = ("online", "resyncing", "failing")
 FAILING_CHECKSUM_ERRORS = 64  # bad blocks in one session that make a disk "failing"
 
 
@@ -78,8 +79,10 @@ class PoolDisk:
 
     @property
     def allocatable(self) -> bool:
-        # A resyncing disk takes new slabs: their extents are zeroed, so current at once.
-        return self.device is not None and self.record.state in ("online", "resyncing")
+        # A resyncing disk takes new slabs: their extents are zeroed, so current at once. A
+        # failing one too: it is a warning (replace it), and a pool of exactly the layout's
+        # width could otherwise place nothing.
+        return self.device is not None and self.record.state in ALLOCATABLE_STATES
 
 
 def read_label(device: Device) -> DiskLabel | None:
@@ -484,8 +487,8 @@ class Pool:
 
     async def count_checksum_errors(self, disk_id: int, blocks: int) -> None:
         """Blocks of this disk that failed their checksum; past a threshold the disk is
-        "failing": it keeps serving (its copies are healed) but takes no new data, and the
-        pool asks for it to be replaced."""
+        "failing": it keeps serving (its copies are healed), and the pool asks for it to be
+        replaced."""
         disk = self.disks[disk_id]
         disk.errors["checksum"] += blocks
         if disk.errors["checksum"] >= FAILING_CHECKSUM_ERRORS and disk.record.state == "online":

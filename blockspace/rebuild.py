@@ -31,7 +31,7 @@ CHUNK = 1 << 20
 PARALLEL_MOVES = 4  # slabs moved at once
 REPLAN_ROUNDS = 5  # passes over what is left on the disks being emptied
 # Disks whose extents a repair moves away: out of service, or being retired.
-EVACUATE_STATES = ("failed", "missing", "retiring", "failing")
+EVACUATE_STATES = ("failed", "missing", "retiring")
 
 
 @dataclass(frozen=True)
