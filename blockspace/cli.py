@@ -352,7 +352,9 @@ def cmd_volume_create(args: argparse.Namespace) -> int:
                         provisioning=args.provisioning, **create_fields(args))
     else:
         if args.size is None:
-            raise InvalidInput("--size is required (or --tier ssd:... --tier hdd:...)")
+            raise UsageError("blockspace volume create: error: the following arguments are "
+                             "required: --size (or, for a tiered volume, --tier ssd:... and "
+                             "--tier hdd:...)")
         size = _size(args.size, "--size")
         _volume_request(
             args, "volume_create", name=args.name, size=size,

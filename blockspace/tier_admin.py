@@ -232,7 +232,10 @@ def _tiered(pool: Pool, name: str) -> VolumeRecord:
 
 
 def _check_range(record: VolumeRecord, offset: int, length: int) -> None:
-    if offset < 0 or length <= 0 or offset % BLOCK or length % BLOCK:
+    if not 0 <= offset < record.size:
+        raise InvalidInput(f"offset {offset} is past the end of volume {record.name!r} "
+                           f"({record.size} bytes)")
+    if length <= 0 or offset % BLOCK or length % BLOCK:
         raise InvalidInput("a pinned range must start and end on 4K boundaries")
     if offset + length > record.size:
         raise InvalidInput(f"the range {offset}+{length} runs past the end of volume "
