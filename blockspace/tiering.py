@@ -29,7 +29,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 import trio
@@ -216,14 +216,58 @@ class TieredVolume:
 
     async def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
+        pieces = self._pieces(offset, length)
+        if len(pieces) > 1:
+            whole = await self._at_home(offset, length, [p[0] for p in pieces], None)
+            if whole is not None:
+                return whole
         out = bytearray(length)
         view = memoryview(out)
 
         async def piece(unit: int, unit_offset: int, start: int, count: int) -> None:
             view[start : start + count] = await self._read_piece(unit, unit_offset, count)
 
-        await run_all([bind(piece, *p) for p in self._pieces(offset, length)])
+        await run_all([bind(piece, *p) for p in pieces])
         return bytes(out)
+
+    async def _at_home(self, offset: int, length: int, units: list[int],
+                       data: memoryview | None) -> bytes | None:
+        """A request over several units none of which is on the ssd tier (and, for a write,
+        that would go home anyway) in one hdd-tier call: b"" for a write done, the bytes
+        for a read, None if some unit needs the unit-by-unit path."""
+        if any(u in self.map for u in units):
+            return None
+        if data is not None and self.write_back and not self._bypasses(units, data):
+            return None
+        async with AsyncExitStack() as stack:
+            for unit in units:  # ascending: lock order, no deadlock with other requests
+                await stack.enter_async_context(self.locks.shared(unit))
+            if any(u in self.map for u in units):
+                return None
+            for unit in units:
+                self.heat.touch(unit)
+            if data is None:
+                self.counters.reads += len(units)
+                return await self.hdd.read(offset, length)
+            self.counters.writes += len(units)
+            if self.write_back:
+                self.counters.writes_bypassed += len(units)
+            await self.hdd.write(offset, data)
+            return b""
+
+    def _bypasses(self, units: list[int], data: memoryview) -> bool:
+        """Whether a write-back write of these units would send every piece home."""
+        if not data.tobytes().lstrip(b"\0"):
+            return True
+        if all(pinned_tier(self.tiers.pins, u, self.unit) == "hdd" for u in units):
+            return True
+        if self._free:
+            return False
+        coldest, when = self._coldest
+        if time.monotonic() - when >= 1.0:
+            return False  # not known: the unit-by-unit path looks
+        hottest = max(self.heat.heat(u) for u in units) + 1.0  # with this write's touch
+        return not clearly_hotter(hottest, coldest)
 
     async def _read_piece(self, unit: int, unit_offset: int, count: int) -> bytes:
         async with self.locks.shared(unit):
@@ -240,9 +284,13 @@ class TieredVolume:
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_range(offset, len(data))
         view = memoryview(data)
+        pieces = self._pieces(offset, len(data))
+        if len(pieces) > 1 and await self._at_home(offset, len(data), [p[0] for p in pieces],
+                                                   view) is not None:
+            return
         await run_all([
             bind(self._write_piece, unit, unit_offset, view[start : start + count])
-            for unit, unit_offset, start, count in self._pieces(offset, len(data))
+            for unit, unit_offset, start, count in pieces
         ])
 
     async def _write_piece(self, unit: int, unit_offset: int, payload: memoryview) -> None:
