@@ -581,9 +581,12 @@ def _print_disk_result(result: dict[str, Any]) -> None:
     if "added" in result:
         console.print(f"added disk(s) {', '.join(str(i) for i in result['added'])}")
         return
+    resync = str(result["reason"]).startswith("resync")
     console.print(
-        f"rebuild {result['state']} ({result['reason']}): {result['done']}/{result['total']} "
-        f"extents moved, {result['failed']} failed, {format_size(result['bytes_moved'])} at "
+        f"{'resync' if resync else 'rebuild'} {result['state']} ({result['reason']}): "
+        f"{result['done']}/{result['total']} extents {'resynced' if resync else 'moved'}, "
+        f"{result['failed']} failed, {format_size(result['bytes_moved'])} "
+        f"{'rewritten' if resync else 'moved'} at "
         f"{format_size(int(result['bytes_per_second']))}/s"
     )
     for error in result.get("errors", []):

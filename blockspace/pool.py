@@ -371,7 +371,8 @@ class Pool:
     def _set_state(self, disk_id: int, state: str, reason: str) -> None:
         disk = self.disks[disk_id]
         if disk.record.state != state:
-            log.error("disk %d (%s) is now %s: %s", disk_id, disk.path, state, reason)
+            level = logging.ERROR if state in ("failed", "missing", "failing") else logging.INFO
+            log.log(level, "disk %d (%s) is now %s: %s", disk_id, disk.path, state, reason)
             disk.record.state_since = time.time()
             self._unsaved_states.add(disk_id)
             if disk.record.state in USABLE_STATES and state not in USABLE_STATES:
