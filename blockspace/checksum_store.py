@@ -19,6 +19,14 @@ from blockspace.errors import DeviceError
 
 PAGE = 4096
 Key = tuple[int, int, int]  # disk id, extent, page index
+DEFAULT_MAX_PAGES = 4096  # 16 MiB of entries: the checksums of 4 GiB of data
+# RAM per cached page: the bytearray (4096 bytes + header), its key and the LRU entry
+PAGE_FOOTPRINT = 4400
+
+
+def cache_bound_bytes(max_pages: int = DEFAULT_MAX_PAGES) -> int:
+    """The most RAM the page cache of one pool can hold (design invariant 5)."""
+    return max_pages * PAGE_FOOTPRINT
 
 
 @dataclass(frozen=True)
@@ -35,7 +43,7 @@ class ChecksumStore:
         device_of: Callable[[int], Device | None],
         area_offset: Callable[[int, int], int],
         *,
-        max_pages: int = 4096,
+        max_pages: int = DEFAULT_MAX_PAGES,
     ) -> None:
         self._device_of = device_of
         self._area_offset = area_offset  # (disk id, extent) -> byte offset of its entries

@@ -245,3 +245,25 @@ def test_scan_daemon_log() -> None:
     lines = report.problems(results)
     assert "parity-1: verify-seq-1m-qd4: FAILED (fio error 84)" in lines
     assert any(line.startswith("parity-1: daemon log: 1 errors, 2 warnings") for line in lines)
+
+
+def test_cpu_per_io_and_checksum_cache_bound_in_the_report() -> None:
+    results = results_with({"simple": {j.name: 100.0 for j in jobs.JOBS}})
+    results["setups"]["simple"]["daemon"] = {
+        "rss_kib": {"seqwrite-1m-qd4": 51200}, "rss_start_kib": 30720, "hwm_kib": 60000,
+        "cpu": {"seqwrite-1m-qd4": 0.5, "randwrite-4k-qd16": 0.2},
+    }
+    results["meta"]["checksum_cache_bound_mib"] = 17.2
+    text = report.markdown(report.finish(results))
+    assert "checksum page cache, bounded at 17.2 MiB per pool" in text
+    # 0.5 cores at 100 MiB/s: 5 ms per MiB; 0.2 cores at 100 IOPS: 2000 us per I/O
+    assert "| simple | 5.0 | - | - | - | - | 2000 |" in text
+
+
+def test_the_checksum_cache_bound_comes_from_the_store() -> None:
+    from bench_lib.cli import checksum_cache_bound_mib
+
+    from blockspace.checksum_store import DEFAULT_MAX_PAGES, PAGE
+
+    bound = checksum_cache_bound_mib()
+    assert bound is not None and DEFAULT_MAX_PAGES * PAGE / 2**20 <= bound < 20

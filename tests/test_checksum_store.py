@@ -85,3 +85,27 @@ def test_a_write_with_its_data_is_one_device_request_and_keeps_the_cache_right()
         assert await store.read(0, 0, 5, 1) == new
 
     trio.run(scenario)
+
+
+def test_the_cache_stays_within_its_stated_ram_bound() -> None:
+    """`cache_bound_bytes` (what the benchmark reports) holds for a full cache."""
+    import tracemalloc
+
+    from blockspace.checksum_store import cache_bound_bytes
+
+    async def scenario() -> None:
+        device = MemoryDevice(8 << 20)
+        store = ChecksumStore(lambda disk_id: device, lambda disk_id, extent: 0, max_pages=256)
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for extent in range(2):
+                for page in range(256):
+                    await store.read(0, extent, page * 256, 1)
+            used = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert store.statistics().pages == 256
+        assert used <= cache_bound_bytes(256)
+
+    trio.run(scenario)

@@ -15,6 +15,7 @@ The image is opened buffered, like Blockspace's disks. The served file is opened
 SIGTERM/SIGINT unmount cleanly.
 
     python3 tools/passthrough_fuse.py IMAGE MOUNTPOINT [--io blocking|thread] [--min-tasks N]
+                                      [--no-direct-io]
 """
 
 from __future__ import annotations
@@ -35,9 +36,10 @@ FILE_INODE = pyfuse3.ROOT_INODE + 1
 
 
 class PassThrough(pyfuse3.Operations):
-    def __init__(self, fd: int, size: int, threaded: bool) -> None:
+    def __init__(self, fd: int, size: int, threaded: bool, direct_io: bool = True) -> None:
         super().__init__()
         self.fd = fd
+        self.direct_io = direct_io
         self.size = size
         self.threaded = threaded
         self.started = time.time_ns()
@@ -84,7 +86,7 @@ class PassThrough(pyfuse3.Operations):
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         if inode != FILE_INODE:
             raise pyfuse3.FUSEError(errno.EISDIR)
-        return pyfuse3.FileInfo(fh=inode, direct_io=True, keep_cache=False)
+        return pyfuse3.FileInfo(fh=inode, direct_io=self.direct_io, keep_cache=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         size = max(0, min(size, self.size - off))
@@ -146,11 +148,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mountpoint")
     parser.add_argument("--io", choices=("blocking", "thread"), default="blocking")
     parser.add_argument("--min-tasks", type=int, default=1, help="pyfuse3.main(min_tasks=N)")
+    parser.add_argument("--no-direct-io", action="store_true",
+                        help="open the file without FOPEN_DIRECT_IO (the kernel's O_DIRECT path)")
     args = parser.parse_args(argv)
 
     fd = os.open(args.image, os.O_RDWR | os.O_CLOEXEC)
     size = os.fstat(fd).st_size
-    ops = PassThrough(fd, size, threaded=args.io == "thread")
+    ops = PassThrough(fd, size, threaded=args.io == "thread", direct_io=not args.no_direct_io)
     options = set(pyfuse3.default_options)
     options |= {"fsname=passthrough", "subtype=passthrough", "allow_other"}
     pyfuse3.init(ops, args.mountpoint, options)

@@ -235,7 +235,18 @@ def describe_run(args: argparse.Namespace, mode: Any, names: list[str],
         "fio": first_line(["fio", "--version"]),
         "qemu_storage_daemon": first_line(["qemu-storage-daemon", "--version"]),
         "python": platform.python_version(),
+        "checksum_cache_bound_mib": checksum_cache_bound_mib(),
     }
+
+
+def checksum_cache_bound_mib() -> float | None:
+    """The most RAM a Blockspace daemon's checksum page cache may hold (per pool), from the
+    blockspace package the daemons run; None if it cannot be imported."""
+    try:
+        from blockspace.checksum_store import cache_bound_bytes
+    except ImportError:
+        return None
+    return round(cache_bound_bytes() / MiB, 1)
 
 
 def write_outputs(results: dict[str, Any], args: argparse.Namespace, out_dir: Path) -> None:

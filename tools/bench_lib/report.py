@@ -212,6 +212,31 @@ def daemon_table(results: Results) -> str:
     return _table(header, rows)
 
 
+def cpu_per_io_table(results: Results) -> str:
+    """Daemon CPU per unit of work: microseconds per 4K I/O, milliseconds per MiB for the
+    sequential jobs. Less sensitive to a busy machine than the throughput itself (a
+    request waiting for a CPU costs wall time, not CPU time)."""
+    rows = []
+    for setup, entry in results["setups"].items():
+        cpu = (entry.get("daemon") or {}).get("cpu") or {}
+        if not cpu:
+            continue
+        cells = []
+        for job in JOBS:
+            value = job_value(results, setup, job.name)
+            cores = cpu.get(job.name)
+            if not value or cores is None:
+                cells.append("-")
+            elif job.unit == "MiB/s":
+                cells.append(f"{cores / value * 1e3:.1f}")
+            else:
+                cells.append(f"{cores / value * 1e6:.0f}")
+        rows.append([setup, *cells])
+    header = ["setup", *(f"{job.label} ({'ms/MiB' if job.unit == 'MiB/s' else 'us/IO'})"
+                         for job in JOBS)]
+    return _table(header, rows)
+
+
 def problems(results: Results) -> list[str]:
     """One line per thing that went wrong: failed setups and jobs, data that did not read
     back, daemon log errors and warnings, teardown trouble."""
@@ -265,6 +290,12 @@ def markdown(results: Results) -> str:
     if daemons.count("\n") > 1:
         parts += ["", "Userspace daemons: RSS, and CPU used during each job (cores, "
                   "utime+stime / wall time):", "", daemons]
+        bound = meta.get("checksum_cache_bound_mib")
+        if bound is not None:
+            parts += ["", f"Blockspace's RSS includes its checksum page cache, bounded at "
+                      f"{bound:g} MiB per pool whatever the pool holds."]
+        parts += ["", "Daemon CPU per unit of work (us per 4K I/O; ms per MiB for the "
+                  "sequential jobs):", "", cpu_per_io_table(results)]
     trouble = problems(results)
     if trouble:
         parts += ["", "Problems seen in this run:", ""] + [f"- {line}" for line in trouble]
