@@ -182,6 +182,10 @@ class Daemon:
             if scrubber.active:
                 raise BlockspaceError("a scrub is already running (see `scrub --status`)")
             name = request.get("volume")
+            tiered = self.tiers.tiered.get(name) if self.tiers is not None else None
+            if tiered is not None:
+                raise InvalidInput(f"volume {name!r} is tiered: scrub its tiers "
+                                   f"{tiered.tiers.ssd!r} and {tiered.tiers.hdd!r} (or the pool)")
             if name is not None and name not in self.volumes:
                 raise InvalidInput(f"no volume {name!r} in pool {self.options.pool!r}")
             scrubber.plan(name, int(request.get("rate") or 0))

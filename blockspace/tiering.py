@@ -217,10 +217,11 @@ class TieredVolume:
     async def read(self, offset: int, length: int) -> bytes:
         self._check_range(offset, length)
         pieces = self._pieces(offset, length)
-        if len(pieces) > 1:
-            whole = await self._at_home(offset, length, [p[0] for p in pieces], None)
-            if whole is not None:
-                return whole
+        if len(pieces) == 1:  # the common case: no nursery, no copy
+            return await self._read_piece(pieces[0][0], pieces[0][1], length)
+        whole = await self._at_home(offset, length, [p[0] for p in pieces], None)
+        if whole is not None:
+            return whole
         out = bytearray(length)
         view = memoryview(out)
 
@@ -285,8 +286,10 @@ class TieredVolume:
         self._check_range(offset, len(data))
         view = memoryview(data)
         pieces = self._pieces(offset, len(data))
-        if len(pieces) > 1 and await self._at_home(offset, len(data), [p[0] for p in pieces],
-                                                   view) is not None:
+        if len(pieces) == 1:
+            await self._write_piece(pieces[0][0], pieces[0][1], view)
+            return
+        if await self._at_home(offset, len(data), [p[0] for p in pieces], view) is not None:
             return
         await run_all([
             bind(self._write_piece, unit, unit_offset, view[start : start + count])

@@ -160,6 +160,9 @@ def test_tiered_volume_on_a_real_mount(
         assert after["counters"]["ssd_hits"] - before["ssd_hits"] == reads, (reads, after)
         assert after["pins"] == [{"offset": 40 * MiB, "length": MiB, "tier": "ssd"}]
         assert pread_all(volume, len(data)) == data
+        code, _, err = bs("scrub", "tank", "fast")
+        assert code != 0
+        assert "scrub its tiers 'fast.ssd' and 'fast.hdd'" in err
     finally:
         os.close(fd)
     code, out, _ = bs("tier", "status", "tank", "fast", "--png", str(env.root / "heat.png"))
