@@ -149,9 +149,15 @@ def cmd_tier_status(args: argparse.Namespace) -> int:
         if len(statuses) != 1:
             raise InvalidInput("--png draws one volume: name it")
         write_png(Path(args.png), statuses[0])
-    _cli()._emit(args, statuses, lambda s: [print_status(v) for v in s] or (
-        _cli().console.print("no tiered volumes") if not s else None))
+    _cli()._emit(args, statuses, print_statuses)
     return 0
+
+
+def print_statuses(statuses: list[dict[str, Any]]) -> None:
+    if not statuses:
+        _cli().console.print("no tiered volumes")
+    for status in statuses:
+        print_status(status)
 
 
 def cmd_tier_optimize(args: argparse.Namespace) -> int:

@@ -182,7 +182,7 @@ class Daemon:
             if scrubber.active:
                 raise BlockspaceError("a scrub is already running (see `scrub --status`)")
             name = request.get("volume")
-            tiered = self.tiers.tiered.get(name) if self.tiers is not None else None
+            tiered = self.tiers.tiered.get(str(name)) if self.tiers is not None else None
             if tiered is not None:
                 raise InvalidInput(f"volume {name!r} is tiered: scrub its tiers "
                                    f"{tiered.tiers.ssd!r} and {tiered.tiers.hdd!r} (or the pool)")
