@@ -136,6 +136,7 @@ async def prepare(pool: "Pool", disk_id: int, device: Device) -> int:
         then = None
     fresh = fresh_extents(pool.metadata, then, disk_id)
     geometry = disk.geometry
+    pool.checksums.forget_disk(disk_id)  # cached pages may hold writes that never landed
     for _, extent in sorted(fresh):  # leftovers of another slab must never pass as data
         pool.checksums.forget_extent(disk_id, extent, geometry.checksum_area_size // CSUM_BLOCK)
         await device.zero(pool.extent_offset(disk_id, extent), geometry.extent_stride)

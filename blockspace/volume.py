@@ -322,8 +322,13 @@ class Volume:
         offset = self.pool.extent_offset(disk_id, extent) + start
         try:
             # Data, then its checksum entries, in one device request (one worker round trip).
-            await self._device_op(disk_id, "write", lambda: self.pool.checksums.write(
-                disk_id, extent, start // BLOCK, entries, data=(offset, data)))
+            # Shielded: a write cancelled with its request (a sibling column failed, the
+            # kernel interrupted it) could be dropped before a worker took it, after the
+            # checksum cache was patched, leaving cache and disk disagreeing. It finishes,
+            # or fails by the I/O timeout inside _device_op.
+            with trio.CancelScope(shield=True):
+                await self._device_op(disk_id, "write", lambda: self.pool.checksums.write(
+                    disk_id, extent, start // BLOCK, entries, data=(offset, data)))
             return True
         except DeviceError as error:
             self.pool.disks[disk_id].errors["write"] += 1

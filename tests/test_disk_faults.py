@@ -1,5 +1,8 @@
 """What the volume does when one disk misbehaves: drops writes, fails reads, or hangs."""
 
+import os
+from pathlib import Path
+
 import trio
 import trio.testing
 
@@ -8,7 +11,7 @@ from blockspace.faults import FaultSpec, FaultyDevice
 from blockspace.layouts import LayoutSpec
 from blockspace.pool import Pool
 from blockspace.scrub import scrub_slab
-from blockspace.volume import Volume
+from blockspace.volume import Fault, Volume
 
 MiB = 1 << 20
 MIRROR = LayoutSpec("mirror", 1, copies=2, interleave=16384)
@@ -233,5 +236,43 @@ def test_a_dead_disk_first_noticed_while_zeroing_a_new_slab_does_not_fail_the_wr
         assert pool.disks[1].record.state == "failed"
         assert await volume.read(MiB, 65536) == b"B" * 65536
         assert await volume.read(0, 65536) == b"A" * 65536
+
+    trio.run(scenario)
+
+
+def test_a_cancelled_write_leaves_the_checksum_cache_and_the_disk_agreeing(
+    tmp_path: Path,
+) -> None:
+    """A write cancelled with its request (a sibling column failed beyond the tolerance, the
+    kernel interrupted it) must not leave checksum entries in the cache that never reached
+    the disk, nor data without its entries: it finishes. Seen in the scenario suite as a
+    healthy disk turning 'failing' after two others died mid-write."""
+    from blockspace.devices import FileDevice
+
+    async def scenario() -> None:
+        paths = []
+        for i in range(2):
+            path = tmp_path / f"d{i}.img"
+            path.write_bytes(b"")
+            os.truncate(path, 24 * MiB)
+            paths.append(str(path))
+        devices = [FaultyDevice(FileDevice(p)) for p in paths]
+        pool = await Pool.create("f", devices, media=["hdd"] * 2, slab_size=4 * MiB,
+                                 meta_slot_size=64 << 10)
+        volume = Volume(pool, await pool.create_volume("v", 4 * MiB, MIRROR, "fixed"))
+        await volume.write(0, b"\1" * (4 * MiB))
+        extents = volume.record.slabs[0]
+        assert await volume._read_checked(extents, 0, 0, 65536)  # its entries now cached
+        devices[0].set_spec(FaultSpec(latency=0.2))
+        with trio.move_on_after(0.05):
+            await volume._write_verified(extents, 0, 0, b"\2" * 65536, seq=pool.next_seq())
+        devices[0].set_spec(FaultSpec())
+        result = await volume._read_checked(extents, 0, 0, 65536)
+        assert not isinstance(result, Fault), "the cache and the disk disagree"
+        pool.close()
+        reopened = await Pool.open([FileDevice(p) for p in paths], expect_uuid=pool.uuid)
+        result = await Volume(reopened, reopened.volume("v"))._read_checked(extents, 0, 0, 65536)
+        assert not isinstance(result, Fault), "the disk's data and entries disagree"
+        reopened.close()
 
     trio.run(scenario)
