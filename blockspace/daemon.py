@@ -31,6 +31,7 @@ from blockspace.tier_admin import check_growable
 from blockspace.tier_admin import overview as tier_overview
 from blockspace.tier_service import TierService
 from blockspace.volume import Volume
+from blockspace.watchdog import watch_disks
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class Daemon:
                 socket_path = self.registry.socket_path(self.options.pool)
                 await nursery.start(control.serve, socket_path, self.handle)
                 nursery.start_soon(self._watch_signals)
+                nursery.start_soon(watch_disks, pool)
                 assert pool.intent is not None
                 nursery.start_soon(pool.intent.run_cleaner)
                 self._nursery = nursery

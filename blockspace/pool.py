@@ -386,7 +386,7 @@ class Pool:
             if disk.device is not None:
                 disk.returned = disk.device
             disk.device = None
-        if state == "failed" and self.on_disk_failed is not None:
+        if state in ("failed", "missing") and self.on_disk_failed is not None:
             self.on_disk_failed(disk_id)
 
     async def set_state(self, disk_id: int, state: str, reason: str) -> None:

@@ -276,3 +276,35 @@ def test_a_cancelled_write_leaves_the_checksum_cache_and_the_disk_agreeing(
         reopened.close()
 
     trio.run(scenario)
+
+
+def test_a_deleted_image_file_is_taken_out_of_service_as_missing(tmp_path: Path) -> None:
+    """Its open descriptor would keep taking writes into an inode that dies at unmount."""
+    from blockspace.devices import FileDevice
+    from blockspace.watchdog import check_disks
+
+    async def scenario() -> None:
+        paths = []
+        for i in range(2):
+            path = tmp_path / f"d{i}.img"
+            path.write_bytes(b"")
+            os.truncate(path, 24 * MiB)
+            paths.append(path)
+        devices = [FaultyDevice(FileDevice(str(p))) for p in paths]
+        pool = await Pool.create("w", devices, media=["hdd"] * 2, slab_size=4 * MiB,
+                                 meta_slot_size=64 << 10)
+        volume = Volume(pool, await pool.create_volume("v", 4 * MiB, MIRROR, "thin"))
+        await volume.write(0, b"x" * 65536)
+        assert await check_disks(pool) == []
+        paths[1].unlink()
+        assert await check_disks(pool) == [1]
+        record = pool.disks[1].record
+        assert (record.state, record.state_reason) == ("missing", "its image file was deleted")
+        await volume.write(0, b"y" * 65536)  # degraded, no error
+        assert await volume.read(0, 65536) == b"y" * 65536
+        pool.close()
+        reopened = await Pool.open([FileDevice(str(paths[0]))])
+        assert reopened.disks[1].record.state == "missing"
+        reopened.close()
+
+    trio.run(scenario)
