@@ -25,6 +25,16 @@ async def make(disks: int = 2) -> tuple[Pool, Volume, list[FaultyDevice]]:
     return pool, Volume(pool, record), devices
 
 
+def image_files(directory: Path, count: int, size: int = 24 * MiB) -> list[Path]:
+    paths = []
+    for i in range(count):
+        path = directory / f"d{i}.img"
+        path.write_bytes(b"")
+        os.truncate(path, size)
+        paths.append(path)
+    return paths
+
+
 def copy_device(pool: Pool, volume: Volume, position: int) -> FaultyDevice:
     disk_id, _ = volume.record.slabs[0][position]
     device = pool.disks[disk_id].device
@@ -250,12 +260,7 @@ def test_a_cancelled_write_leaves_the_checksum_cache_and_the_disk_agreeing(
     from blockspace.devices import FileDevice
 
     async def scenario() -> None:
-        paths = []
-        for i in range(2):
-            path = tmp_path / f"d{i}.img"
-            path.write_bytes(b"")
-            os.truncate(path, 24 * MiB)
-            paths.append(str(path))
+        paths = [str(p) for p in image_files(tmp_path, 2)]
         devices = [FaultyDevice(FileDevice(p)) for p in paths]
         pool = await Pool.create("f", devices, media=["hdd"] * 2, slab_size=4 * MiB,
                                  meta_slot_size=64 << 10)
@@ -284,12 +289,7 @@ def test_a_deleted_image_file_is_taken_out_of_service_as_missing(tmp_path: Path)
     from blockspace.watchdog import check_disks
 
     async def scenario() -> None:
-        paths = []
-        for i in range(2):
-            path = tmp_path / f"d{i}.img"
-            path.write_bytes(b"")
-            os.truncate(path, 24 * MiB)
-            paths.append(path)
+        paths = image_files(tmp_path, 2)
         devices = [FaultyDevice(FileDevice(str(p))) for p in paths]
         pool = await Pool.create("w", devices, media=["hdd"] * 2, slab_size=4 * MiB,
                                  meta_slot_size=64 << 10)
