@@ -308,3 +308,28 @@ def test_a_deleted_image_file_is_taken_out_of_service_as_missing(tmp_path: Path)
         reopened.close()
 
     trio.run(scenario)
+
+
+def test_an_idle_dead_disk_is_failed_by_the_watchdog_probe() -> None:
+    from blockspace.watchdog import PROBE_FAILURES, probe_disks
+
+    async def scenario() -> None:
+        pool, volume, devices = await make(disks=3)
+        await volume.write(0, b"z" * 65536)
+        failures: dict[int, int] = {}
+        assert await probe_disks(pool, failures) == []
+        devices[2].set_spec(FaultSpec(dead=True))  # nothing reads or writes it now
+        for _ in range(PROBE_FAILURES - 1):
+            assert await probe_disks(pool, failures) == []
+            assert pool.disks[2].record.state == "online"
+        assert await probe_disks(pool, failures) == [2]
+        assert pool.disks[2].record.state == "failed"
+        assert "does not answer reads" in pool.disks[2].record.state_reason
+        devices[1].set_spec(FaultSpec(read_error=1.0, seed=1))  # one bad probe, then fine
+        await probe_disks(pool, failures)
+        devices[1].set_spec(FaultSpec())
+        await probe_disks(pool, failures)
+        assert failures == {}
+        assert pool.disks[1].record.state == "online"
+
+    trio.run(scenario)
