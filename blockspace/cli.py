@@ -194,6 +194,19 @@ def _print_status(s: dict[str, Any]) -> None:
             f"{errors.get('read', 0)}/{errors.get('write', 0)}/{errors.get('checksum', 0)}",
         )
     console.print(disks)
+    for d in s["disks"]:
+        if d["state"] != "online" and d.get("state_reason"):
+            since = d.get("state_since") or 0
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
+            console.print(f"disk {d['id']} {d['state']} since {when}: {d['state_reason']}")
+    rebuild = s.get("rebuild")
+    if rebuild and rebuild.get("state") == "running":
+        eta = rebuild.get("eta_seconds")
+        console.print(
+            f"{rebuild['reason']}: {rebuild['percent']:.0f}% ({rebuild['done']}/"
+            f"{rebuild['total']} extents), {format_size(int(rebuild['bytes_per_second']))}/s"
+            + (f", about {eta:.0f}s left" if eta is not None else "")
+        )
     scrub = s.get("scrub")
     if scrub and scrub.get("state") not in (None, "idle"):
         report = scrub["report"]
