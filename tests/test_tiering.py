@@ -286,3 +286,47 @@ def test_heat_survives_a_restart(tmp_path: Path) -> None:
         assert not load_heat(tmp_path / "missing.json", HeatMap(volume.units))
 
     trio.run(scenario)
+
+
+def test_optimizer_rate_limit_schedule_and_no_ping_pong() -> None:
+    import trio.testing
+
+    async def scenario() -> None:
+        pool, volume, _ = await tiered("hdd:6M:mirror-2")
+        for unit in range(40):
+            for _ in range(unit % 7 + 2):
+                await volume.read(unit * UNIT, 4096)
+        rate = 16 * UNIT  # bytes per second: 16 moves a second at most
+        optimizer = TierOptimizer(volume, rate=rate, interval=60.0)
+        start = trio.current_time()
+        report = await optimizer.optimize()
+        moves = report.promoted + report.demoted
+        assert moves >= 16
+        assert trio.current_time() - start >= (moves - 1) * UNIT / rate
+        again = await optimizer.optimize()  # same heat: nothing to undo
+        assert again.promoted + again.demoted == 0
+        async with trio.open_nursery() as nursery:  # the schedule
+            nursery.start_soon(optimizer.run)
+            await trio.sleep(130)
+            assert optimizer.passes == 4
+            nursery.cancel_scope.cancel()
+
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_destager_cleans_dirty_units_in_the_background() -> None:
+    async def scenario() -> None:
+        pool, volume, _ = await tiered()
+        optimizer = TierOptimizer(volume, rate=0)
+        data = random.Random(9).randbytes(3 * UNIT)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(optimizer.run_destager)
+            await volume.write(5 * UNIT, data)
+            assert len(volume.dirty_units()) == 3
+            await trio.sleep(3.0)  # settle (1 s) and destage
+            nursery.cancel_scope.cancel()
+        assert volume.dirty_units() == []
+        assert volume.counters.destages == 3
+        assert await volume.hdd.read(5 * UNIT, 3 * UNIT) == data  # the home is current
+
+    trio.run(scenario)
