@@ -686,3 +686,26 @@ def test_many_completions_at_once_each_reach_their_task(image: str) -> None:
 
     run(main)
     run(main)  # a second trio run gets its own completion queue
+
+
+def test_fault_injection_applies_to_each_piece_of_a_combined_write(image: str) -> None:
+    """A FaultyDevice over a FileDevice: the combined write goes piece by piece through the
+    fault layer, so an error range over the checksum area fails it and a dropped write
+    drops both pieces."""
+    from blockspace.faults import FaultSpec, FaultyDevice
+
+    async def main() -> None:
+        with FileDevice(image) as inner:
+            dev = FaultyDevice(inner, FaultSpec(write_error=1.0, ranges=((MiB, 4096),)))
+            with pytest.raises(DeviceError, match=f"write at {MiB}"):
+                await dev.write_many([(0, b"d" * 4096), (MiB, b"e" * 16)])
+            assert inner.read_sync(MiB, 16) == bytes(16)
+            dev.set_spec(FaultSpec(drop_writes=True))
+            await dev.write_many([(8192, b"d" * 4096), (MiB, b"e" * 16)])
+            assert inner.read_sync(8192, 4096) == bytes(4096)
+            dev.set_spec(FaultSpec())
+            await dev.write_many([(8192, b"d" * 4096), (MiB, b"e" * 16)])
+            assert inner.read_sync(8192, 4096) == b"d" * 4096
+            assert inner.read_sync(MiB, 16) == b"e" * 16
+
+    run(main)
