@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +145,12 @@ class TierOptimizer:
                          "failed %d", volume.name, report.promoted, report.demoted,
                          report.destaged, report.failed)
             return report
+
+    @asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """No pass runs inside (one running is waited for)."""
+        async with self._lock:
+            yield
 
     def wake(self) -> None:
         self._wake.set()

@@ -35,6 +35,7 @@ class TierService:
         self.tiered: dict[str, TieredVolume] = {}
         self.optimizers: dict[str, TierOptimizer] = {}
         self._scopes: dict[str, trio.CancelScope] = {}
+        self._stopped: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         for record in pool.metadata.volumes:
             if record.tiers is not None:
@@ -85,13 +86,17 @@ class TierService:
     def _start(self, name: str) -> None:
         assert self._nursery is not None
         scope = self._scopes[name] = trio.CancelScope()
+        stopped = self._stopped[name] = trio.Event()
         optimizer = self.optimizers[name]
 
         async def run() -> None:
-            with scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(optimizer.run)
-                    nursery.start_soon(optimizer.run_destager)
+            try:
+                with scope:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(optimizer.run)
+                        nursery.start_soon(optimizer.run_destager)
+            finally:
+                stopped.set()
 
         self._nursery.start_soon(run)
 
@@ -114,13 +119,22 @@ class TierService:
 
     async def delete(self, name: str) -> None:
         record = self.pool.volume(name)
-        await tier_admin.delete_volume(self.pool, name)
         if record.tiers is None:
+            await tier_admin.delete_volume(self.pool, name)  # refuses a tier alone
             self.volumes.pop(name, None)
             return
+        # No move may still be writing into the tiers once their extents are freed.
         scope = self._scopes.pop(name, None)
         if scope is not None:
             scope.cancel()
+            await self._stopped.pop(name).wait()
+        try:
+            async with self.optimizers[name].paused():  # and no pass asked for on demand
+                await tier_admin.delete_volume(self.pool, name)
+        except BaseException:
+            if self._nursery is not None:
+                self._start(name)  # still there: keep optimizing it
+            raise
         self.tiered.pop(name, None)
         self.optimizers.pop(name, None)
         self.volumes.pop(record.tiers.ssd, None)
