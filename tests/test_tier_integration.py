@@ -22,9 +22,12 @@ from integration.helpers import (
     BlockspaceEnv,
     KiB,
     MiB,
+    check_filesystem,
+    hash_tree,
     missing_prerequisites,
     wait_exited,
     wait_until,
+    write_random_files,
 )
 
 from blockspace import cli
@@ -265,4 +268,28 @@ def test_sigkill_in_the_middle_of_moves_keeps_every_acknowledged_byte(
     scrub = bs.json("scrub", "tank", "--wait")
     assert scrub["report"]["unrecoverable"] == []
     assert scrub["report"]["checksum_errors"] == 0
+    bs.unmount(mountpoint, pid)
+
+
+def test_ext4_on_a_tiered_volume(
+    blockspace_env: BlockspaceEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = blockspace_env
+    bs = CLI(env, capsys)
+    make_tiered_pool(env, bs)
+    mountpoint, pid = bs.mount()
+    loop = env.attach_loop(mountpoint / "fast")
+    env.mkfs("ext4", loop)
+    fs = env.mount_fs(loop, "fs", "ext4")
+    files = {"a.bin": 3 * MiB + 5, "dir/b.bin": 5 * MiB, "c.txt": 1000}
+    hashes = write_random_files(fs, files, seed=3)
+    assert bs.json("tier", "optimize", "tank", "fast")["failed"] == 0
+    env.umount_fs(fs)
+    assert check_filesystem("ext4", loop).returncode == 0
+    fs = env.mount_fs(loop, "fs", "ext4")
+    assert hash_tree(fs) == hashes
+    env.umount_fs(fs)
+    env.detach_loop(loop)
+    status = bs.json("tier", "status", "tank", "fast")[0]
+    assert status["counters"]["write_allocations"] > 0
     bs.unmount(mountpoint, pid)
