@@ -31,6 +31,7 @@ DEFAULT_INTERVAL = 300.0  # seconds between scheduled passes
 DEFAULT_RATE = 64 << 20  # bytes per second moved between tiers
 DEFAULT_MAX_MOVES = 4096  # moves per pass
 SETTLE = 1.0  # a dirty unit is destaged once not written for this long
+HEAT_SAVE_INTERVAL = 60.0  # heat is saved this often between passes (a crash loses less)
 PARALLEL_MOVES = 16  # moves in flight at once (each locks its own unit; commits are shared)
 
 
@@ -83,12 +84,18 @@ class TierOptimizer:
     # ---- the background tasks -----------------------------------------------------
 
     async def run(self) -> None:
-        """Scheduled passes, forever (cancelled with the daemon's nursery)."""
+        """Scheduled passes, forever (cancelled with the daemon's nursery); the heat is
+        saved after each pass and every HEAT_SAVE_INTERVAL seconds between them."""
+        next_pass = trio.current_time() + self.interval
         while True:
-            with trio.move_on_after(self.interval):
+            with trio.move_on_at(min(next_pass, trio.current_time() + HEAT_SAVE_INTERVAL)):
                 await self._wake.wait()
-            self._wake = trio.Event()
-            await self.optimize()
+            if self._wake.is_set() or trio.current_time() >= next_pass:
+                self._wake = trio.Event()
+                await self.optimize()
+                next_pass = trio.current_time() + self.interval
+            elif self.save_heat is not None:
+                self.save_heat(self.volume)
 
     async def run_destager(self) -> None:
         """Destage dirty units once they settle (write-back volumes)."""

@@ -297,7 +297,9 @@ def test_optimizer_rate_limit_schedule_and_no_ping_pong() -> None:
             for _ in range(unit % 7 + 2):
                 await volume.read(unit * UNIT, 4096)
         rate = 16 * UNIT  # bytes per second: 16 moves a second at most
-        optimizer = TierOptimizer(volume, rate=rate, interval=60.0)
+        saved: list[float] = []
+        optimizer = TierOptimizer(volume, rate=rate, interval=150.0,
+                                  save_heat=lambda v: saved.append(trio.current_time()))
         start = trio.current_time()
         report = await optimizer.optimize()
         moves = report.promoted + report.demoted
@@ -305,11 +307,15 @@ def test_optimizer_rate_limit_schedule_and_no_ping_pong() -> None:
         assert trio.current_time() - start >= (moves - 1) * UNIT / rate
         again = await optimizer.optimize()  # same heat: nothing to undo
         assert again.promoted + again.demoted == 0
+        saved.clear()
         async with trio.open_nursery() as nursery:  # the schedule
+            begin = trio.current_time()
             nursery.start_soon(optimizer.run)
-            await trio.sleep(130)
-            assert optimizer.passes == 4
+            await trio.sleep(310)
+            assert optimizer.passes == 4  # 2 above, then at 150 s and 300 s
             nursery.cancel_scope.cancel()
+        # heat saved at 60, 120, (150: the pass), 210, 270, (300: the pass)
+        assert [round(t - begin) for t in saved] == [60, 120, 150, 210, 270, 300]
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
 
