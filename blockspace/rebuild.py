@@ -54,6 +54,7 @@ def plan_rebalance(pool: "Pool") -> list[Move]:
         (volume.name, slab): list(extents)
         for volume in pool.metadata.volumes for slab, extents in volume.slabs.items()
     }
+    other_media = {v.name: set(pool.media_excluded(v)) for v in pool.metadata.volumes}
     moves: list[Move] = []
     for _ in range(sum(used.values())):
         source = max(disks, key=lambda d: (used[d] / total[d], d))
@@ -65,6 +66,8 @@ def plan_rebalance(pool: "Pool") -> list[Move]:
             for target in disks:
                 if target in holders or used[target] >= total[target]:
                     continue
+                if target in other_media[name]:
+                    continue  # a tier's extents stay on its media class
                 gap = used[source] / total[source] - (used[target] + 1) / total[target]
                 if gap > 0 and (best is None or gap > best[0]):
                     position = next(i for i, (d, _) in enumerate(extents) if d == source)
@@ -102,10 +105,12 @@ def check_moves_fit(pool: "Pool", moves: list[Move], *, prefer: int | None = Non
     stuck = 0
     taken: dict[tuple[str, int], set[int]] = {}  # disks a slab gets during this plan
     for move in moves:
-        extents = pool.metadata.volume(move.volume).slabs[move.slab]
+        record = pool.metadata.volume(move.volume)
+        extents = record.slabs[move.slab]
         chosen = taken.setdefault((move.volume, move.slab), set())
+        other_media = set(pool.media_excluded(record))
         try:
-            disk_id, _ = _choose(sim, {d for d, _ in extents} | chosen, prefer)
+            disk_id, _ = _choose(sim, {d for d, _ in extents} | chosen | other_media, prefer)
             chosen.add(disk_id)
         except NoSpace:
             stuck += 1
@@ -158,7 +163,8 @@ async def move_extent(volume: "Volume", move: Move, *, prefer: int | None = None
         extents = volume.record.slabs.get(move.slab)
         if extents is None or extents[move.position][0] != move.disk_id:
             return 0  # already moved (or the slab went away)
-        exclude = {d for d, _ in extents} | set(pool.unusable_disk_ids())
+        exclude = ({d for d, _ in extents} | set(pool.unusable_disk_ids())
+                   | set(pool.media_excluded(volume.record)))  # a tier keeps its media
         target = _choose(pool.allocator, exclude, move.target if move.target is not None
                          else prefer)
         try:

@@ -337,3 +337,39 @@ def test_a_replace_also_takes_the_slabs_placed_on_the_old_disk_while_it_ran() ->
         assert await volume.read(0, volume.size) == bytes(model)
 
     trio.run(scenario)
+
+
+def test_a_tier_rebuilt_or_rebalanced_keeps_its_media_class() -> None:
+    from blockspace.tier_admin import create_tiered, parse_tier
+
+    async def scenario() -> None:
+        media = ["ssd", "ssd", "ssd", "hdd", "hdd", "hdd", "hdd"]
+        devices = [MemoryDevice(12 * MiB, path=f"mem{i}") for i in range(len(media))]
+        pool = await Pool.create("m", devices, media=media, slab_size=MiB,
+                                 meta_slot_size=128 << 10)
+        await create_tiered(pool, "v", [parse_tier("ssd:1M:mirror-2"),
+                                        parse_tier("hdd:4M:mirror-2")], unit=64 << 10)
+        tiers = pool.metadata.volume("v").tiers
+        assert tiers is not None
+        hdd = Volume(pool, pool.metadata.volume(tiers.hdd))
+        data = random.Random(5).randbytes(hdd.size)
+        await hdd.write(0, data)
+        hdd_disks = {d for d, m in enumerate(media) if m == "hdd"}
+
+        def on_hdd_only() -> bool:
+            return all(d in hdd_disks for e in hdd.record.slabs.values() for d, _ in e)
+
+        victim = next(d for e in hdd.record.slabs.values() for d, _ in e)
+        devices[victim].failed = True
+        await pool.mark_failed(victim, "test")
+        moves = plan_moves(pool, {victim})
+        check_moves_fit(pool, moves)
+        progress = await Rebuilder(pool, lambda: {hdd.name: hdd}).run(moves, "repair")
+        assert progress.state == "done", progress.errors
+        assert on_hdd_only()
+        await pool.add_disk(MemoryDevice(12 * MiB, path="new-ssd"), "ssd")
+        await Rebuilder(pool, lambda: {hdd.name: hdd}).run(plan_rebalance(pool), "rebalance")
+        assert on_hdd_only()
+        assert await hdd.read(0, hdd.size) == data
+
+    trio.run(scenario)
