@@ -20,7 +20,7 @@ from blockspace.readmit import (
     RETURNING_STATES,
     check_return_order,
     prepare,
-    resync_disk,
+    resync_disks,
     returning_order,
 )
 from blockspace.rebuild import (
@@ -196,8 +196,7 @@ class DiskManager:
 
     async def _start_resync(self, disk_ids: list[int]) -> dict[str, Any]:
         async def work(progress: RebuildProgress) -> None:
-            for disk_id in disk_ids:
-                await resync_disk(self.pool, self.rebuilder.volumes(), disk_id, progress)
+            await resync_disks(self.pool, self.rebuilder.volumes(), disk_ids, progress)
 
         self.rebuilder.finished = trio.Event()
         self.rebuilder.progress.state = "running"

@@ -28,7 +28,7 @@ import trio
 from blockspace.allocator import Extent
 from blockspace.checksums import CSUM_BLOCK, entry_at, entry_seq
 from blockspace.devices import Device
-from blockspace.errors import DeviceError, FormatError, InvalidInput, Unrecoverable
+from blockspace.errors import DeviceError, FormatError, InvalidInput
 from blockspace.metadata import PoolMetadata
 
 if TYPE_CHECKING:
@@ -158,14 +158,22 @@ async def prepare(pool: "Pool", disk_id: int, device: Device) -> int:
 async def resync_disk(
     pool: "Pool", volumes: dict[str, "Volume"], disk_id: int, progress: "RebuildProgress"
 ) -> None:
-    """Resync every extent of a "resyncing" disk, then turn it online."""
+    await resync_disks(pool, volumes, [disk_id], progress)
+
+
+async def resync_disks(
+    pool: "Pool", volumes: dict[str, "Volume"], disk_ids: list[int],
+    progress: "RebuildProgress",
+) -> None:
+    """Resync every extent of these "resyncing" disks, in this order, then turn them online
+    together: until then none of them is a source for another's parity rows."""
     owners = {
         (d, e): (volume, slab)
         for volume in volumes.values() for slab, extents in volume.record.slabs.items()
-        for d, e in extents if d == disk_id
+        for d, e in extents if d in disk_ids
     }
-    pending = sorted(x for x in pool.resyncing if x[0] == disk_id)
-    progress.total = len(pending)
+    pending = [x for d in disk_ids for x in sorted(pool.resyncing) if x[0] == d]
+    progress.total += len(pending)
     for extent in pending:
         owner = owners.get(extent)
         if owner is None:
@@ -174,11 +182,12 @@ async def resync_disk(
             progress.bytes_moved += await resync_extent(owner[0], owner[1], extent)
         progress.done += 1
         await trio.lowlevel.checkpoint()
-    disk = pool.disks.get(disk_id)
-    if disk is None or disk.record.state != "resyncing":
-        return  # failed again meanwhile: it stays out
-    disk.record.missed_since = 0
-    await pool.set_state(disk_id, "online", "resynced")
+    for disk_id in disk_ids:
+        disk = pool.disks.get(disk_id)
+        if disk is None or disk.record.state != "resyncing":
+            continue  # failed again meanwhile: it stays out
+        disk.record.missed_since = 0
+        await pool.set_state(disk_id, "online", "resynced")
 
 
 async def resync_extent(volume: "Volume", slab: int, extent: Extent) -> int:
@@ -238,6 +247,30 @@ async def _resync_copies(volume: "Volume", slab: int, extents: list[Extent], pos
     return rewritten
 
 
+async def _rebuild_from_stayers(
+    volume: "Volume", extents: list[Extent], row: int, index: int
+) -> bytes | None:
+    """Parity: code fragment `index` of a row rebuilt only from columns on disks that never
+    left (a returning disk's column may be stale for this row); None if fewer than k."""
+    from blockspace.layouts import code_position, row_start
+
+    spec = volume.spec
+    assert volume.codec is not None
+    offset = row_start(spec, row)
+    found: dict[int, bytes] = {}
+    for other in range(spec.width):
+        disk_id, _ = extents[code_position(spec, row, other)]
+        if other == index or volume.pool.disks[disk_id].record.state == "resyncing":
+            continue
+        data = await volume._read_verified(extents, code_position(spec, row, other), offset,
+                                           offset + spec.interleave)
+        if isinstance(data, bytes):
+            found[other] = data
+            if len(found) == spec.columns:
+                return volume.codec.reconstruct(found, [index])[index]
+    return None
+
+
 async def _resync_parity(
     volume: "Volume", slab: int, extents: list[Extent], position: int, since: int
 ) -> int:
@@ -255,15 +288,16 @@ async def _resync_parity(
         for local in rows_written_since(entries, position, rows, blocks_per_row, since):
             row = start // unit + local
             index = (position - row) % spec.width
-            try:
-                rebuilt = await volume._fragments(slab, extents, row, 0, unit, [index])
-            except Unrecoverable as error:
-                # Too many columns out to rebuild it: what the disk holds is the best there is.
-                log.warning("slab %d row %d kept as it is on the returning disk: %s",
-                            slab, row, error)
-                continue
             offset = row_start(spec, row)
-            if not await volume._write_verified(extents, position, offset, rebuilt[index],
+            rebuilt = await _rebuild_from_stayers(volume, extents, row, index)
+            if rebuilt is None:
+                # Fewer than k columns stayed in service: the newer writes the others hold
+                # were never acknowledged (the row was beyond its tolerance), and what the
+                # returning disk holds is the acknowledged data. Keep it; the write-intent
+                # log resyncs the row's parity at the next mount if the write was torn.
+                log.warning("slab %d row %d kept as it is on the returning disk", slab, row)
+                continue
+            if not await volume._write_verified(extents, position, offset, rebuilt,
                                                 seq=volume.pool.next_seq(), resync=True):
                 raise DeviceError(f"disk {extents[position][0]} failed while resyncing")
             rewritten += unit
