@@ -213,7 +213,7 @@ def test_sigkill_in_the_middle_of_moves_keeps_every_acknowledged_byte(
         bs.json("fault", "inject", "tank", disk, "--latency", "15ms")
     optimize = subprocess.Popen(
         [sys.executable, "-m", "blockspace", "--state-dir", str(env.state_dir), "tier",
-         "optimize", "tank", "fast"],
+         "optimize", "tank", "fast", "--rate", "4M"],  # slow: still moving at the kill
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stop = threading.Event()
     pending: list[tuple[int, bytes]] = []  # a write not (yet) acknowledged
