@@ -51,9 +51,9 @@ Extents = list[tuple[int, int]]
 BLOCK = CSUM_BLOCK
 IO_ATTEMPTS = 3  # a transient device error is retried this often before the disk is failed
 T = TypeVar("T")
-REGION_SIZE = 4 << 20  # write-intent granularity, in bytes of each extent (a first write
-# to a region waits for an intent record on every disk: 4 MiB regions make that 4x rarer
-# than 1 MiB for random writes, at the price of resyncing 4 MiB per dirty region)
+REGION_SIZE = 1 << 20  # write-intent granularity, in bytes of each extent (4 MiB regions
+# doubled 4K qd1 random writes, but a scenario trial then read wrong bytes after a loss
+# beyond the tolerance and `disk online`: not understood yet, so not shipped)
 
 
 def align_down(value: int) -> int:
