@@ -266,4 +266,5 @@ def test_the_checksum_cache_bound_comes_from_the_store() -> None:
     from blockspace.checksum_store import DEFAULT_MAX_PAGES, PAGE
 
     bound = checksum_cache_bound_mib()
-    assert bound is not None and DEFAULT_MAX_PAGES * PAGE / 2**20 <= bound < 20
+    assert bound is not None
+    assert DEFAULT_MAX_PAGES * PAGE / 2**20 <= bound < 20
