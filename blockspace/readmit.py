@@ -7,8 +7,8 @@ record keeps `missed_since`, the write number from which it may have missed writ
 * A mirror extent is compared with the other copies entry by entry (16 bytes per 4 KiB,
   so the comparison reads 0.4% of the data); only ranges whose entries differ are read
   and merged, the newest valid copy winning, as a scrub would.
-* A parity extent gets every row rebuilt in which another column carries a write newer
-  than `missed_since`; rows nobody wrote since are trusted as they are.
+* A parity extent gets every row rebuilt in which another column carries write
+  `missed_since` or a later one; rows nobody wrote since are trusted as they are.
 * An extent the disk did not hold when it left (a slab placed degraded while it was away,
   see Pool.allocate_slabs) holds leftovers: it is zeroed first, then rebuilt like the rest.
   What it held is read from the disk's own last metadata generation.
@@ -65,14 +65,15 @@ def rows_written_since(
     entries: dict[int, bytes], skip: int, rows: Iterable[int], blocks_per_row: int, since: int
 ) -> list[int]:
     """Parity: the rows (numbered within the compared range) in which some column other
-    than `skip` holds a block written after `since`. `entries`: position -> entries."""
+    than `skip` holds a block written by write `since` or later (`since` itself was in
+    flight when the disk left, and may be what failed it). `entries`: position -> entries."""
     written = []
     for row in rows:
         first = row * blocks_per_row
         for position, raw in entries.items():
             if position == skip:
                 continue
-            if any(entry_seq(entry_at(raw, first + b)) > since for b in range(blocks_per_row)):
+            if any(entry_seq(entry_at(raw, first + b)) >= since for b in range(blocks_per_row)):
                 written.append(row)
                 break
     return written
