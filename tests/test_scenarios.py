@@ -297,27 +297,10 @@ EXPECTED = {
 # writes made during a rebuild can be lost on the rebuilt copy. Non-strict: they still run,
 # and pass once fixed.
 # Open product bugs: the trial runs, and passes once fixed (non-strict xfail).
-KNOWN_BUGS = {
-    ("loss-beyond-tolerance", "parity-2"): (
-        "after a parity loss beyond the tolerance and `disk online`, an acknowledged file can "
-        "read back wrong (zeros) in some runs (issue 4, open; repro: tools/scenarios "
-        "--scenarios loss-beyond-tolerance --layouts parity-2 --size quick --seed 2)"
-    ),
-}
-
-
-def _quick_params() -> list[object]:
-    params = []
-    for scenario, layout in QUICK_SET:
-        reason = KNOWN_BUGS.get((scenario, layout))
-        marks = [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
-        params.append(pytest.param(scenario, layout, marks=marks, id=f"{scenario}-{layout}"))
-    return params
-
-
 @pytest.mark.integration
 @pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
-@pytest.mark.parametrize(("scenario", "layout"), _quick_params())
+@pytest.mark.parametrize(("scenario", "layout"), QUICK_SET,
+                         ids=[f"{scenario}-{layout}" for scenario, layout in QUICK_SET])
 def test_scenario_short(scenario: str, layout: str, workroot: Path) -> None:
     result = run_trial(scenario, layout, QUICK, seed=1, workroot=workroot)
     line = report.verdict_line(result)
