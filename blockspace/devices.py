@@ -225,6 +225,12 @@ class Device(abc.ABC):
         view = _byte_view(buf)
         view[:] = await self.read(offset, view.nbytes)
 
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        """The bytes at once if they can be had without blocking (from the page cache) and
+        without any fault in the way; None otherwise, and the caller uses `read`. Never
+        raises: a real error is for `read` to find and report."""
+        return None
+
     @abc.abstractmethod
     async def write(self, offset: int, data: Buffer) -> None:
         """Write all of `data` at `offset`. Do not modify `data` until this returns."""
@@ -613,6 +619,22 @@ class FileDevice(Device):
         self._reads += 1
         self._bytes_read += length
         return data
+
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        if not self._nowait or self._closed or length <= 0 or offset < 0 \
+                or offset + length > self.size:
+            return None
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)  # type: ignore[arg-type]
+        except OSError:
+            return None  # not cached, or a real error: `read` goes through a worker
+        if n != length:
+            return None
+        self._reads += 1
+        self._inline_reads += 1
+        self._bytes_read += n
+        return bytes(buf)
 
     async def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         view = _byte_view(buf)

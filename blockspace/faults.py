@@ -461,6 +461,11 @@ class FaultyDevice(Device):
             return bytes(buf)
         return data
 
+    def read_now(self, offset: int, length: int) -> bytes | None:
+        if not self.spec.empty:
+            return None  # faults act on the async path only
+        return self.inner.read_now(offset, length)
+
     async def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         view = _byte_view(buf)
         what = f"read at {offset}"

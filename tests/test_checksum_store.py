@@ -109,3 +109,19 @@ def test_the_cache_stays_within_its_stated_ram_bound() -> None:
         assert used <= cache_bound_bytes(256)
 
     trio.run(scenario)
+
+
+def test_read_cached_answers_only_from_cached_pages() -> None:
+    async def scenario() -> None:
+        device = MemoryDevice(4 << 20)
+        store = ChecksumStore(lambda disk_id: device, lambda disk_id, extent: 0)
+        assert store.read_cached(0, 0, 0, 1) is None  # nothing cached yet
+        entries = entries_for(bytes(range(256)) * 16 * 600, seq=9)  # 600 blocks: 3 pages
+        await store.write(0, 0, 0, entries)
+        assert store.read_cached(0, 0, 0, 600) is None  # a write does not load pages
+        assert await store.read(0, 0, 0, 600) == entries
+        assert store.read_cached(0, 0, 0, 600) == entries  # across page boundaries
+        assert store.read_cached(0, 0, 255, 2) == entries[255 * 16 : 257 * 16]
+        assert store.read_cached(0, 1, 0, 1) is None  # another extent
+
+    trio.run(scenario)

@@ -709,3 +709,44 @@ def test_fault_injection_applies_to_each_piece_of_a_combined_write(image: str) -
             assert inner.read_sync(MiB, 16) == b"e" * 16
 
     run(main)
+
+
+def test_read_now_serves_only_cached_bytes_and_never_raises(image: str) -> None:
+    """The volume's hot path: cached bytes at once, anything else None (the caller then
+    goes through `read`, which reports errors)."""
+
+    async def main() -> None:
+        with FileDevice(image) as dev:
+            data = pattern(8192, 5)
+            await dev.write(MiB, data)
+            await dev.flush()
+            assert dev.read_now(MiB, len(data)) == data
+            assert dev.statistics().inline_reads == 1
+            assert dev.read_now(dev.size - 4096, 8192) is None  # past the end
+            assert dev.read_now(-4096, 4096) is None
+            os.posix_fadvise(dev.fileno(), MiB, len(data), os.POSIX_FADV_DONTNEED)
+            assert dev.read_now(MiB, len(data)) is None  # not cached: it would block
+            assert await dev.read(MiB, len(data)) == data
+        assert dev.read_now(MiB, 4096) is None  # closed
+        assert MemoryDevice(MiB).read_now(0, 4096) is None  # tests keep the async path
+
+    run(main)
+
+
+def test_read_now_steps_aside_while_a_fault_is_injected(image: str) -> None:
+    from blockspace.faults import FaultSpec, FaultyDevice
+
+    async def main() -> None:
+        with FileDevice(image) as inner:
+            await inner.write(0, b"z" * 4096)
+            dev = FaultyDevice(inner)
+            assert dev.read_now(0, 4096) == b"z" * 4096
+            dev.set_spec(FaultSpec(bitflip=1.0))
+            assert dev.read_now(0, 4096) is None  # the flip happens on the async path
+            assert await dev.read(0, 4096) != b"z" * 4096
+            dev.set_spec(FaultSpec(dead=True))
+            assert dev.read_now(0, 4096) is None
+            dev.clear()
+            assert dev.read_now(0, 4096) == b"z" * 4096
+
+    run(main)

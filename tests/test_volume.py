@@ -4,7 +4,9 @@ Random unaligned writes and reads across row and slab boundaries, then 0..tolera
 failed, and the volume must still read exactly what the model holds (and keep writing).
 """
 
+import os
 import random
+from pathlib import Path
 
 import pytest
 import trio
@@ -210,5 +212,43 @@ def test_metadata_survives_reopen_and_picks_newest_generation() -> None:
         assert await Volume(partial, partial.volume("vol")).read(123_456, 7000) == (
             b"persist" * 1000
         )
+
+    trio.run(scenario)
+
+
+@pytest.mark.parametrize("spec", [LayoutSpec("mirror", 1, copies=2),
+                                  LayoutSpec("parity", 2, parity=1)], ids=["mirror", "parity"])
+def test_reads_from_the_page_cache_are_still_verified(tmp_path: Path, spec: LayoutSpec) -> None:
+    """On image files a read is served at once from the page cache (no worker hop); rot
+    written into an image behind the daemon's back must still be caught there and healed."""
+    from blockspace.devices import FileDevice
+
+    paths = []
+    for i in range(spec.width):
+        path = tmp_path / f"d{i}.img"
+        path.write_bytes(b"")
+        os.truncate(path, 32 * MiB)
+        paths.append(str(path))
+
+    async def scenario() -> None:
+        devices = [FileDevice(p) for p in paths]
+        pool = await Pool.create("c", devices, media=["hdd"] * spec.width, slab_size=MiB,
+                                 meta_slot_size=64 << 10)
+        volume = Volume(pool, await pool.create_volume("v", 2 * MiB, spec, "thin"))
+        data = random.Random(3).randbytes(256 << 10)
+        await volume.write(0, data)
+        assert await volume.read(0, len(data)) == data  # warm: entries and data cached
+        inline = sum(d.statistics().inline_reads for d in devices)
+        disk_id, extent = volume.record.slabs[0][0]
+        fd = os.open(paths[disk_id], os.O_WRONLY)  # same page cache as the device
+        os.pwrite(fd, b"\xff" * 4096, pool.extent_offset(disk_id, extent) + 8192)
+        os.close(fd)
+        assert await volume.read(0, len(data)) == data
+        assert sum(d.statistics().inline_reads for d in devices) > inline
+        assert volume.statistics().healed_blocks >= 1
+        assert devices[disk_id].read_sync(pool.extent_offset(disk_id, extent) + 8192, 4096) \
+            != b"\xff" * 4096
+        for device in devices:
+            device.close()
 
     trio.run(scenario)
