@@ -147,6 +147,10 @@ def bad_blocks(data: bytes | bytearray | memoryview, entries: bytes | bytearray)
     count = len(view) // CSUM_BLOCK
     if len(entries) != count * ENTRY_SIZE:
         raise ValueError("entry count does not match the block count")
+    if count == 1:  # the usual 4K request: no arrays
+        expected = int.from_bytes(entries[:8], "little")
+        if (xxhash.xxh3_64_intdigest(view) or 1) == expected:
+            return []
     words = _words(entries)
     bad = []
     for index, (actual, expected) in enumerate(zip(_hashes(view), words[0::2], strict=True)):

@@ -69,6 +69,8 @@ class TierService:
             self._save_heat(volume)
 
     def served(self) -> dict[str, Volume | TieredVolume]:
+        if not self.tiered:  # called on every request: no copy when nothing is hidden
+            return self.volumes  # type: ignore[return-value]
         hidden = {n for t in self.tiered.values() for n in (t.tiers.ssd, t.tiers.hdd)}
         result: dict[str, Volume | TieredVolume] = {
             name: volume for name, volume in self.volumes.items() if name not in hidden

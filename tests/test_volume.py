@@ -216,6 +216,16 @@ def test_metadata_survives_reopen_and_picks_newest_generation() -> None:
     trio.run(scenario)
 
 
+def _image_files(tmp_path: Path, count: int) -> list[str]:
+    paths = []
+    for i in range(count):
+        path = tmp_path / f"d{i}.img"
+        path.write_bytes(b"")
+        os.truncate(path, 32 * MiB)
+        paths.append(str(path))
+    return paths
+
+
 @pytest.mark.parametrize("spec", [LayoutSpec("mirror", 1, copies=2),
                                   LayoutSpec("parity", 2, parity=1)], ids=["mirror", "parity"])
 def test_reads_from_the_page_cache_are_still_verified(tmp_path: Path, spec: LayoutSpec) -> None:
@@ -223,12 +233,7 @@ def test_reads_from_the_page_cache_are_still_verified(tmp_path: Path, spec: Layo
     written into an image behind the daemon's back must still be caught there and healed."""
     from blockspace.devices import FileDevice
 
-    paths = []
-    for i in range(spec.width):
-        path = tmp_path / f"d{i}.img"
-        path.write_bytes(b"")
-        os.truncate(path, 32 * MiB)
-        paths.append(str(path))
+    paths = _image_files(tmp_path, spec.width)
 
     async def scenario() -> None:
         devices = [FileDevice(p) for p in paths]
@@ -248,6 +253,38 @@ def test_reads_from_the_page_cache_are_still_verified(tmp_path: Path, spec: Layo
         assert volume.statistics().healed_blocks >= 1
         assert devices[disk_id].read_sync(pool.extent_offset(disk_id, extent) + 8192, 4096) \
             != b"\xff" * 4096
+        for device in devices:
+            device.close()
+
+    trio.run(scenario)
+
+
+def test_a_cached_read_never_returns_a_copy_older_than_another(tmp_path: Path) -> None:
+    """Mirror on image files: a write that reached only the second copy (as a torn write
+    would leave it) must win over the preferred copy, even when both are cached."""
+    from blockspace.checksums import entries_for
+    from blockspace.devices import FileDevice
+    from blockspace.layouts import data_positions
+
+    spec = LayoutSpec("mirror", 1, copies=2)
+    paths = _image_files(tmp_path, 2)
+
+    async def scenario() -> None:
+        devices = [FileDevice(p) for p in paths]
+        pool = await Pool.create("c", devices, media=["hdd"] * 2, slab_size=MiB,
+                                 meta_slot_size=64 << 10)
+        volume = Volume(pool, await pool.create_volume("v", 2 * MiB, spec, "thin"))
+        old = random.Random(4).randbytes(64 << 10)
+        await volume.write(0, old)
+        assert await volume.read(0, 4096) == old[:4096]  # both copies' entries cached
+        extents = volume.record.slabs[0]
+        _, second = data_positions(spec, 0, 0)
+        disk_id, extent = extents[second]
+        new = random.Random(5).randbytes(4096)
+        await pool.checksums.write(disk_id, extent, 0, entries_for(new, seq=pool.next_seq()),
+                                   data=(pool.extent_offset(disk_id, extent), new))
+        assert await volume.read(0, 4096) == new
+        assert await volume.read(0, 8192) == new + old[4096:8192]
         for device in devices:
             device.close()
 
