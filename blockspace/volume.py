@@ -85,10 +85,17 @@ class RowLocks:
         indexes = sorted({hash(key) % len(self._locks) for key in keys})
         taken: list[trio.Lock] = []
         try:
+            waited = False
             for index in indexes:
                 lock = self._locks[index]
-                await lock.acquire()
+                try:  # uncontended, the usual case: no trip through the scheduler
+                    lock.acquire_nowait()
+                except trio.WouldBlock:
+                    await lock.acquire()
+                    waited = True
                 taken.append(lock)
+            if not waited:
+                await trio.lowlevel.checkpoint_if_cancelled()
             yield
         finally:
             for lock in reversed(taken):
@@ -295,12 +302,15 @@ class Volume:
 
     # ---- extent primitives: whole blocks, verified --------------------------------------
 
-    async def _device_op(self, disk_id: int, what: str, op: Callable[[], Awaitable[T]]) -> T:
+    async def _device_op(
+        self, disk_id: int, what: str, op: Callable[[], Awaitable[T]], *, shield: bool = False
+    ) -> T:
         """One device call with a bounded retry for transient errors and a timeout for a
-        disk that stops answering (which then takes it out of service)."""
+        disk that stops answering (which then takes it out of service). `shield`: the call
+        is not cancelled with its caller, only by the timeout."""
         timeout = self.pool.io_timeout
         for attempt in range(IO_ATTEMPTS):
-            with trio.move_on_after(timeout) as scope:
+            with trio.CancelScope(deadline=trio.current_time() + timeout, shield=shield) as scope:
                 try:
                     return await op()
                 except DeviceError:
@@ -311,7 +321,8 @@ class Volume:
                     continue
             if scope.cancelled_caught:
                 reason = f"no answer to a {what} within {timeout:g}s"
-                await self.pool.mark_failed(disk_id, reason)
+                with trio.CancelScope(shield=shield):
+                    await self.pool.mark_failed(disk_id, reason)
                 raise DeviceError(f"disk {disk_id}: {reason}")
         raise AssertionError("unreachable")
 
@@ -396,9 +407,8 @@ class Volume:
             # kernel interrupted it) could be dropped before a worker took it, after the
             # checksum cache was patched, leaving cache and disk disagreeing. It finishes,
             # or fails by the I/O timeout inside _device_op.
-            with trio.CancelScope(shield=True):
-                await self._device_op(disk_id, "write", lambda: self.pool.checksums.write(
-                    disk_id, extent, start // BLOCK, entries, data=(offset, data)))
+            await self._device_op(disk_id, "write", lambda: self.pool.checksums.write(
+                disk_id, extent, start // BLOCK, entries, data=(offset, data)), shield=True)
             return True
         except DeviceError as error:
             self.pool.disks[disk_id].errors["write"] += 1
