@@ -36,6 +36,7 @@ import ctypes
 import errno
 import fcntl
 import functools
+import logging
 import os
 import queue
 import stat
@@ -48,7 +49,10 @@ from typing import Any, Self, TypeVar
 import outcome
 import trio
 
+from blockspace import uring
 from blockspace.errors import BlockspaceError, DeviceError, InvalidInput
+
+log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
 T = TypeVar("T")
@@ -63,6 +67,8 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 
 ZERO_CHUNK = 1 << 20  # fallback zeroing writes this many bytes per pwrite
 
+# io_uring results that mean "not this way", not "the disk failed": the worker retries.
+_RING_RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.EINVAL, errno.EOPNOTSUPP, errno.ECANCELED})
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
 # errnos meaning "this way of zeroing is not available here": fall back to writing zeros
 _ZERO_FALLBACK_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EINVAL})
@@ -432,6 +438,8 @@ class FileDevice(Device):
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._start_lock = threading.Lock()
         self._nowait = _RWF_NOWAIT is not None
+        self._use_ring = True  # writes through io_uring where the run has one
+        self._ring_writes = 0
 
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         if exclusive and info.is_block:
@@ -686,7 +694,7 @@ class FileDevice(Device):
             await trio.lowlevel.checkpoint()
             return
         try:
-            await self._run(self._pwrite, offset, data)
+            await self._write_pieces([(offset, data)])
         except DeviceError:
             self._errors += 1
             raise
@@ -705,7 +713,7 @@ class FileDevice(Device):
             await trio.lowlevel.checkpoint()
             return
         try:
-            await self._run(self._pwrite_many, pieces)
+            await self._write_pieces(pieces)
         except DeviceError:
             self._errors += 1
             raise
@@ -715,6 +723,34 @@ class FileDevice(Device):
     def _pwrite_many(self, pieces: list[tuple[int, Buffer]]) -> None:
         for offset, data in pieces:
             self._pwrite(offset, data)
+
+    async def _write_pieces(self, pieces: list[tuple[int, Buffer]]) -> None:
+        """Write the pieces in order: through io_uring when this run has a ring, else (or
+        for whatever the ring could not finish) through a worker."""
+        views = [(offset, _byte_view(data)) for offset, data in pieces]
+        views = [(offset, view) for offset, view in views if view.nbytes]
+        ring = uring.current() if self._use_ring else None
+        if ring is None:
+            await self._run(self._pwrite_many, views)
+            return
+        try:
+            results = await ring.write(self._fd, views)
+        except OSError as e:  # the ring refused the request: the worker does it
+            log.debug("%s: io_uring submission failed (%s), using a worker", self.path, e)
+            await self._run(self._pwrite_many, views)
+            return
+        self._ring_writes += 1
+        index = uring.check(results, [view.nbytes for _, view in views])
+        if index is None:
+            return
+        offset, view = views[index]
+        result = results[index]
+        if result < 0 and -result not in _RING_RETRY_ERRNOS:
+            raise _os_error(self.path, f"write at {offset}", uring.error_of(result))
+        if -result in (errno.EINVAL, errno.EOPNOTSUPP):
+            self._use_ring = False  # this file cannot take io_uring writes
+        done = max(result, 0)  # a short write: the worker finishes it and the rest
+        await self._run(self._pwrite_many, [(offset + done, view[done:]), *views[index + 1 :]])
 
     async def flush(self) -> None:
         self._check("flush", 0, 0)

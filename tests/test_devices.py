@@ -431,6 +431,7 @@ def test_cancel_withdraws_a_queued_request(image: str) -> None:
 
     async def main() -> None:
         with FileDevice(image, workers=1) as dev:
+            dev._use_ring = False  # the worker path itself is under test
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(dev._run, gate.wait)  # occupies the only worker
                 await trio.testing.wait_all_tasks_blocked()
@@ -584,6 +585,7 @@ def test_write_many_is_one_worker_job_in_order(image: str) -> None:
 
     async def main() -> None:
         with FileDevice(image, workers=2) as dev:
+            dev._use_ring = False  # the worker path itself is under test
             jobs: list[object] = []
             real_run = dev._run
 
@@ -648,6 +650,7 @@ def test_write_many_that_hangs_still_releases_its_caller(image: str) -> None:
 
     async def main() -> None:
         with FileDevice(image, workers=1) as dev:
+            dev._use_ring = False  # the worker path itself is under test
             real = dev._pwrite_many
 
             def stuck(pieces: list[tuple[int, bytes]]) -> None:

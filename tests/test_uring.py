@@ -1,0 +1,139 @@
+"""Device writes through io_uring (blockspace/uring.py), and the fall-back to workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from blockspace import uring
+from blockspace.devices import FileDevice
+from blockspace.errors import DeviceError
+
+MiB = 1 << 20
+
+
+def _ring_available() -> bool:
+    async def probe() -> bool:
+        return uring.current() is not None
+
+    return trio.run(probe)
+
+
+needs_ring = pytest.mark.skipif(
+    not _ring_available(), reason="io_uring is not available here (liburing missing, or the "
+    "kernel or sandbox refuses io_uring_setup): devices use worker threads"
+)
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> str:
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"")
+    os.truncate(path, 64 * MiB)
+    return str(path)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs: writes past that fail with ENOSPC. Always unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where = tmp_path / "small"
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@needs_ring
+def test_writes_go_through_the_ring_in_order(image: str) -> None:
+    async def main() -> None:
+        with FileDevice(image) as dev:
+            block, entries = os.urandom(8192), os.urandom(16)
+            await dev.write_many([(4096, memoryview(block)), (MiB, entries)])
+            await dev.write_many([(0, b"a" * 100), (50, b"b" * 10)])  # the later one wins
+            await dev.write(2 * MiB, b"c" * 4096)
+            assert dev._ring_writes == 3
+            assert dev.read_sync(4096, 8192) == block
+            assert dev.read_sync(MiB, 16) == entries
+            assert dev.read_sync(0, 100) == b"a" * 50 + b"b" * 10 + b"a" * 40
+            assert dev.read_sync(2 * MiB, 4096) == b"c" * 4096
+            stats = dev.statistics()
+            assert (stats.writes, stats.errors) == (5, 0)
+            assert stats.bytes_written == 8192 + 16 + 110 + 4096
+
+    trio.run(main)
+
+
+@needs_ring
+def test_a_failed_ring_write_is_a_device_error_and_stops_the_pieces_after_it(
+    small_tmpfs: Path,
+) -> None:
+    """On a full file system the data piece fails (short, then ENOSPC on the rest), and the
+    checksum piece linked after it is never written."""
+    path = small_tmpfs / "disk.img"
+    path.write_bytes(b"")
+    os.truncate(path, 16 * MiB)
+
+    async def main() -> None:
+        with FileDevice(str(path)) as dev:
+            with pytest.raises(DeviceError, match="No space left on device"):
+                await dev.write_many([(0, b"d" * (2 * MiB)), (8 * MiB, b"e" * 16)])
+            assert dev.read_sync(8 * MiB, 16) == bytes(16)
+            assert dev.statistics().errors == 1
+
+    trio.run(main)
+
+
+@needs_ring
+def test_a_cancelled_ring_write_is_abandoned_not_lost_track_of(image: str) -> None:
+    """The caller goes (its timeout fired); the kernel still owns the buffer, so the ring
+    keeps it until the completion comes, then forgets the request."""
+
+    async def main() -> None:
+        with FileDevice(image) as dev:
+            with trio.CancelScope() as scope:
+                scope.cancel()
+                await dev.write(0, b"z" * 4096)
+            ring = uring.current()
+            assert ring is not None
+            for _ in range(500):  # polling a private table: there is no event to wait on
+                if not ring._requests:
+                    break
+                await trio.sleep(0.01)
+            assert (ring._requests, ring._in_flight) == ({}, 0)
+            await dev.write(4096, b"y" * 4096)  # the ring still works
+            assert dev.read_sync(4096, 4096) == b"y" * 4096
+
+    trio.run(main)
+
+
+def test_without_io_uring_writes_use_worker_threads(
+    image: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(uring.DISABLE_ENV, "1")
+
+    async def main() -> None:
+        assert uring.current() is None
+        with FileDevice(image) as dev:
+            await dev.write_many([(0, b"w" * 4096), (MiB, b"e" * 16)])
+            assert dev._ring_writes == 0
+            assert dev.read_sync(0, 4096) == b"w" * 4096
+            assert dev.read_sync(MiB, 16) == b"e" * 16
+
+    trio.run(main)
+
+
+def test_check_finds_the_first_piece_not_fully_written() -> None:
+    assert uring.check([4096, 16], [4096, 16]) is None
+    assert uring.check([100, -125], [4096, 16]) == 0  # short, then cancelled
+    assert uring.check([4096, -28], [4096, 16]) == 1
+    assert uring.error_of(-28).errno == 28
+    assert uring.error_of(5).errno == 5  # a short write with no errno: EIO
