@@ -20,7 +20,14 @@ from blockspace.checksum_store import ChecksumStore
 from blockspace.concurrency import bind, run_all
 from blockspace.devices import Device
 from blockspace.errors import BlockspaceError, DeviceError, FormatError, InvalidInput, NoSpace
-from blockspace.intent import IntentLog, encode_intent, read_intent
+from blockspace.intent import (
+    REGION_SIZE,
+    IntentLog,
+    encode_intent,
+    read_intent,
+    rescale,
+    volume_key,
+)
 from blockspace.intent import Key as IntentKey
 from blockspace.label import (
     BLOCK,
@@ -330,7 +337,10 @@ class Pool:
     async def enable_intent_log(self) -> set[IntentKey]:
         """Start tracking writes in flight; returns the regions an unclean stop left dirty."""
         members = [(d.device, d.geometry) for d in self.disks.values() if d.device is not None]
-        generation, dirty = read_intent(members, self.uuid)
+        generation, recorded, base = read_intent(members, self.uuid)
+        interleaves = {volume_key(v.uuid): LayoutSpec.from_dict(v.layout).interleave
+                       for v in self.metadata.volumes}
+        dirty = rescale(recorded, base, interleaves) if base != REGION_SIZE else recorded
         self.intent = IntentLog(self._persist_intent, self.flush, generation, dirty)
         self.intent.hold(dirty)
         self.recovering = set(dirty)

@@ -30,7 +30,7 @@ from blockspace.checksums import (
 from blockspace.concurrency import bind, run_all
 from blockspace.erasure import ErasureCodec
 from blockspace.errors import DeviceError, InvalidInput, Unrecoverable
-from blockspace.intent import volume_key
+from blockspace.intent import region_size, volume_key
 from blockspace.layouts import (
     LayoutSpec,
     Piece,
@@ -52,9 +52,6 @@ BLOCK = CSUM_BLOCK
 IO_ATTEMPTS = 3  # a transient device error is retried this often before the disk is failed
 T = TypeVar("T")
 INLINE_READS_PER_YIELD = 16  # reads served at once from the page cache between two yields
-REGION_SIZE = 1 << 20  # write-intent granularity, in bytes of each extent (4 MiB regions
-# doubled 4K qd1 random writes, but a scenario trial then read wrong bytes after a loss
-# beyond the tolerance and `disk online`: not understood yet, so not shipped)
 
 
 def align_down(value: int) -> int:
@@ -126,7 +123,7 @@ class Volume:
         self._allocation_lock = trio.Lock()
         self.key = volume_key(record.uuid)
         # Write-intent regions, in extent bytes: a whole number of rows.
-        self.region_size = max(REGION_SIZE, self.spec.interleave)
+        self.region_size = region_size(self.spec.interleave)
         self.pending_resync = {(s, r) for k, s, r in pool.recovering if k == self.key}
         self._reads = self._writes = self._bytes_read = self._bytes_written = 0
         self._degraded_reads = self._healed_blocks = 0

@@ -13,7 +13,15 @@ import trio.testing
 from blockspace.checksums import ENTRY_SIZE
 from blockspace.devices import MemoryDevice
 from blockspace.errors import FormatError
-from blockspace.intent import MAX_ENTRIES, decode_intent, encode_intent
+from blockspace.intent import (
+    MAX_ENTRIES,
+    REGION_SIZE,
+    V1_REGION_SIZE,
+    decode_intent,
+    encode_intent,
+    rescale,
+    volume_key,
+)
 from blockspace.layouts import LayoutSpec, code_position
 from blockspace.pool import Pool
 from blockspace.volume import Volume
@@ -50,7 +58,7 @@ def raw_extent(
 def test_intent_record_round_trip_and_rejects_torn_or_foreign_records() -> None:
     keys = {(7, 0, 1), (7, 3, 0), (2**63, 2**31, 5)}
     raw = encode_intent(42, POOL_UUID, keys)
-    assert decode_intent(raw, POOL_UUID) == (42, keys)
+    assert decode_intent(raw, POOL_UUID) == (42, keys, REGION_SIZE)
     torn = bytearray(raw)
     torn[-3] ^= 0xFF
     with pytest.raises(FormatError, match="checksum"):
@@ -63,6 +71,81 @@ def test_intent_record_round_trip_and_rejects_torn_or_foreign_records() -> None:
         decode_intent(bytes(len(raw)), POOL_UUID)
     with pytest.raises(ValueError, match="do not fit"):
         encode_intent(1, POOL_UUID, {(1, 0, i) for i in range(MAX_ENTRIES + 1)})
+
+
+def _v1_record(generation: int, pool_uuid: str, keys: set[tuple[int, int, int]]) -> bytes:
+    """An intent record as version 1 wrote it (no region size: 1 MiB regions)."""
+    import struct
+    import uuid
+
+    import xxhash
+
+    entries = b"".join(struct.pack("<QII", *key) for key in sorted(keys))
+    header = struct.pack("<8sIIQQ16s", b"BLKSPCWI", 1, len(keys), generation,
+                         xxhash.xxh3_64_intdigest(entries), uuid.UUID(pool_uuid).bytes)
+    return header + entries
+
+
+def test_a_version_1_record_counts_in_1_MiB_regions() -> None:
+    keys = {(7, 0, 5)}
+    assert decode_intent(_v1_record(3, POOL_UUID, keys), POOL_UUID) == (3, keys, V1_REGION_SIZE)
+    bad = bytearray(encode_intent(4, POOL_UUID, keys))
+    bad[48:52] = (12345).to_bytes(4, "little")  # the region size: not a power of two
+    with pytest.raises(FormatError, match="region size"):
+        decode_intent(bytes(bad), POOL_UUID)
+
+
+def test_rescale_covers_at_least_the_bytes_each_old_region_covered() -> None:
+    mib = V1_REGION_SIZE
+    keys = {(1, 0, 5), (1, 2, 3), (2, 0, 1), (3, 0, 9), (4, 1, 7)}
+    interleaves = {1: 64 << 10, 2: 2 * mib, 3: 8 * mib}  # volume 4 was deleted
+    scaled = rescale(keys, mib, interleaves)
+    assert scaled == {
+        (1, 0, 5 * mib // REGION_SIZE),  # 5-6 MiB lies in today's 4-8 MiB region
+        (1, 2, 0),
+        (2, 0, 0),  # 2 MiB regions (one stripe unit) then, 4 MiB now: 2-4 MiB in 0-4 MiB
+        (3, 0, 9),  # a stripe unit larger than both: the same regions
+        (4, 1, 7),  # unknown volume: kept
+    }
+    for volume, slab, region in keys - {(4, 1, 7)}:  # every old byte range is covered
+        old = max(mib, interleaves[volume])
+        new = max(REGION_SIZE, interleaves[volume])
+        start, end = region * old, (region + 1) * old
+        covered = {(volume, slab, r) for r in range(start // new, (end - 1) // new + 1)}
+        assert covered <= scaled
+
+
+def test_dirty_regions_left_by_a_version_1_record_are_resynced() -> None:
+    """A pool last run by code with 1 MiB regions, stopped uncleanly: its dirty region 5
+    (5-6 MiB of the extent) is resynced as today's region holding those bytes."""
+
+    async def scenario() -> None:
+        devices = [MemoryDevice(40 * MiB, path=f"mem{i}") for i in range(2)]
+        pool = await Pool.create("t", devices, media=["hdd"] * 2, slab_size=8 * MiB,
+                                 meta_slot_size=64 << 10)
+        await pool.enable_intent_log()
+        spec = LayoutSpec("mirror", 1, copies=2)
+        volume = Volume(pool, await pool.create_volume("v", 8 * MiB, spec, "thin"))
+        old, new = b"A" * 65536, b"B" * 65536
+        at = 5 * MiB
+        await volume.write(at, old)
+        await volume.flush()
+        await volume.write(at, new)
+        device, base = raw_extent(pool, volume, 1)
+        device.data[base + at : base + at + 65536] = old  # copy 1 missed the new data
+        record = _v1_record(pool.intent.generation + 1, pool.uuid,
+                            {(volume_key(volume.record.uuid), 0, 5)})
+        for disk in pool.disks.values():
+            for slot in (0, 1):
+                disk.device.write_sync(disk.geometry.intent_slot_offset(slot), record)
+        pool2, volume2 = await reopen(devices)
+        assert volume2.pending_resync == {(0, at // REGION_SIZE)}
+        await volume2.resync_pending()
+        for position in (0, 1):
+            device, base = raw_extent(pool2, volume2, position)
+            assert bytes(device.data[base + at : base + at + 65536]) == new
+
+    trio.run(scenario)
 
 
 def test_mirror_copy_that_missed_a_write_is_made_equal_after_crash() -> None:
