@@ -28,6 +28,7 @@ from blockspace.checksums import (
     newer_elsewhere,
 )
 from blockspace.concurrency import bind, run_all
+from blockspace.devices import Device
 from blockspace.erasure import ErasureCodec
 from blockspace.errors import DeviceError, InvalidInput, Unrecoverable
 from blockspace.intent import region_size, volume_key
@@ -154,12 +155,7 @@ class Volume:
         self._check_range(offset, length)
         fast = self._read_now(offset, length)
         if fast is not None:
-            # Still a cancellation point, and a scheduling point now and then.
-            self._inline_reads += 1
-            if self._inline_reads % INLINE_READS_PER_YIELD:
-                await trio.lowlevel.checkpoint_if_cancelled()
-            else:
-                await trio.lowlevel.checkpoint()
+            await self._inline_checkpoint()
             return fast
         out = bytearray(length)
         view = memoryview(out)
@@ -192,22 +188,21 @@ class Volume:
         start = align_down(piece.column_offset)
         end = align_up(piece.column_offset + length)
         positions = data_positions(self.spec, piece.row, piece.column)
-        checksums = self.pool.checksums
-        first, count = start // BLOCK, (end - start) // BLOCK
         disk_id, extent = extents[positions[0]]
         device = self.pool.extent_device(disk_id, extent)
-        entries = checksums.read_cached(disk_id, extent, first, count) if device else None
-        if device is None or entries is None:
+        cached = self._cached_blocks(device, disk_id, extent, start, end) if device else None
+        if cached is None:
             return None
+        data, entries = cached
         for other in positions[1:]:  # mirror: no other copy may carry a newer write
             other_disk, other_extent = extents[other]
             if self.pool.extent_device(other_disk, other_extent) is None:
                 return None  # degraded: counted and handled on the careful path
-            theirs = checksums.read_cached(other_disk, other_extent, first, count)
+            theirs = self.pool.checksums.read_cached(
+                other_disk, other_extent, start // BLOCK, (end - start) // BLOCK)
             if theirs is None or (theirs != entries and newer_elsewhere(entries, [theirs])):
                 return None
-        data = device.read_now(self.pool.extent_offset(disk_id, extent) + start, end - start)
-        if data is None or bad_blocks(data, entries):
+        if bad_blocks(data, entries):
             return None
         self._reads += 1
         self._bytes_read += length
@@ -351,21 +346,12 @@ class Volume:
         device = self.pool.extent_device(disk_id, extent)
         if device is None:
             return Fault.MISSING
-        # The hot path: entries cached and data in the page cache, no await at all (a
-        # timeout scope and a checkpoint per call cost more than the read itself).
-        entries = self.pool.checksums.read_cached(
-            disk_id, extent, start // BLOCK, (end - start) // BLOCK)
-        if entries is not None:
-            data = device.read_now(self.pool.extent_offset(disk_id, extent) + start, end - start)
-            if data is not None:
-                # Still a cancellation point, and a scheduling point now and then, so a
-                # scrub over cached data cannot starve the requests being served.
-                self._inline_reads += 1
-                if self._inline_reads % INLINE_READS_PER_YIELD:
-                    await trio.lowlevel.checkpoint_if_cancelled()
-                else:
-                    await trio.lowlevel.checkpoint()
-                return data, entries
+        # The hot path: entries cached and data in the page cache (a timeout scope and a
+        # device await per call cost more than the read itself).
+        cached = self._cached_blocks(device, disk_id, extent, start, end)
+        if cached is not None:
+            await self._inline_checkpoint()
+            return cached
         try:
             entries = await self._device_op(disk_id, "checksum read", lambda: (
                 self.pool.checksums.read(disk_id, extent, start // BLOCK, (end - start) // BLOCK)
@@ -377,6 +363,27 @@ class Volume:
             log.warning("read error on disk %d: %s", disk_id, error)
             return Fault.UNREADABLE if self.pool.extent_device(disk_id, extent) else Fault.MISSING
         return data, entries
+
+    def _cached_blocks(
+        self, device: Device, disk_id: int, extent: int, start: int, end: int
+    ) -> tuple[bytes, bytes] | None:
+        """Data and entries of extent blocks [start, end), unverified, if both are in
+        memory (the checksum page cache, the page cache); None otherwise. No await."""
+        entries = self.pool.checksums.read_cached(
+            disk_id, extent, start // BLOCK, (end - start) // BLOCK)
+        if entries is None:
+            return None
+        data = device.read_now(self.pool.extent_offset(disk_id, extent) + start, end - start)
+        return None if data is None else (data, entries)
+
+    async def _inline_checkpoint(self) -> None:
+        """After a read served at once: still a cancellation point, and a scheduling point
+        now and then, so a scrub over cached data cannot starve the requests being served."""
+        self._inline_reads += 1
+        if self._inline_reads % INLINE_READS_PER_YIELD:
+            await trio.lowlevel.checkpoint_if_cancelled()
+        else:
+            await trio.lowlevel.checkpoint()
 
     async def _read_verified(
         self, extents: Extents, position: int, start: int, end: int
