@@ -80,6 +80,8 @@ class Ring:
     async def write(self, fd: int, pieces: Sequence[tuple[int, memoryview]]) -> list[int]:
         """Write the pieces in order; their results (bytes written, or -errno; -ECANCELED
         for pieces after one that failed or came up short)."""
+        if not 0 < len(pieces) <= ENTRIES:
+            raise OSError(errno.EINVAL, f"{len(pieces)} pieces in one io_uring request")
         while self._in_flight + len(pieces) > ENTRIES:
             await self._room.park()
         first = self._next

@@ -115,6 +115,29 @@ def test_a_cancelled_ring_write_is_abandoned_not_lost_track_of(image: str) -> No
     trio.run(main)
 
 
+@needs_ring
+def test_a_request_the_ring_refuses_is_written_by_a_worker(image: str) -> None:
+    """io_uring_submit failing (or a request too big for the ring) is not a disk error."""
+
+    async def main() -> None:
+        ring = uring.current()
+        assert ring is not None
+        with pytest.raises(OSError, match="pieces in one io_uring request"):
+            await ring.write(0, [(0, memoryview(b"x"))] * (uring.ENTRIES + 1))
+        with FileDevice(image) as dev:
+            async def refuse(fd: int, pieces: object) -> list[int]:
+                raise OSError(16, "device or resource busy")
+
+            ring.write = refuse  # type: ignore[method-assign]
+            await dev.write_many([(0, b"r" * 4096), (MiB, b"e" * 16)])
+            assert dev._ring_writes == 0
+            assert dev.read_sync(0, 4096) == b"r" * 4096
+            assert dev.read_sync(MiB, 16) == b"e" * 16
+            assert dev.statistics().errors == 0
+
+    trio.run(main)
+
+
 def test_without_io_uring_writes_use_worker_threads(
     image: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
