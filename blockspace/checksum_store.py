@@ -37,6 +37,12 @@ class ChecksumCacheStats:
     misses: int
 
 
+def _cut(data: bytearray, page: int, start: int, end: int) -> bytes:
+    """The part of cached page `page` that lies in the byte range [start, end)."""
+    base = page * PAGE
+    return bytes(data[max(start, base) - base : min(end, base + PAGE) - base])
+
+
 class ChecksumStore:
     def __init__(
         self,
@@ -60,40 +66,23 @@ class ChecksumStore:
     async def read(self, disk_id: int, extent: int, first_block: int, count: int) -> bytes:
         """Entries of blocks [first_block, first_block + count) of an extent.
         Raises DeviceError if the disk cannot be read."""
-        start = first_block * ENTRY_SIZE
-        end = start + count * ENTRY_SIZE
-        parts = []
-        for page in range(start // PAGE, (end - 1) // PAGE + 1):
-            data = await self._page(disk_id, extent, page)
-            lo = max(start, page * PAGE) - page * PAGE
-            hi = min(end, (page + 1) * PAGE) - page * PAGE
-            parts.append(bytes(data[lo:hi]))
-        return b"".join(parts)
+        start, end = first_block * ENTRY_SIZE, (first_block + count) * ENTRY_SIZE
+        return b"".join([_cut(await self._page(disk_id, extent, page), page, start, end)
+                         for page in range(start // PAGE, (end - 1) // PAGE + 1)])
 
     def read_cached(self, disk_id: int, extent: int, first_block: int, count: int) -> bytes | None:
         """`read` when every page it needs is cached (the hot path: no await); else None."""
-        start = first_block * ENTRY_SIZE
-        end = start + count * ENTRY_SIZE
-        first, last = start // PAGE, (end - 1) // PAGE
-        if first == last:  # the usual case: one page
-            key = (disk_id, extent, first)
-            cached = self._pages.get(key)
-            if cached is None:
-                return None
-            self._pages.move_to_end(key)
-            self._hits += 1
-            return bytes(cached[start - first * PAGE : end - first * PAGE])
-        pages = [self._pages.get((disk_id, extent, page)) for page in range(first, last + 1)]
-        if any(page is None for page in pages):
+        start, end = first_block * ENTRY_SIZE, (first_block + count) * ENTRY_SIZE
+        pages = range(start // PAGE, (end - 1) // PAGE + 1)
+        found = [self._pages.get((disk_id, extent, page)) for page in pages]
+        if any(data is None for data in found):
             return None
         parts = []
-        for page, data in zip(range(first, last + 1), pages, strict=True):
+        for page, data in zip(pages, found, strict=True):
             assert data is not None
             self._pages.move_to_end((disk_id, extent, page))
             self._hits += 1
-            lo = max(start, page * PAGE) - page * PAGE
-            hi = min(end, (page + 1) * PAGE) - page * PAGE
-            parts.append(bytes(data[lo:hi]))
+            parts.append(_cut(data, page, start, end))
         return b"".join(parts)
 
     async def write(

@@ -633,16 +633,7 @@ class FileDevice(Device):
                 or offset + length > self.size:
             return None
         buf = bytearray(length)
-        try:
-            n = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)  # type: ignore[arg-type]
-        except OSError:
-            return None  # not cached, or a real error: `read` goes through a worker
-        if n != length:
-            return None
-        self._reads += 1
-        self._inline_reads += 1
-        self._bytes_read += n
-        return bytes(buf)
+        return bytes(buf) if self._preadv_nowait(buf, offset) == length else None
 
     async def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         view = _byte_view(buf)
@@ -660,6 +651,14 @@ class FileDevice(Device):
         """Try a non-blocking read from the page cache on the trio thread. Returns the bytes
         read: all of them (counted and checkpointed, done), some, or 0 (go to a worker)."""
         await trio.lowlevel.checkpoint_if_cancelled()
+        n = self._preadv_nowait(buf, offset)
+        if n == len(buf):
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return n
+
+    def _preadv_nowait(self, buf: bytearray | memoryview, offset: int) -> int:
+        """preadv(RWF_NOWAIT): the bytes read (counted when they are all of `buf`), or 0
+        when it would block or fails (a worker retries and reports a real error)."""
         try:
             n = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)  # type: ignore[arg-type]
         except BlockingIOError:
@@ -667,12 +666,11 @@ class FileDevice(Device):
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 self._nowait = False  # this file/kernel has no RWF_NOWAIT; stop trying
-            return 0  # anything else: the worker retries and reports it properly
+            return 0
         if n == len(buf):
             self._reads += 1
             self._inline_reads += 1
             self._bytes_read += n
-            await trio.lowlevel.cancel_shielded_checkpoint()
         return n
 
     async def _readinto_rest(self, view: memoryview, offset: int, got: int) -> None:

@@ -21,7 +21,6 @@ from blockspace.concurrency import bind, run_all
 from blockspace.devices import Device
 from blockspace.errors import BlockspaceError, DeviceError, FormatError, InvalidInput, NoSpace
 from blockspace.intent import (
-    REGION_SIZE,
     IntentLog,
     encode_intent,
     read_intent,
@@ -340,7 +339,7 @@ class Pool:
         generation, recorded, base = read_intent(members, self.uuid)
         interleaves = {volume_key(v.uuid): LayoutSpec.from_dict(v.layout).interleave
                        for v in self.metadata.volumes}
-        dirty = rescale(recorded, base, interleaves) if base != REGION_SIZE else recorded
+        dirty = rescale(recorded, base, interleaves)  # the same keys when base is today's
         self.intent = IntentLog(self._persist_intent, self.flush, generation, dirty)
         self.intent.hold(dirty)
         self.recovering = set(dirty)

@@ -510,11 +510,6 @@ class Volume:
             disk_id, extent = extents[position]
             if position == skip or self.pool.extent_device(disk_id, extent) is None:
                 continue
-            cached = self.pool.checksums.read_cached(
-                disk_id, extent, start // BLOCK, (end - start) // BLOCK)
-            if cached is not None:
-                found.append(cached)
-                continue
             try:
                 found.append(await self.pool.checksums.read(
                     disk_id, extent, start // BLOCK, (end - start) // BLOCK))
