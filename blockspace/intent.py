@@ -153,6 +153,7 @@ class IntentLog:
         self._committing = False
         self._committed = trio.Event()
         self._held: set[Key] = set()  # awaiting resync: never cleared by the cleaner
+        self._clearing: set[Key] = set()  # leaving the durable set by the commit under way
         self.commits = 0
 
     def statistics(self) -> IntentStats:
@@ -170,7 +171,7 @@ class IntentLog:
         """Mark regions durably dirty (returns once they are) and count a write in flight."""
         self._in_flight.update(keys)
         try:
-            while not keys <= self.durable:
+            while not self._marked(keys):
                 self._wanted |= keys - self.durable
                 if self._committing:
                     await self._committed.wait()
@@ -183,6 +184,11 @@ class IntentLog:
         except BaseException:
             self._in_flight.subtract(keys)
             raise
+
+    def _marked(self, keys: set[Key]) -> bool:
+        """Dirty on the disks, and staying so: a region that the commit under way is
+        clearing is still in `durable` until that record lands, but must be marked again."""
+        return keys <= self.durable and not keys & self._clearing
 
     def end(self, keys: set[Key]) -> None:
         now = trio.current_time()
@@ -226,11 +232,13 @@ class IntentLog:
             if len(target) > MAX_ENTRIES:  # record what fits; the rest wait for cleaning
                 target = set(sorted(target, key=lambda k: k not in self.durable)[:MAX_ENTRIES])
             self.generation += 1
+            self._clearing = self.durable - target
             await self._persist(self.generation, target)
             self.durable = target
             self._wanted -= target
             self.commits += 1
         finally:
+            self._clearing = set()
             self._committing = False
             self._committed.set()
             self._committed = trio.Event()

@@ -17,6 +17,8 @@ from blockspace.intent import (
     MAX_ENTRIES,
     REGION_SIZE,
     V1_REGION_SIZE,
+    IntentLog,
+    Key,
     decode_intent,
     encode_intent,
     rescale,
@@ -249,3 +251,43 @@ def test_cleaner_clears_idle_regions_after_a_flush_but_not_busy_ones() -> None:
 
 def test_checksum_entry_layout_is_16_bytes() -> None:
     assert ENTRY_SIZE == 16
+
+
+def test_a_write_that_starts_while_its_region_is_being_cleared_waits_and_re_marks_it() -> None:
+    """Clearing records a set without the region; a write that begins while that record is
+    on its way to the disks must not trust the old in-memory set, or it would run in a
+    region the disks call clean and a crash mid-write would go unresynced."""
+    async def scenario() -> None:
+        records: list[set[Key]] = []
+        gate = trio.Event()
+
+        async def persist(generation: int, keys: set[Key]) -> None:
+            records.append(set(keys))
+            if len(records) == 1:
+                await gate.wait()  # the clearing record is slow to reach the disks
+
+        async def flush() -> None:
+            await trio.lowlevel.checkpoint()
+
+        key: Key = (1, 0, 0)
+        log = IntentLog(persist, flush, generation=1, durable={key})
+        began = trio.Event()
+
+        async def write() -> None:
+            await log.begin({key})
+            began.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(log.clean, 0.0)
+            await trio.testing.wait_all_tasks_blocked()
+            assert records == [set()]  # the clearing record is being written
+            nursery.start_soon(write)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not began.is_set()  # does not run on the strength of the old set
+            gate.set()
+        assert began.is_set()
+        assert records == [set(), {key}]  # re-marked dirty before the write went ahead
+        assert log.durable == {key}
+        log.end({key})
+
+    trio.run(scenario)
