@@ -134,25 +134,30 @@ def default_layout(
 
 @dataclass(frozen=True)
 class Piece:
-    """A contiguous part of a request that lives in one data column of one slab."""
+    """A part of a request that is contiguous in one data column of one slab. For simple
+    and mirror it may span rows: then its bytes are contiguous on disk but lie in the
+    request buffer as one interleave unit per row (see `segments`)."""
 
     row: int  # first row the piece touches
     column: int  # data column, 0..columns-1
     column_offset: int  # byte offset inside the column's extent
     length: int
-    buf_offset: int  # offset of the piece inside the request buffer
+    buf_offset: int  # offset of the piece's first byte inside the request buffer
+    rows: int = 1  # rows spanned
 
 
 def split(spec: LayoutSpec, offset: int, length: int) -> list[Piece]:
-    """Cut a slab-relative byte range into pieces, one per (row, data column).
+    """Cut a slab-relative byte range into pieces, one per data column it touches.
 
-    For simple and mirror, consecutive pieces of one column that are contiguous both on
-    disk and in the buffer are merged (one column: the whole request is one piece). Parity
-    pieces never cross a row, because the column's disk changes from row to row.
+    For simple and mirror, a column's units in consecutive rows follow each other on disk,
+    so they make one piece: a large request costs one device I/O per column, not one per
+    row and column. Parity pieces never cross a row, because the column's disk changes
+    from row to row.
     """
     unit = spec.interleave
     stride = unit * spec.columns
     pieces: list[Piece] = []
+    open_piece: dict[int, int] = {}  # column -> index in pieces of its piece so far
     position = offset
     end = offset + length
     while position < end:
@@ -160,21 +165,38 @@ def split(spec: LayoutSpec, offset: int, length: int) -> list[Piece]:
         column, unit_offset = divmod(within_row, unit)
         take = min(unit - unit_offset, end - position)
         column_offset = row * unit + unit_offset
-        piece = Piece(row, column, column_offset, take, position - offset)
-        last = pieces[-1] if pieces else None
+        index = open_piece.get(column)
+        last = pieces[index] if index is not None else None
         if (
             last is not None
             and spec.kind != "parity"
-            and last.column == column
             and last.column_offset + last.length == column_offset
-            and last.buf_offset + last.length == piece.buf_offset
         ):
-            merged = last.length + take
-            pieces[-1] = Piece(last.row, column, last.column_offset, merged, last.buf_offset)
+            pieces[index] = Piece(last.row, column, last.column_offset, last.length + take,
+                                  last.buf_offset, row - last.row + 1)
         else:
-            pieces.append(piece)
+            open_piece[column] = len(pieces)
+            pieces.append(Piece(row, column, column_offset, take, position - offset))
         position += take
     return pieces
+
+
+def segments(spec: LayoutSpec, piece: Piece) -> list[tuple[int, int, int]]:
+    """Where a piece's bytes lie in the request buffer: (buffer offset, offset in the
+    piece, length) per row it spans."""
+    if piece.rows == 1 or spec.columns == 1:
+        return [(piece.buf_offset, 0, piece.length)]
+    unit = spec.interleave
+    skip = unit * (spec.columns - 1)  # the other columns' units between two of ours
+    found = []
+    buf, done, position = piece.buf_offset, 0, piece.column_offset
+    while done < piece.length:
+        take = min(unit - position % unit, piece.length - done)
+        found.append((buf, done, take))
+        buf += take + skip
+        done += take
+        position += take
+    return found
 
 
 def unit_range(spec: LayoutSpec, piece: Piece) -> tuple[int, int]:

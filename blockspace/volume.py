@@ -39,6 +39,7 @@ from blockspace.layouts import (
     data_positions,
     parity_positions,
     row_start,
+    segments,
     split,
     unit_range,
 )
@@ -169,10 +170,10 @@ class Volume:
         return bytes(out)
 
     def _read_now(self, offset: int, length: int) -> bytes | None:
-        """The hot path of a small read, with no await: one column piece of one slab, whose
-        checksum entries and data are in memory and verify, and that no other copy has a
-        newer write for. None for anything else (a disk out, rot, a resync pending, a read
-        across columns, data not cached): the careful path below handles it."""
+        """The hot path of a read, with no await: every column piece of one slab in memory
+        (checksum entries and data), verified, and no other copy with a newer write. None
+        for anything else (a disk out, rot, a resync pending, data not cached): the careful
+        path below handles it."""
         if self.pending_resync:
             return None
         slab, slab_offset = divmod(offset, self.slab_data_size)
@@ -182,11 +183,29 @@ class Volume:
         if extents is None:
             return None
         pieces = split(self.spec, slab_offset, length)
-        if len(pieces) != 1:
-            return None
-        piece = pieces[0]
+        if len(pieces) == 1:
+            found = self._piece_now(extents, pieces[0])
+            if found is None:
+                return None
+            data, skip = found
+            result = data if skip == 0 and len(data) == length else data[skip : skip + length]
+        else:
+            out = bytearray(length)
+            for piece in pieces:
+                found = self._piece_now(extents, piece)
+                if found is None:
+                    return None
+                self._scatter(out, piece, *found)
+            result = bytes(out)
+        self._reads += 1
+        self._bytes_read += length
+        return result
+
+    def _piece_now(self, extents: Extents, piece: Piece) -> tuple[bytes, int] | None:
+        """The whole blocks holding one piece, verified, and where the piece starts in them;
+        None unless that can be had without waiting (see `_read_now`)."""
         start = align_down(piece.column_offset)
-        end = align_up(piece.column_offset + length)
+        end = align_up(piece.column_offset + piece.length)
         positions = data_positions(self.spec, piece.row, piece.column)
         disk_id, extent = extents[positions[0]]
         device = self.pool.extent_device(disk_id, extent)
@@ -204,10 +223,22 @@ class Volume:
                 return None
         if bad_blocks(data, entries):
             return None
-        self._reads += 1
-        self._bytes_read += length
-        skip = piece.column_offset - start
-        return data if skip == 0 and len(data) == length else data[skip : skip + length]
+        return data, piece.column_offset - start
+
+    def _gather(self, data: memoryview, piece: Piece) -> memoryview | bytes:
+        """A piece's bytes out of the request buffer, in disk order."""
+        parts = segments(self.spec, piece)
+        if len(parts) == 1:
+            return data[piece.buf_offset : piece.buf_offset + piece.length]
+        return b"".join([data[buf : buf + count] for buf, _, count in parts])
+
+    def _scatter(self, out: bytearray | memoryview, piece: Piece, blocks: bytes,
+                 skip: int) -> None:
+        """Lay a piece read from disk (starting `skip` bytes into `blocks`) into the request
+        buffer."""
+        source = memoryview(blocks)
+        for buf, at, count in segments(self.spec, piece):
+            out[buf : buf + count] = source[skip + at : skip + at + count]
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._check_range(offset, len(data))
@@ -474,8 +505,7 @@ class Volume:
         else:
             data = await self._read_copies(slab, extents, piece.row, piece.column,
                                            start, end, locked=locked)
-        skip = piece.column_offset - start
-        out[piece.buf_offset : piece.buf_offset + piece.length] = data[skip : skip + piece.length]
+        self._scatter(out, piece, data, piece.column_offset - start)
 
     async def _read_copies(
         self, slab: int, extents: Extents, row: int, column: int, start: int, end: int,
@@ -704,7 +734,7 @@ class Volume:
     async def _write_copies(
         self, slab: int, extents: Extents, piece: Piece, data: memoryview, seq: int
     ) -> None:
-        payload = data[piece.buf_offset : piece.buf_offset + piece.length]
+        payload = self._gather(data, piece)
         written = 0
 
         async def write_one(position: int) -> None:
