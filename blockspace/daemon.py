@@ -23,6 +23,7 @@ from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.faults import FaultyDevice, handle_fault_request
 from blockspace.fuse_ops import VolumeFS
 from blockspace.layouts import default_layout
+from blockspace.malloc_tuning import tune_malloc
 from blockspace.manage import DiskManager
 from blockspace.pool import Pool
 from blockspace.registry import MountEntry, Registry
@@ -319,6 +320,7 @@ def run(registry: Registry, options: MountOptions, ready_fd: int | None = None) 
             await nursery.start(daemon.run)
             report("ok")
 
+    tune_malloc()  # large request buffers without a page fault per page of each
     try:
         try:
             trio.run(main)
