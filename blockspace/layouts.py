@@ -241,3 +241,20 @@ def parity_positions(spec: LayoutSpec, row: int) -> list[int]:
 def row_start(spec: LayoutSpec, row: int) -> int:
     """Byte offset in every extent where `row` begins."""
     return row * spec.interleave
+
+
+ExtentWrite = tuple[int, int, bytes | memoryview]  # extent position, offset in it, payload
+
+
+def coalesce(writes: list[ExtentWrite]) -> list[ExtentWrite]:
+    """Merge writes to the same extent that follow each other into one (payloads joined)."""
+    merged: list[tuple[int, int, list[bytes | memoryview]]] = []
+    for position, offset, payload in sorted(writes, key=lambda w: (w[0], w[1])):
+        if merged:
+            last_position, last_offset, parts = merged[-1]
+            if last_position == position and last_offset + sum(map(len, parts)) == offset:
+                parts.append(payload)
+                continue
+        merged.append((position, offset, [payload]))
+    return [(position, offset, parts[0] if len(parts) == 1 else b"".join(parts))
+            for position, offset, parts in merged]

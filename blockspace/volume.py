@@ -33,8 +33,10 @@ from blockspace.erasure import ErasureCodec
 from blockspace.errors import DeviceError, InvalidInput, Unrecoverable
 from blockspace.intent import region_size, volume_key
 from blockspace.layouts import (
+    ExtentWrite,
     LayoutSpec,
     Piece,
+    coalesce,
     code_position,
     data_positions,
     parity_positions,
@@ -697,16 +699,10 @@ class Volume:
         self, slab: int, extents: Extents, pieces: list[Piece], data: memoryview, seq: int
     ) -> None:
         if self.spec.kind == "parity":
-            by_row: dict[int, list[Piece]] = {}
-            for piece in pieces:
-                by_row.setdefault(piece.row, []).append(piece)
-            jobs = [
-                bind(self._write_parity_row, slab, extents, row, row_pieces, data, seq)
-                for row, row_pieces in by_row.items()
-            ]
+            await self._write_parity_rows(slab, extents, pieces, data, seq)
         else:
-            jobs = [bind(self._write_copies, slab, extents, piece, data, seq) for piece in pieces]
-        await run_all(jobs)
+            await run_all([bind(self._write_copies, slab, extents, piece, data, seq)
+                           for piece in pieces])
 
     async def _merge_partial_blocks(
         self, slab: int, extents: Extents, offset: int, data: memoryview
@@ -751,12 +747,42 @@ class Volume:
                 "could be written"
             )
 
-    async def _write_parity_row(
-        self, slab: int, extents: Extents, row: int, pieces: list[Piece], data: memoryview,
-        seq: int,
+    async def _write_parity_rows(
+        self, slab: int, extents: Extents, pieces: list[Piece], data: memoryview, seq: int
     ) -> None:
-        """Write the pieces of one row and its parity. A row fully covered is encoded from
-        the new data alone; otherwise the untouched part of the span is read first."""
+        """Write the pieces and the parity of the rows they touch. Each row is encoded on
+        its own; then each disk's fragments of consecutive rows, contiguous in its extent,
+        go out as one write (a large request: one device write per disk, not per row)."""
+        by_row: dict[int, list[Piece]] = {}
+        for piece in pieces:
+            by_row.setdefault(piece.row, []).append(piece)
+        writes: list[ExtentWrite] = []
+
+        async def encode(row: int, row_pieces: list[Piece]) -> None:
+            writes.extend(await self._parity_row_writes(slab, extents, row, row_pieces, data))
+
+        await run_all([bind(encode, row, row_pieces) for row, row_pieces in by_row.items()])
+
+        async def write_one(position: int, offset: int, payload: bytes | memoryview) -> None:
+            await self._write_verified(extents, position, offset, payload, seq=seq)
+
+        await run_all([bind(write_one, *write) for write in coalesce(writes)])
+        # The rows are recoverable only while no more than `parity` of the slab's extents are
+        # lost, counting disks that were already out as well as writes that just failed.
+        lost = sum(self.pool.extent_device(*extent) is None for extent in extents)
+        if lost > self.spec.parity:
+            rows = sorted(by_row)
+            raise Unrecoverable(
+                f"volume {self.name!r}: {lost} columns of slab {slab} rows "
+                f"{rows[0]}-{rows[-1]} are unavailable"
+            )
+
+    async def _parity_row_writes(
+        self, slab: int, extents: Extents, row: int, pieces: list[Piece], data: memoryview
+    ) -> list[ExtentWrite]:
+        """The extent writes that put one row's pieces and its new parity on disk. A row
+        fully covered is encoded from the new data alone; otherwise the untouched part of
+        the span is read first."""
         assert self.codec is not None
         ranges = {piece.column: unit_range(self.spec, piece) for piece in pieces}
         start = min(r[0] for r in ranges.values())
@@ -766,28 +792,15 @@ class Volume:
         columns: list[bytes | bytearray] = []
         for column in range(self.spec.columns):
             columns.append(bytearray(old[column]) if column in old else bytearray(end - start))
+        writes: list[ExtentWrite] = []
         for piece in pieces:
             piece_start, piece_end = ranges[piece.column]
             payload = data[piece.buf_offset : piece.buf_offset + piece.length]
             columns[piece.column][piece_start - start : piece_end - start] = payload
-        parity = self.codec.encode(columns)
-
-        async def write_one(position: int, offset: int, payload: bytes | memoryview) -> None:
-            await self._write_verified(extents, position, offset, payload, seq=seq)
-
-        jobs = []
-        for piece in pieces:
             position = code_position(self.spec, row, piece.column)
-            payload = data[piece.buf_offset : piece.buf_offset + piece.length]
-            jobs.append(bind(write_one, position, piece.column_offset, payload))
+            writes.append((position, piece.column_offset, payload))
+        parity = self.codec.encode(columns)
         parity_offset = row_start(self.spec, row) + start
         for position, block in zip(parity_positions(self.spec, row), parity, strict=True):
-            jobs.append(bind(write_one, position, parity_offset, block))
-        await run_all(jobs)
-        # The row is recoverable only while no more than `parity` of its extents are lost,
-        # counting disks that were already out as well as writes that just failed.
-        lost = sum(self.pool.extent_device(*extent) is None for extent in extents)
-        if lost > self.spec.parity:
-            raise Unrecoverable(
-                f"volume {self.name!r}: {lost} columns of slab {slab} row {row} are unavailable"
-            )
+            writes.append((position, parity_offset, block))
+        return writes

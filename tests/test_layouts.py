@@ -4,7 +4,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blockspace.layouts import LayoutSpec, segments, split
+from blockspace.layouts import LayoutSpec, coalesce, segments, split
 
 SPECS = [
     LayoutSpec("simple", 1, interleave=4096),
@@ -62,3 +62,20 @@ def test_a_large_simple_request_is_one_piece_per_column() -> None:
         (column, 0, 256 << 10, 4) for column in range(4)
     ]
     assert segments(spec, pieces[1])[:2] == [(65536, 0, 65536), (65536 * 5, 65536, 65536)]
+
+
+def test_coalesce_joins_writes_that_follow_each_other_in_one_extent_only() -> None:
+    writes = [
+        (2, 8192, b"c" * 4096),
+        (0, 0, b"a" * 4096),
+        (2, 4096, b"b" * 4096),
+        (0, 8192, b"x" * 4096),  # a gap after the first write to position 0
+        (1, 4096, b"y" * 4096),
+        (2, 12288, memoryview(b"d" * 4096)),
+    ]
+    assert coalesce(writes) == [
+        (0, 0, b"a" * 4096),
+        (0, 8192, b"x" * 4096),
+        (1, 4096, b"y" * 4096),
+        (2, 4096, b"b" * 4096 + b"c" * 4096 + b"d" * 4096),
+    ]
