@@ -138,6 +138,21 @@ def test_beyond_tolerance_reads_fail_with_unrecoverable_not_wrong_bytes() -> Non
     trio.run(scenario)
 
 
+def test_a_parity_write_beyond_tolerance_fails_with_unrecoverable() -> None:
+    async def scenario() -> None:
+        _, volume, devices = await make_volume(LAYOUTS["parity-1"], disks=4)
+        await volume.write(0, b"a" * 300_000)
+        devices[0].failed = True
+        await volume.write(0, b"b" * 300_000)  # one disk out: within tolerance, degraded
+        assert await volume.read(0, 300_000) == b"b" * 300_000
+        devices[1].failed = True
+        rows = 12 * 3 * 8192  # whole rows: no old data to read, the writes themselves fail
+        with pytest.raises(Unrecoverable, match="slab 0 rows 0-11 are unavailable"):
+            await volume.write(0, b"c" * rows)
+
+    trio.run(scenario)
+
+
 def test_parity_full_stripe_write_skips_reads() -> None:
     async def scenario() -> None:
         spec = LAYOUTS["parity-1"]
