@@ -19,6 +19,7 @@ from blockspace.errors import DeviceError
 
 PAGE = 4096
 Key = tuple[int, int, int]  # disk id, extent, page index
+Patches = list[tuple[Key, tuple[int, bytes]]]  # (page, (offset in page, bytes)) applied
 DEFAULT_MAX_PAGES = 4096  # 16 MiB of entries: the checksums of 4 GiB of data
 # RAM per cached page: the bytearray (4096 bytes + header), its key and the LRU entry
 PAGE_FOOTPRINT = 4400
@@ -95,24 +96,38 @@ class ChecksumStore:
         device = self._device_of(disk_id)
         if device is None:
             raise DeviceError(f"disk {disk_id} is not available")
-        start = first_block * ENTRY_SIZE
-        patches = self._patch(disk_id, extent, start, entries)
-        # Until the write is on the disk, a page loaded from the disk would miss it: loads
-        # started meanwhile apply these patches (see _page).
-        for key, patch in patches:
-            self._inflight.setdefault(key, []).append(patch)
+        entries_at, patches = self.begin_write(disk_id, extent, first_block, entries)
         try:
-            entries_at = self._area_offset(disk_id, extent) + start
             if data is None:
                 await device.write(entries_at, entries)
             else:
                 await device.write_many([data, (entries_at, entries)])
         finally:
-            for key, patch in patches:
-                pending = self._inflight[key]
-                pending.remove(patch)
-                if not pending:
-                    del self._inflight[key]
+            self.end_write(patches)
+
+    def begin_write(
+        self, disk_id: int, extent: int, first_block: int, entries: bytes
+    ) -> tuple[int, Patches]:
+        """For a caller that writes the entries itself: patch the cache and note the write
+        as in flight. Returns where the entries go on the disk and what to pass to
+        `end_write` once the write is over (done or failed)."""
+        patches = self._patch(disk_id, extent, first_block * ENTRY_SIZE, entries)
+        # Until the write is on the disk, a page loaded from the disk would miss it: loads
+        # started meanwhile apply these patches (see _page).
+        for key, patch in patches:
+            self._inflight.setdefault(key, []).append(patch)
+        return self.entries_at(disk_id, extent, first_block), patches
+
+    def entries_at(self, disk_id: int, extent: int, first_block: int) -> int:
+        """Device offset of the entry of block `first_block` of an extent."""
+        return self._area_offset(disk_id, extent) + first_block * ENTRY_SIZE
+
+    def end_write(self, patches: Patches) -> None:
+        for key, patch in patches:
+            pending = self._inflight[key]
+            pending.remove(patch)
+            if not pending:
+                del self._inflight[key]
 
     def forget_extent(self, disk_id: int, extent: int, pages: int) -> None:
         """Drop cached pages of an extent that is being reused."""
@@ -125,7 +140,7 @@ class ChecksumStore:
 
     def _patch(
         self, disk_id: int, extent: int, start: int, entries: bytes
-    ) -> list[tuple[Key, tuple[int, bytes]]]:
+    ) -> Patches:
         """Apply entries to cached pages and to pages being loaded; returns the patches."""
         end = start + len(entries)
         patches = []

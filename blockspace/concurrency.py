@@ -23,8 +23,10 @@ def bind(fn: Callable[..., Awaitable[None]], *args: object) -> Job:
 
 
 async def run_all(jobs: list[Job]) -> None:
-    """Run jobs concurrently; a single job runs inline (no nursery cost). If jobs fail with
-    BlockspaceErrors only, the first of them is raised on its own."""
+    """Run jobs concurrently; a single job runs inline and none costs nothing (no nursery).
+    If jobs fail with BlockspaceErrors only, the first of them is raised on its own."""
+    if not jobs:
+        return
     if len(jobs) == 1:
         await jobs[0]()
         return

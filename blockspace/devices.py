@@ -249,6 +249,16 @@ class Device(abc.ABC):
         for offset, data in pieces:
             await self.write(offset, data)
 
+    def ring_chain(self, pieces: list[tuple[int, Buffer]]) -> uring.Chain | None:
+        """These writes as an io_uring chain, for a caller that submits several devices'
+        writes at once (`uring.Batch`) and then calls `ring_written`; None where this
+        device does not write through the ring or the request is not plainly valid (then
+        `write_many` does it, and reports what is wrong)."""
+        return None
+
+    def ring_written(self, chain: uring.Chain) -> None:  # noqa: B027 - optional hook
+        """Count a chain from `ring_chain` that was written in full."""
+
     @abc.abstractmethod
     async def flush(self) -> None:
         """Make every completed write durable (fdatasync)."""
@@ -717,6 +727,25 @@ class FileDevice(Device):
             raise
         self._writes += sum(1 for length in lengths if length)
         self._bytes_written += sum(lengths)
+
+    def ring_chain(self, pieces: list[tuple[int, Buffer]]) -> uring.Chain | None:
+        if not self._use_ring or self._closed or not self.writable:
+            return None
+        views = []
+        for offset, data in pieces:
+            view = _byte_view(data)
+            if offset < 0 or offset + view.nbytes > self.size:
+                return None
+            if view.nbytes:
+                views.append((offset, view))
+        if not views or uring.current() is None:
+            return None
+        return uring.Chain(self._fd, views)
+
+    def ring_written(self, chain: uring.Chain) -> None:
+        self._ring_writes += 1
+        self._writes += len(chain.pieces)
+        self._bytes_written += sum(view.nbytes for _, view in chain.pieces)
 
     def _pwrite_many(self, pieces: list[tuple[int, Buffer]]) -> None:
         for offset, data in pieces:

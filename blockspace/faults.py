@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from blockspace import uring
 from blockspace.devices import Buffer, Device, DeviceStats, _byte_view
 from blockspace.errors import BlockspaceError, DeviceError, InvalidInput
 from blockspace.units import format_size
@@ -465,6 +466,14 @@ class FaultyDevice(Device):
         if not self.spec.empty:
             return None  # faults act on the async path only
         return self.inner.read_now(offset, length)
+
+    def ring_chain(self, pieces: list[tuple[int, Buffer]]) -> uring.Chain | None:
+        if not self.spec.empty:
+            return None  # faults act on the async path only
+        return self.inner.ring_chain(pieces)
+
+    def ring_written(self, chain: uring.Chain) -> None:
+        self.inner.ring_written(chain)
 
     async def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         view = _byte_view(buf)

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import outcome
 import trio
 
 try:  # an optional speed-up: everything works without it
@@ -47,12 +46,34 @@ DISABLE_ENV = "BLOCKSPACE_NO_IO_URING"  # set to use worker threads only
 
 
 @dataclass
-class _Request:
-    """One linked chain of writes; `results` fills in as their completions arrive."""
+class Chain:
+    """Writes to one file, in order: each starts after the one before it completed."""
 
-    buffers: list[memoryview]
-    task: trio.lowlevel.Task | None
-    results: dict[int, int] = field(default_factory=dict)
+    fd: int
+    pieces: list[tuple[int, memoryview]]
+
+
+@dataclass
+class Batch:
+    """Chains submitted together (to different disks, say) and waited for once. `results`
+    fills in as completions arrive, also after the waiter gave up (cancelled): what did
+    complete can still be told from what did not."""
+
+    chains: list[Chain]
+    results: list[int | None] = field(default_factory=list)  # per piece, all chains in order
+    task: trio.lowlevel.Task | None = None
+    remaining: int = 0
+
+    def __post_init__(self) -> None:
+        self.results = [None] * sum(len(chain.pieces) for chain in self.chains)
+        self.remaining = len(self.results)
+
+    def chain_results(self, index: int) -> list[int] | None:
+        """Chain `index`'s results (bytes written, or -errno; -ECANCELED for pieces after
+        one that failed or came up short), or None while any is still outstanding."""
+        first = sum(len(chain.pieces) for chain in self.chains[:index])
+        found = self.results[first : first + len(self.chains[index].pieces)]
+        return None if None in found else found  # type: ignore[return-value]
 
 
 class Ring:
@@ -72,8 +93,7 @@ class Ring:
         except BaseException:
             liburing.io_uring_queue_exit(self._ring)
             raise
-        self._requests: dict[int, _Request] = {}  # first user_data of a chain -> request
-        self._owner: dict[int, int] = {}  # user_data of each piece -> its chain
+        self._owner: dict[int, tuple[Batch, int]] = {}  # user_data -> its batch and piece
         self._next = 1
         self._in_flight = 0
         self._room = trio.lowlevel.ParkingLot()
@@ -83,40 +103,48 @@ class Ring:
     async def write(self, fd: int, pieces: Sequence[tuple[int, memoryview]]) -> list[int]:
         """Write the pieces in order; their results (bytes written, or -errno; -ECANCELED
         for pieces after one that failed or came up short)."""
-        if not 0 < len(pieces) <= ENTRIES:
-            raise OSError(errno.EINVAL, f"{len(pieces)} pieces in one io_uring request")
-        while self._in_flight + len(pieces) > ENTRIES:
-            await self._room.park()
-        first = self._next
-        request = _Request([view for _, view in pieces], trio.lowlevel.current_task())
-        for index, (offset, view) in enumerate(pieces):
-            sqe = liburing.io_uring_get_sqe(self._ring)
-            liburing.io_uring_prep_write(sqe, fd, view, view.nbytes, offset)
-            liburing.io_uring_sqe_set_data64(sqe, first + index)
-            if index + 1 < len(pieces):
-                liburing.io_uring_sqe_set_flags(sqe, IOSQE_IO_LINK)
-            self._owner[first + index] = first
-        self._next += len(pieces)
-        self._requests[first] = request
-        self._in_flight += len(pieces)
-        submitted = liburing.io_uring_submit(self._ring)
-        if submitted < 0:  # nothing queued: take the chain back
-            self._forget(first, len(pieces))
-            raise OSError(-submitted, os.strerror(-submitted))
-
-        def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
-            request.task = None  # abandoned: the reaper drops the results, not the buffers
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        results: list[int] = await trio.lowlevel.wait_task_rescheduled(abort)
+        batch = Batch([Chain(fd, list(pieces))])
+        await self.run(batch)
+        results = batch.chain_results(0)
+        assert results is not None
         return results
 
-    def _forget(self, first: int, count: int) -> None:
-        del self._requests[first]
-        for user_data in range(first, first + count):
-            del self._owner[user_data]
-        self._in_flight -= count
-        self._room.unpark_all()
+    async def run(self, batch: Batch) -> None:
+        """Submit every chain of the batch at once and wait until all have completed. A
+        caller cancelled meanwhile abandons the batch: the ring keeps its buffers until the
+        kernel is done with them, and its results keep filling in."""
+        count = len(batch.results)
+        if not 0 < count <= ENTRIES:
+            raise OSError(errno.EINVAL, f"{count} pieces in one io_uring request")
+        while self._in_flight + count > ENTRIES:
+            await self._room.park()
+        first = self._next
+        index = 0
+        for chain in batch.chains:
+            for position, (offset, view) in enumerate(chain.pieces):
+                sqe = liburing.io_uring_get_sqe(self._ring)
+                liburing.io_uring_prep_write(sqe, chain.fd, view, view.nbytes, offset)
+                liburing.io_uring_sqe_set_data64(sqe, first + index)
+                if position + 1 < len(chain.pieces):
+                    liburing.io_uring_sqe_set_flags(sqe, IOSQE_IO_LINK)
+                self._owner[first + index] = (batch, index)
+                index += 1
+        self._next += count
+        self._in_flight += count
+        submitted = liburing.io_uring_submit(self._ring)
+        if submitted < 0:  # nothing queued: take the batch back
+            for user_data in range(first, first + count):
+                del self._owner[user_data]
+            self._in_flight -= count
+            self._room.unpark_all()
+            raise OSError(-submitted, os.strerror(-submitted))
+        batch.task = trio.lowlevel.current_task()
+
+        def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
+            batch.task = None  # abandoned: the reaper fills in results but wakes no one
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     # -- completion (a system task)
     async def reap(self) -> None:
@@ -137,17 +165,18 @@ class Ring:
                 break
             user_data, result = self._cqe.user_data, self._cqe.res
             liburing.io_uring_cq_advance(self._ring, 1)
-            first = self._owner.get(user_data)
-            if first is None:  # pragma: no cover - not ours
+            owner = self._owner.pop(user_data, None)
+            if owner is None:  # pragma: no cover - not ours
                 continue
-            request = self._requests[first]
-            request.results[user_data - first] = result
-            count = len(request.buffers)
-            if len(request.results) == count:
-                self._forget(first, count)
-                if request.task is not None:
-                    ordered = [request.results[i] for i in range(count)]
-                    trio.lowlevel.reschedule(request.task, outcome.Value(ordered))
+            batch, index = owner
+            batch.results[index] = result
+            batch.remaining -= 1
+            self._in_flight -= 1
+            if batch.remaining == 0:
+                self._room.unpark_all()
+                if batch.task is not None:
+                    trio.lowlevel.reschedule(batch.task)
+                    batch.task = None
 
     def close(self) -> None:
         if self._closed:

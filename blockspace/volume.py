@@ -17,6 +17,8 @@ from typing import TypeVar
 
 import trio
 
+from blockspace import uring
+from blockspace.checksum_store import Patches
 from blockspace.checksums import (
     CSUM_BLOCK,
     ENTRY_SIZE,
@@ -452,6 +454,80 @@ class Volume:
             await self.pool.mark_failed(disk_id, str(error))
             return False
 
+    async def _write_extents(
+        self, extents: Extents, writes: list[ExtentWrite], seq: int
+    ) -> list[bool]:
+        """Write each (extent position, offset, payload) with its checksum entries for write
+        `seq`, all at once; True where written (False: the disk is out, or was just taken
+        out). Writes to disks that take io_uring go out in one submission with one wait;
+        the others, and any that did not complete cleanly that way, go through
+        `_write_verified` (retries; a real error fails the disk)."""
+        written = [False] * len(writes)
+        careful: list[int] = []
+        staged: list[tuple[int, Device, int, Patches, uring.Chain]] = []
+        entries_of: dict[int, bytes] = {}  # copies of one payload share its entries
+        for index, (position, offset, payload) in enumerate(writes):
+            disk_id, extent = extents[position]
+            device = self.pool.extent_device(disk_id, extent)
+            if device is None:
+                continue
+            entries = entries_of.get(id(payload))
+            if entries is None:
+                entries = entries_of[id(payload)] = entries_for(payload, seq)
+            first_block = offset // BLOCK
+            chain = device.ring_chain([
+                (self.pool.extent_offset(disk_id, extent) + offset, payload),
+                (self.pool.checksums.entries_at(disk_id, extent, first_block), entries),
+            ])
+            if chain is None:
+                careful.append(index)
+                continue
+            _, patches = self.pool.checksums.begin_write(disk_id, extent, first_block, entries)
+            staged.append((index, device, disk_id, patches, chain))
+        if staged:
+            careful += await self._run_batch(staged, written)
+
+        async def write_one(index: int) -> None:
+            position, offset, payload = writes[index]
+            written[index] = await self._write_verified(extents, position, offset, payload,
+                                                        seq=seq)
+
+        await run_all([bind(write_one, index) for index in careful])
+        return written
+
+    async def _run_batch(
+        self, staged: list[tuple[int, Device, int, Patches, uring.Chain]], written: list[bool]
+    ) -> list[int]:
+        """Submit staged extent writes as one io_uring batch and wait (shielded, like every
+        write, and bounded by the I/O timeout). Marks `written`; returns the indexes to
+        redo carefully."""
+        ring = uring.current()
+        batch = uring.Batch([chain for *_, chain in staged])
+        timeout = self.pool.io_timeout
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + timeout, shield=True):
+                assert ring is not None  # ring_chain gave chains, so this run has a ring
+                await ring.run(batch)
+        except OSError:  # the ring refused the batch: not a disk error
+            for *_, patches, _ in staged:
+                self.pool.checksums.end_write(patches)
+            return [index for index, *_ in staged]
+        redo = []
+        for number, (index, device, disk_id, patches, chain) in enumerate(staged):
+            self.pool.checksums.end_write(patches)
+            results = batch.chain_results(number)
+            if results is None:  # no answer in time: as _device_op, the disk goes
+                self.pool.disks[disk_id].errors["write"] += 1
+                with trio.CancelScope(shield=True):
+                    await self.pool.mark_failed(
+                        disk_id, f"no answer to a write within {timeout:g}s")
+            elif uring.check(results, [view.nbytes for _, view in chain.pieces]) is None:
+                device.ring_written(chain)
+                written[index] = True
+            else:  # failed or short: the careful path retries, and fails the disk if it must
+                redo.append(index)
+        return redo
+
     async def _write_runs(
         self, extents: Extents, position: int, start: int, blocks: list[int],
         data: bytes | bytearray, entries: bytes | bytearray,
@@ -700,9 +776,21 @@ class Volume:
     ) -> None:
         if self.spec.kind == "parity":
             await self._write_parity_rows(slab, extents, pieces, data, seq)
-        else:
-            await run_all([bind(self._write_copies, slab, extents, piece, data, seq)
-                           for piece in pieces])
+            return
+        writes: list[ExtentWrite] = []
+        for piece in pieces:
+            payload = self._gather(data, piece)
+            for position in data_positions(self.spec, piece.row, piece.column):
+                writes.append((position, piece.column_offset, payload))
+        written = await self._write_extents(extents, writes, seq)
+        for piece in pieces:
+            copies = len(data_positions(self.spec, piece.row, piece.column))
+            if not any(written[:copies]):
+                raise Unrecoverable(
+                    f"volume {self.name!r}: no copy of slab {slab} at {piece.column_offset} "
+                    "could be written"
+                )
+            written = written[copies:]
 
     async def _merge_partial_blocks(
         self, slab: int, extents: Extents, offset: int, data: memoryview
@@ -727,26 +815,6 @@ class Volume:
                 extents = self.record.slabs[slab]
             return extents
 
-    async def _write_copies(
-        self, slab: int, extents: Extents, piece: Piece, data: memoryview, seq: int
-    ) -> None:
-        payload = self._gather(data, piece)
-        written = 0
-
-        async def write_one(position: int) -> None:
-            nonlocal written
-            if await self._write_verified(extents, position, piece.column_offset, payload,
-                                          seq=seq):
-                written += 1
-
-        positions = data_positions(self.spec, piece.row, piece.column)
-        await run_all([bind(write_one, position) for position in positions])
-        if written == 0:
-            raise Unrecoverable(
-                f"volume {self.name!r}: no copy of slab {slab} at {piece.column_offset} "
-                "could be written"
-            )
-
     async def _write_parity_rows(
         self, slab: int, extents: Extents, pieces: list[Piece], data: memoryview, seq: int
     ) -> None:
@@ -763,10 +831,7 @@ class Volume:
 
         await run_all([bind(encode, row, row_pieces) for row, row_pieces in by_row.items()])
 
-        async def write_one(position: int, offset: int, payload: bytes | memoryview) -> None:
-            await self._write_verified(extents, position, offset, payload, seq=seq)
-
-        await run_all([bind(write_one, *write) for write in coalesce(writes)])
+        await self._write_extents(extents, coalesce(writes), seq)
         # The rows are recoverable only while no more than `parity` of the slab's extents are
         # lost, counting disks that were already out as well as writes that just failed.
         lost = sum(self.pool.extent_device(*extent) is None for extent in extents)
