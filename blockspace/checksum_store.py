@@ -153,9 +153,17 @@ class ChecksumStore:
             cached = self._pages.get(key)
             if cached is not None:
                 cached[patch[0] : patch[0] + len(patch[1])] = patch[1]
+            elif hi - lo == PAGE:  # the write says the whole page: no need to load it later
+                self._insert(key, bytearray(patch[1]))
             if key in self._loading:
                 self._loading[key].append(patch)
         return patches
+
+    def _insert(self, key: Key, data: bytearray) -> None:
+        self._pages[key] = data
+        self._pages.move_to_end(key)
+        while len(self._pages) > self.max_pages:
+            self._pages.popitem(last=False)
 
     async def _page(self, disk_id: int, extent: int, page: int) -> bytearray:
         key = (disk_id, extent, page)
@@ -182,9 +190,7 @@ class ChecksumStore:
                                                PAGE))
             for offset, chunk in self._loading[key]:
                 data[offset : offset + len(chunk)] = chunk
-            self._pages[key] = data
-            while len(self._pages) > self.max_pages:
-                self._pages.popitem(last=False)
+            self._insert(key, data)
             return data
         finally:
             del self._loading[key]

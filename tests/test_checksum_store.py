@@ -125,3 +125,21 @@ def test_read_cached_answers_only_from_cached_pages() -> None:
         assert store.read_cached(0, 1, 0, 1) is None  # another extent
 
     trio.run(scenario)
+
+
+def test_a_write_of_a_whole_page_of_entries_caches_it_and_a_partial_one_does_not() -> None:
+    async def scenario() -> None:
+        device = MemoryDevice(4 << 20)
+        store = ChecksumStore(lambda disk_id: device, lambda disk_id, extent: 0, max_pages=2)
+        whole = entries_for(b"w" * (256 * 4096), seq=3)  # 256 blocks: one page of entries
+        await store.write(0, 0, 256, whole)
+        assert store.read_cached(0, 0, 256, 256) == whole  # no load needed
+        assert store.statistics().misses == 0
+        await store.write(0, 0, 512 + 1, entries_for(b"p" * 4096, seq=4))
+        assert store.read_cached(0, 0, 513, 1) is None  # the rest of that page is unknown
+        for page in (3, 4, 5):  # the bound holds for pages put in by writes too
+            await store.write(0, 0, page * 256, entries_for(bytes([page]) * (256 * 4096), 5))
+        assert store.statistics().pages == 2
+        assert await store.read(0, 0, 256, 256) == whole  # evicted, then loaded from disk
+
+    trio.run(scenario)
