@@ -193,6 +193,11 @@ class Volume:
                 return None
             data, skip = found
             result = data if skip == 0 and len(data) == length else data[skip : skip + length]
+        elif self.spec.kind == "parity":
+            out = bytearray(length)
+            if not self._parity_now(extents, pieces, out):
+                return None
+            result = bytes(out)
         else:
             out = bytearray(length)
             for piece in pieces:
@@ -228,6 +233,32 @@ class Volume:
         if bad_blocks(data, entries):
             return None
         return data, piece.column_offset - start
+
+    def _parity_now(self, extents: Extents, pieces: list[Piece], out: bytearray) -> bool:
+        """`_read_now` for parity pieces in several rows: each disk's pieces lie in
+        consecutive rows of its extent, so one read per disk covers them (with a parity
+        unit in between, if any: read and verified too, and not used). False unless every
+        span is in memory and verifies."""
+        spans: dict[int, tuple[int, int]] = {}
+        for piece in pieces:
+            position = code_position(self.spec, piece.row, piece.column)
+            start = align_down(piece.column_offset)
+            end = align_up(piece.column_offset + piece.length)
+            span = spans.get(position)
+            spans[position] = (start, end) if span is None else (min(span[0], start),
+                                                                  max(span[1], end))
+        blocks: dict[int, tuple[bytes, int]] = {}
+        for position, (start, end) in spans.items():
+            disk_id, extent = extents[position]
+            device = self.pool.extent_device(disk_id, extent)
+            cached = self._cached_blocks(device, disk_id, extent, start, end) if device else None
+            if cached is None or bad_blocks(*cached):
+                return False
+            blocks[position] = (cached[0], start)
+        for piece in pieces:
+            data, start = blocks[code_position(self.spec, piece.row, piece.column)]
+            self._scatter(out, piece, data, piece.column_offset - start)
+        return True
 
     def _gather(self, data: memoryview, piece: Piece) -> memoryview | bytes:
         """A piece's bytes out of the request buffer, in disk order."""
