@@ -193,18 +193,12 @@ class Volume:
                 return None
             data, skip = found
             result = data if skip == 0 and len(data) == length else data[skip : skip + length]
-        elif self.spec.kind == "parity":
-            out = bytearray(length)
-            if not self._parity_now(extents, pieces, out):
-                return None
-            result = bytes(out)
         else:
             out = bytearray(length)
-            for piece in pieces:
-                found = self._piece_now(extents, piece)
-                if found is None:
-                    return None
-                self._scatter(out, piece, *found)
+            filled = (self._parity_now(extents, pieces, out) if self.spec.kind == "parity"
+                      else self._columns_now(extents, pieces, out))
+            if not filled:
+                return None
             result = bytes(out)
         self._reads += 1
         self._bytes_read += length
@@ -233,6 +227,15 @@ class Volume:
         if bad_blocks(data, entries):
             return None
         return data, piece.column_offset - start
+
+    def _columns_now(self, extents: Extents, pieces: list[Piece], out: bytearray) -> bool:
+        """`_read_now` for simple and mirror pieces of several columns, one read each."""
+        for piece in pieces:
+            found = self._piece_now(extents, piece)
+            if found is None:
+                return False
+            self._scatter(out, piece, *found)
+        return True
 
     def _parity_now(self, extents: Extents, pieces: list[Piece], out: bytearray) -> bool:
         """`_read_now` for parity pieces in several rows: each disk's pieces lie in
@@ -814,14 +817,13 @@ class Volume:
             for position in data_positions(self.spec, piece.row, piece.column):
                 writes.append((position, piece.column_offset, payload))
         written = await self._write_extents(extents, writes, seq)
-        for piece in pieces:
-            copies = len(data_positions(self.spec, piece.row, piece.column))
-            if not any(written[:copies]):
+        copies = self.spec.copies  # writes holds each piece's copies in turn
+        for number, piece in enumerate(pieces):
+            if not any(written[number * copies : (number + 1) * copies]):
                 raise Unrecoverable(
                     f"volume {self.name!r}: no copy of slab {slab} at {piece.column_offset} "
                     "could be written"
                 )
-            written = written[copies:]
 
     async def _merge_partial_blocks(
         self, slab: int, extents: Extents, offset: int, data: memoryview
