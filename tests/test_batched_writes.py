@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from uring_support import needs_ring
+from uring_support import small_tmpfs as small_tmpfs_at
 
 from blockspace import uring
 from blockspace.devices import FileDevice, open_device
@@ -22,16 +23,7 @@ from blockspace.volume import Volume
 MiB = 1 << 20
 
 
-def _ring_available() -> bool:
-    async def probe() -> bool:
-        return uring.current() is not None
-
-    return trio.run(probe)
-
-
-pytestmark = pytest.mark.skipif(
-    not _ring_available(), reason="io_uring is not available here: writes use worker threads"
-)
+pytestmark = needs_ring
 
 
 def images(where: list[Path], size: int = 24 * MiB) -> list[str]:
@@ -95,15 +87,8 @@ def test_a_striped_write_reaches_all_its_disks_in_one_batch_and_reads_back_after
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    where = tmp_path / "small"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(where)], check=True)
-    try:
+    with small_tmpfs_at(tmp_path / "small", "3m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 def test_a_copy_whose_disk_fills_up_fails_that_disk_and_the_mirror_write_still_lands(

@@ -3,31 +3,19 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
+from uring_support import needs_ring
+from uring_support import small_tmpfs as small_tmpfs_at
 
 from blockspace import uring
 from blockspace.devices import FileDevice
 from blockspace.errors import DeviceError
 
 MiB = 1 << 20
-
-
-def _ring_available() -> bool:
-    async def probe() -> bool:
-        return uring.current() is not None
-
-    return trio.run(probe)
-
-
-needs_ring = pytest.mark.skipif(
-    not _ring_available(), reason="io_uring is not available here (liburing missing, or the "
-    "kernel or sandbox refuses io_uring_setup): devices use worker threads"
-)
 
 
 @pytest.fixture
@@ -40,16 +28,9 @@ def image(tmp_path: Path) -> str:
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs: writes past that fail with ENOSPC. Always unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    where = tmp_path / "small"
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], check=True)
-    try:
+    """A 1 MiB tmpfs: writes past that fail with ENOSPC."""
+    with small_tmpfs_at(tmp_path / "small", "1m") as where:
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
 
 
 @needs_ring

@@ -13,7 +13,7 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockspace.devices import MemoryDevice
+from blockspace.devices import FileDevice, MemoryDevice
 from blockspace.errors import InvalidInput, NoSpace, Unrecoverable
 from blockspace.layouts import LayoutSpec
 from blockspace.pool import Pool
@@ -241,20 +241,25 @@ def _image_files(tmp_path: Path, count: int) -> list[str]:
     return paths
 
 
+async def _file_volume(
+    paths: list[str], spec: LayoutSpec
+) -> tuple[Pool, Volume, list[FileDevice]]:
+    """A 2 MiB volume on a pool of image files: reads can be served from the page cache."""
+    devices = [FileDevice(p) for p in paths]
+    pool = await Pool.create("c", devices, media=["hdd"] * len(devices), slab_size=MiB,
+                             meta_slot_size=64 << 10)
+    return pool, Volume(pool, await pool.create_volume("v", 2 * MiB, spec, "thin")), devices
+
+
 @pytest.mark.parametrize("spec", [LayoutSpec("mirror", 1, copies=2),
                                   LayoutSpec("parity", 2, parity=1)], ids=["mirror", "parity"])
 def test_reads_from_the_page_cache_are_still_verified(tmp_path: Path, spec: LayoutSpec) -> None:
     """On image files a read is served at once from the page cache (no worker hop); rot
     written into an image behind the daemon's back must still be caught there and healed."""
-    from blockspace.devices import FileDevice
-
     paths = _image_files(tmp_path, spec.width)
 
     async def scenario() -> None:
-        devices = [FileDevice(p) for p in paths]
-        pool = await Pool.create("c", devices, media=["hdd"] * spec.width, slab_size=MiB,
-                                 meta_slot_size=64 << 10)
-        volume = Volume(pool, await pool.create_volume("v", 2 * MiB, spec, "thin"))
+        pool, volume, devices = await _file_volume(paths, spec)
         data = random.Random(3).randbytes(256 << 10)
         await volume.write(0, data)
         assert await volume.read(0, len(data)) == data  # warm: entries and data cached
@@ -283,15 +288,10 @@ def test_cached_reads_across_rows_and_columns_match_what_was_written(
 ) -> None:
     """Reads served at once from memory gather a request from several columns and rows (for
     parity, one span per disk); random unaligned ones must match a bytearray model."""
-    from blockspace.devices import FileDevice
-
     paths = _image_files(tmp_path, spec.width)
 
     async def scenario() -> None:
-        devices = [FileDevice(p) for p in paths]
-        pool = await Pool.create("c", devices, media=["hdd"] * spec.width, slab_size=MiB,
-                                 meta_slot_size=64 << 10)
-        volume = Volume(pool, await pool.create_volume("v", 2 * MiB, spec, "thin"))
+        pool, volume, devices = await _file_volume(paths, spec)
         rng = random.Random(5)
         model = bytearray(rng.randbytes(volume.size))
         await volume.write(0, model)
@@ -313,17 +313,13 @@ def test_a_cached_read_never_returns_a_copy_older_than_another(tmp_path: Path) -
     """Mirror on image files: a write that reached only the second copy (as a torn write
     would leave it) must win over the preferred copy, even when both are cached."""
     from blockspace.checksums import entries_for
-    from blockspace.devices import FileDevice
     from blockspace.layouts import data_positions
 
     spec = LayoutSpec("mirror", 1, copies=2)
     paths = _image_files(tmp_path, 2)
 
     async def scenario() -> None:
-        devices = [FileDevice(p) for p in paths]
-        pool = await Pool.create("c", devices, media=["hdd"] * 2, slab_size=MiB,
-                                 meta_slot_size=64 << 10)
-        volume = Volume(pool, await pool.create_volume("v", 2 * MiB, spec, "thin"))
+        pool, volume, devices = await _file_volume(paths, spec)
         old = random.Random(4).randbytes(64 << 10)
         await volume.write(0, old)
         assert await volume.read(0, 4096) == old[:4096]  # both copies' entries cached
