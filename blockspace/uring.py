@@ -13,10 +13,12 @@ One ring per trio run (`current()`), shared by every device; a system task reaps
 Without a usable io_uring (module missing, kernel too old or io_uring disabled, a sandbox that
 forbids it) `current()` returns None and devices keep their worker threads.
 
-The pieces of one request are linked (IOSQE_IO_LINK): they run in order, and a piece that
-fails or comes up short cancels the ones after it, as the worker path stops at a failed
-piece. A caller that stops waiting (cancelled by its I/O timeout) abandons its request; the
-buffers stay referenced here until the kernel has finished with them.
+The pieces of one chain (one disk's part of a request) are linked (IOSQE_IO_LINK): they run
+in order, and a piece that fails or comes up short cancels the ones after it, as the worker
+path stops at a failed piece. A `Batch` submits several chains (a request's writes to
+several disks) at once and is waited for once. A caller that stops waiting (cancelled by its
+I/O timeout) abandons its batch; the buffers stay referenced here until the kernel has
+finished with them, and the results keep filling in.
 """
 
 from __future__ import annotations
@@ -63,15 +65,20 @@ class Batch:
     results: list[int | None] = field(default_factory=list)  # per piece, all chains in order
     task: trio.lowlevel.Task | None = None
     remaining: int = 0
+    _starts: list[int] = field(default_factory=list)  # each chain's first piece in `results`
 
     def __post_init__(self) -> None:
-        self.results = [None] * sum(len(chain.pieces) for chain in self.chains)
-        self.remaining = len(self.results)
+        count = 0
+        for chain in self.chains:
+            self._starts.append(count)
+            count += len(chain.pieces)
+        self.results = [None] * count
+        self.remaining = count
 
     def chain_results(self, index: int) -> list[int] | None:
         """Chain `index`'s results (bytes written, or -errno; -ECANCELED for pieces after
         one that failed or came up short), or None while any is still outstanding."""
-        first = sum(len(chain.pieces) for chain in self.chains[:index])
+        first = self._starts[index]
         found = self.results[first : first + len(self.chains[index].pieces)]
         return None if None in found else found  # type: ignore[return-value]
 

@@ -523,8 +523,8 @@ class Volume:
 
         async def write_one(index: int) -> None:
             position, offset, payload = writes[index]
-            written[index] = await self._write_verified(extents, position, offset, payload,
-                                                        seq=seq)
+            written[index] = await self._write_verified(
+                extents, position, offset, payload, entries=entries_of[id(payload)])
 
         await run_all([bind(write_one, index) for index in careful])
         return written
