@@ -141,18 +141,25 @@ def block_ok(block: bytes | bytearray | memoryview, entry: bytes | memoryview) -
     return block_hash(block) == value
 
 
-def bad_blocks(data: bytes | bytearray | memoryview, entries: bytes | bytearray) -> list[int]:
-    """Indices of the blocks of `data` that do not match their entries."""
-    view = memoryview(data).cast("B")
-    count = len(view) // CSUM_BLOCK
+def bad_blocks(
+    data: bytes | bytearray | memoryview | list[memoryview], entries: bytes | bytearray
+) -> list[int]:
+    """Indices of the blocks of `data` that do not match their entries. `data` may be a
+    list of whole-block buffers, taken as one run of blocks in order (a scattered read)."""
+    parts = data if isinstance(data, list) else [memoryview(data).cast("B")]
+    if any(len(part) % CSUM_BLOCK for part in parts):
+        raise ValueError("checksummed data must be whole 4K blocks")
+    count = sum(len(part) for part in parts) // CSUM_BLOCK
     if len(entries) != count * ENTRY_SIZE:
         raise ValueError("entry count does not match the block count")
     if count == 1:  # the usual 4K request: no arrays
         expected = int.from_bytes(entries[:8], "little")
-        if (xxhash.xxh3_64_intdigest(view) or 1) == expected:
+        if (xxhash.xxh3_64_intdigest(parts[0]) or 1) == expected:
             return []
     words = _words(entries)
-    hashes = _hashes(view)
+    blocks = [part[i : i + CSUM_BLOCK] for part in parts for i in range(0, len(part), CSUM_BLOCK)]
+    digest = xxhash.xxh3_64_intdigest
+    hashes = [digest(block) or 1 for block in blocks]
     if array("Q", hashes) == words[0::2]:  # all good, the usual case: compared in C
         return []
     bad = []
@@ -160,7 +167,7 @@ def bad_blocks(data: bytes | bytearray | memoryview, entries: bytes | bytearray)
         if actual == expected:
             continue
         if expected == 0 and words[2 * index + 1] == 0:  # unwritten: must read as zeros
-            if view[index * CSUM_BLOCK : (index + 1) * CSUM_BLOCK] == _ZERO_BLOCK:
+            if blocks[index] == _ZERO_BLOCK:
                 continue
         bad.append(index)
     return bad

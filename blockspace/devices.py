@@ -70,6 +70,7 @@ ZERO_CHUNK = 1 << 20  # fallback zeroing writes this many bytes per pwrite
 # io_uring results that mean "not this way", not "the disk failed": the worker retries.
 _RING_RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.EINVAL, errno.EOPNOTSUPP, errno.ECANCELED})
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
+_IOV_MAX = 1024  # buffers one preadv takes (Linux UIO_MAXIOV)
 # errnos meaning "this way of zeroing is not available here": fall back to writing zeros
 _ZERO_FALLBACK_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EINVAL})
 
@@ -236,6 +237,12 @@ class Device(abc.ABC):
         without any fault in the way; None otherwise, and the caller uses `read`. Never
         raises: a real error is for `read` to find and report."""
         return None
+
+    def read_now_into(self, offset: int, buffers: list[memoryview]) -> bool:
+        """`read_now` straight into `buffers`, filled one after the other from `offset`
+        (a scattered read: a request's stripe units land where they belong, uncopied).
+        False where `read_now` would give None; the buffers then hold anything."""
+        return False
 
     @abc.abstractmethod
     async def write(self, offset: int, data: Buffer) -> None:
@@ -643,7 +650,14 @@ class FileDevice(Device):
                 or offset + length > self.size:
             return None
         buf = bytearray(length)
-        return bytes(buf) if self._preadv_nowait(buf, offset) == length else None
+        return bytes(buf) if self._preadv_nowait([buf], offset, length) == length else None
+
+    def read_now_into(self, offset: int, buffers: list[memoryview]) -> bool:
+        length = sum(buffer.nbytes for buffer in buffers)
+        if not self._nowait or self._closed or length <= 0 or offset < 0 \
+                or offset + length > self.size or len(buffers) > _IOV_MAX:
+            return False
+        return self._preadv_nowait(buffers, offset, length) == length
 
     async def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         view = _byte_view(buf)
@@ -661,23 +675,24 @@ class FileDevice(Device):
         """Try a non-blocking read from the page cache on the trio thread. Returns the bytes
         read: all of them (counted and checkpointed, done), some, or 0 (go to a worker)."""
         await trio.lowlevel.checkpoint_if_cancelled()
-        n = self._preadv_nowait(buf, offset)
+        n = self._preadv_nowait([buf], offset, len(buf))
         if n == len(buf):
             await trio.lowlevel.cancel_shielded_checkpoint()
         return n
 
-    def _preadv_nowait(self, buf: bytearray | memoryview, offset: int) -> int:
-        """preadv(RWF_NOWAIT): the bytes read (counted when they are all of `buf`), or 0
-        when it would block or fails (a worker retries and reports a real error)."""
+    def _preadv_nowait(self, buffers: list[Any], offset: int, length: int) -> int:
+        """preadv(RWF_NOWAIT) into `buffers` (`length` bytes in all): the bytes read
+        (counted when that is all of them), or 0 when it would block or fails (a worker
+        retries and reports a real error)."""
         try:
-            n = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)  # type: ignore[arg-type]
+            n = os.preadv(self._fd, buffers, offset, _RWF_NOWAIT)
         except BlockingIOError:
             return 0
         except OSError as e:
             if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 self._nowait = False  # this file/kernel has no RWF_NOWAIT; stop trying
             return 0
-        if n == len(buf):
+        if n == length:
             self._reads += 1
             self._inline_reads += 1
             self._bytes_read += n

@@ -467,6 +467,11 @@ class FaultyDevice(Device):
             return None  # faults act on the async path only
         return self.inner.read_now(offset, length)
 
+    def read_now_into(self, offset: int, buffers: list[memoryview]) -> bool:
+        if not self.spec.empty:
+            return False  # faults act on the async path only
+        return self.inner.read_now_into(offset, buffers)
+
     def ring_chain(self, pieces: list[tuple[int, Buffer]]) -> uring.Chain | None:
         if not self.spec.empty:
             return None  # faults act on the async path only

@@ -141,7 +141,7 @@ class VolumeFS(pyfuse3.Operations):
         if name is not None and self._open_counts.get(name, 0) > 0:
             self._open_counts[name] -= 1
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
         volume = self._volume(fh)
         if off >= volume.size:
             return b""

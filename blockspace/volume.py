@@ -156,7 +156,7 @@ class Volume:
 
     # ---- public I/O -----------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         self._check_range(offset, length)
         fast = self._read_now(offset, length)
         if fast is not None:
@@ -171,9 +171,9 @@ class Volume:
         await run_all(jobs)
         self._reads += 1
         self._bytes_read += length
-        return bytes(out)
+        return out
 
-    def _read_now(self, offset: int, length: int) -> bytes | None:
+    def _read_now(self, offset: int, length: int) -> bytes | bytearray | None:
         """The hot path of a read, with no await: every column piece of one slab in memory
         (checksum entries and data), verified, and no other copy with a newer write. None
         for anything else (a disk out, rot, a resync pending, data not cached): the careful
@@ -193,13 +193,12 @@ class Volume:
                 return None
             data, skip = found
             result = data if skip == 0 and len(data) == length else data[skip : skip + length]
-        else:
-            out = bytearray(length)
-            filled = (self._parity_now(extents, pieces, out) if self.spec.kind == "parity"
-                      else self._columns_now(extents, pieces, out))
+        else:  # the reply goes out from this buffer as it is: no copy
+            result = bytearray(length)
+            filled = (self._parity_now(extents, pieces, result) if self.spec.kind == "parity"
+                      else self._columns_now(extents, pieces, memoryview(result)))
             if not filled:
                 return None
-            result = bytes(out)
         self._reads += 1
         self._bytes_read += length
         return result
@@ -209,32 +208,58 @@ class Volume:
         None unless that can be had without waiting (see `_read_now`)."""
         start = align_down(piece.column_offset)
         end = align_up(piece.column_offset + piece.length)
+        source = self._source_now(extents, piece, start, end)
+        if source is None:
+            return None
+        device, at, entries = source
+        data = device.read_now(at, end - start)
+        if data is None or bad_blocks(data, entries):
+            return None
+        return data, piece.column_offset - start
+
+    def _source_now(
+        self, extents: Extents, piece: Piece, start: int, end: int
+    ) -> tuple[Device, int, bytes] | None:
+        """Where to read blocks [start, end) of a simple or mirror piece at once: the
+        preferred copy's device, the byte offset there, and the blocks' checksum entries.
+        None unless the entries are cached and no other copy carries a newer write."""
         positions = data_positions(self.spec, piece.row, piece.column)
         disk_id, extent = extents[positions[0]]
         device = self.pool.extent_device(disk_id, extent)
-        cached = self._cached_blocks(device, disk_id, extent, start, end) if device else None
-        if cached is None:
+        if device is None:
             return None
-        data, entries = cached
+        first, count = start // BLOCK, (end - start) // BLOCK
+        entries = self.pool.checksums.read_cached(disk_id, extent, first, count)
+        if entries is None:
+            return None
         for other in positions[1:]:  # mirror: no other copy may carry a newer write
             other_disk, other_extent = extents[other]
             if self.pool.extent_device(other_disk, other_extent) is None:
                 return None  # degraded: counted and handled on the careful path
-            theirs = self.pool.checksums.read_cached(
-                other_disk, other_extent, start // BLOCK, (end - start) // BLOCK)
+            theirs = self.pool.checksums.read_cached(other_disk, other_extent, first, count)
             if theirs is None or (theirs != entries and newer_elsewhere(entries, [theirs])):
                 return None
-        if bad_blocks(data, entries):
-            return None
-        return data, piece.column_offset - start
+        return device, self.pool.extent_offset(disk_id, extent) + start, entries
 
-    def _columns_now(self, extents: Extents, pieces: list[Piece], out: bytearray) -> bool:
-        """`_read_now` for simple and mirror pieces of several columns, one read each."""
+    def _columns_now(self, extents: Extents, pieces: list[Piece], out: memoryview) -> bool:
+        """`_read_now` for simple and mirror pieces of several columns, one read each. A
+        piece of whole blocks is read straight into its places in `out` and verified there;
+        others (a partial block at an end) through a buffer of their own."""
         for piece in pieces:
-            found = self._piece_now(extents, piece)
-            if found is None:
+            if piece.column_offset % BLOCK or piece.length % BLOCK:
+                found = self._piece_now(extents, piece)
+                if found is None:
+                    return False
+                self._scatter(out, piece, *found)
+                continue
+            end = piece.column_offset + piece.length
+            source = self._source_now(extents, piece, piece.column_offset, end)
+            if source is None:
                 return False
-            self._scatter(out, piece, *found)
+            device, at, entries = source
+            places = [out[buf : buf + count] for buf, _, count in segments(self.spec, piece)]
+            if not device.read_now_into(at, places) or bad_blocks(places, entries):
+                return False
         return True
 
     def _parity_now(self, extents: Extents, pieces: list[Piece], out: bytearray) -> bool:

@@ -1,7 +1,9 @@
 """The checksum helpers on the hot path against plain per-entry reference versions."""
 
+import itertools
 import struct
 
+import pytest
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -66,7 +68,22 @@ def test_bad_blocks_match_the_reference(
     rotten = bytearray(data)
     for flip in flips:
         rotten[flip % len(rotten)] ^= 0x40
-    assert bad_blocks(bytes(rotten), bytes(entries)) == reference_bad(bytes(rotten), bytes(entries))
+    expected = reference_bad(bytes(rotten), bytes(entries))
+    assert bad_blocks(bytes(rotten), bytes(entries)) == expected
+    # The same blocks read scattered into several buffers (cut at whole blocks) check alike.
+    view, count = memoryview(rotten), len(rotten) // CSUM_BLOCK
+    cuts = sorted({0, count} | {flip % (count + 1) for flip in flips})
+    parts = [view[a * CSUM_BLOCK : b * CSUM_BLOCK] for a, b in itertools.pairwise(cuts)]
+    assert bad_blocks(parts, bytes(entries)) == expected
+
+
+def test_bad_blocks_refuses_buffers_that_are_not_whole_blocks() -> None:
+    data = memoryview(bytes(2 * CSUM_BLOCK))
+    entries = entries_for(bytes(data))
+    with pytest.raises(ValueError, match="whole 4K blocks"):
+        bad_blocks([data[:100], data[100:]], entries)
+    with pytest.raises(ValueError, match="entry count"):
+        bad_blocks(data, entries[:ENTRY_SIZE])
 
 
 @given(seqs=st.lists(st.lists(st.integers(0, 9), min_size=3, max_size=3), min_size=1, max_size=4))

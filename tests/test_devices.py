@@ -741,6 +741,34 @@ def test_read_now_serves_only_cached_bytes_and_never_raises(image: str) -> None:
     run(main)
 
 
+def test_read_now_into_scatters_cached_bytes_into_the_buffers_given(image: str) -> None:
+    """A request's stripe units read at once straight into their places in the reply; the
+    same refusals as `read_now` (not cached, out of range, too many buffers, faults)."""
+    from blockspace.faults import FaultSpec, FaultyDevice
+
+    async def main() -> None:
+        with FileDevice(image) as dev:
+            data = pattern(12288, 7)
+            await dev.write(MiB, data)
+            out = bytearray(20480)
+            view = memoryview(out)
+            places = [view[16384:20480], view[0:8192]]  # disk order is not buffer order
+            assert dev.read_now_into(MiB, places)
+            assert out[16384:] == data[:4096]
+            assert out[:8192] == data[4096:]
+            assert not dev.read_now_into(dev.size - 4096, [view[:8192]])  # past the end
+            assert not dev.read_now_into(0, [view[i : i + 1] for i in range(1025)])  # IOV_MAX
+            faulty = FaultyDevice(dev, FaultSpec(bitflip=1.0))
+            assert not faulty.read_now_into(MiB, places)  # faults act on the async path
+            faulty.clear()
+            assert faulty.read_now_into(MiB, [view[:4096]])
+            assert out[:4096] == data[:4096]
+        assert not dev.read_now_into(MiB, [view[:4096]])  # closed
+        assert not MemoryDevice(MiB).read_now_into(0, [view[:4096]])
+
+    run(main)
+
+
 def test_read_now_steps_aside_while_a_fault_is_injected(image: str) -> None:
     from blockspace.faults import FaultSpec, FaultyDevice
 
