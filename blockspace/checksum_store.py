@@ -74,7 +74,16 @@ class ChecksumStore:
     def read_cached(self, disk_id: int, extent: int, first_block: int, count: int) -> bytes | None:
         """`read` when every page it needs is cached (the hot path: no await); else None."""
         start, end = first_block * ENTRY_SIZE, (first_block + count) * ENTRY_SIZE
-        pages = range(start // PAGE, (end - 1) // PAGE + 1)
+        page = start // PAGE
+        if (end - 1) // PAGE == page:  # the usual small read: one page, no lists
+            key = (disk_id, extent, page)
+            data = self._pages.get(key)
+            if data is None:
+                return None
+            self._pages.move_to_end(key)
+            self._hits += 1
+            return bytes(data[start - page * PAGE : end - page * PAGE])
+        pages = range(page, (end - 1) // PAGE + 1)
         found = [self._pages.get((disk_id, extent, page)) for page in pages]
         if any(data is None for data in found):
             return None

@@ -146,16 +146,16 @@ def bad_blocks(
 ) -> list[int]:
     """Indices of the blocks of `data` that do not match their entries. `data` may be a
     list of whole-block buffers, taken as one run of blocks in order (a scattered read)."""
+    if len(entries) == ENTRY_SIZE and isinstance(data, bytes) and len(data) == CSUM_BLOCK:
+        # the usual 4K request: one hash, no lists
+        if (xxhash.xxh3_64_intdigest(data) or 1) == int.from_bytes(entries[:8], "little"):
+            return []
     parts = data if isinstance(data, list) else [memoryview(data).cast("B")]
     if any(len(part) % CSUM_BLOCK for part in parts):
         raise ValueError("checksummed data must be whole 4K blocks")
     count = sum(len(part) for part in parts) // CSUM_BLOCK
     if len(entries) != count * ENTRY_SIZE:
         raise ValueError("entry count does not match the block count")
-    if count == 1:  # the usual 4K request: no arrays
-        expected = int.from_bytes(entries[:8], "little")
-        if (xxhash.xxh3_64_intdigest(parts[0]) or 1) == expected:
-            return []
     words = _words(entries)
     blocks = [part[i : i + CSUM_BLOCK] for part in parts for i in range(0, len(part), CSUM_BLOCK)]
     digest = xxhash.xxh3_64_intdigest

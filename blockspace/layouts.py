@@ -156,6 +156,10 @@ def split(spec: LayoutSpec, offset: int, length: int) -> list[Piece]:
     """
     unit = spec.interleave
     stride = unit * spec.columns
+    row, within_row = divmod(offset, stride)
+    column, unit_offset = divmod(within_row, unit)
+    if unit_offset + length <= unit:  # inside one stripe unit: the usual small request
+        return [Piece(row, column, row * unit + unit_offset, length, 0)] if length > 0 else []
     pieces: list[Piece] = []
     open_piece: dict[int, int] = {}  # column -> index in pieces of its piece so far
     position = offset
