@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-from bench_lib import catalog, jobs, profile, report, setups, system  # noqa: E402
+from bench_lib import catalog, cpu_layers, jobs, profile, report, setups, system  # noqa: E402
 from bench_lib.cli import parse_profiles  # noqa: E402
 
 
@@ -197,6 +197,39 @@ def test_profile_summary_of_collapsed_stacks() -> None:
     rendered = profile.render(summary, expected_per_thread=100)
     assert "60.0%  _pread (blockspace/devices.py)" in rendered
     assert "busy" in rendered
+
+
+def test_cpu_layers_of_a_perf_report() -> None:
+    text = "\n".join([
+        "# Samples: 4K of event 'cpu-clock:ppp'",
+        "    30.00%  libpython3.11.so.1.0           [.] _PyEval_EvalFrameDefault",
+        "    10.00%  [kernel.kallsyms]              [k] __pi_memcpy",
+        "     8.00%  [kernel.kallsyms]              [k] fuse_copy_folio",
+        "     7.00%  [kernel.kallsyms]              [k] copy_folio_from_iter_atomic",
+        "     6.00%  libc.so.6                      [.] __memmove_avx_unaligned_erms",
+        "     5.00%  _xxhash.cpython-311-x86_64-linux-gnu.so  [.] XXHL64_seed_avx2",
+        "     4.00%  [kernel.kallsyms]              [k] io_issue_sqe",
+        "     3.00%  libisal.so.2                   [.] gf_vect_dot_prod_avx2",
+        "     2.00%  [kernel.kallsyms]              [k] finish_task_switch.isra.0",
+        "     1.00%  libc.so.6                      [.] _int_free",
+        "               |--0.50%--0x7f1b34f84e00",  # a call-graph line: not a sample line
+    ])
+    shares = cpu_layers.layers(text)
+    assert shares == {
+        "Python interpreter": 30.0,
+        "kernel: memory copies": 10.0,
+        "kernel: FUSE request transfer": 8.0,
+        "kernel: page cache and file system": 7.0,
+        "user-space memory copies (libc memcpy)": 6.0,
+        "hashing (xxhash)": 5.0,
+        "kernel: io_uring": 4.0,
+        "erasure coding (ISA-L / liberasurecode)": 3.0,
+        "kernel: other (syscalls, scheduling, interrupts)": 2.0,
+        "other user space (malloc, libc, pyfuse3, ...)": 1.0,
+    }
+    rendered = cpu_layers.render(shares, "== CPU by layer")
+    assert rendered.splitlines()[1] == "  30.0%  Python interpreter"
+    assert cpu_layers.render(cpu_layers.layers(""), "t") == "t\n(no samples)\n"
 
 
 def test_parse_mountinfo_unescapes_paths() -> None:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench_lib import cpu_layers, system
 from bench_lib import profile as profiles
-from bench_lib import system
 from bench_lib.catalog import SETUPS_BY_NAME
 from bench_lib.jobs import (
     JOBS,
@@ -357,7 +357,8 @@ def _profile(job: Job, target: Target, options: Options, emit: Callable[[str], N
              setup: str) -> dict[str, Any]:
     """Run `job` again, three times, under py-spy: collapsed stacks of all threads (idle
     ones too, so blocked syscalls and waits show), collapsed
-    stacks of the GIL holder only (where the Python CPU goes), and a flame graph (GIL)."""
+    stacks of the GIL holder only (where the Python CPU goes), and a flame graph (GIL);
+    then a fourth time under perf, for all the process's CPU by layer (kernel included)."""
     out: dict[str, Any] = {}
     if not target.daemon_pid:
         return {"error": "no userspace daemon to profile"}
@@ -371,11 +372,17 @@ def _profile(job: Job, target: Target, options: Options, emit: Callable[[str], N
     stem = f"{directory}/profile-{setup}-{job.name}"
     seconds = options.profile_seconds
     rate = 200
-    passes = (
+    pid = str(target.daemon_pid)
+    passes = [
         ("threads", "raw", ["--threads", "--idle"], f"{stem}.threads.txt"),
         ("gil", "raw", ["--gil"], f"{stem}.gil.txt"),
         ("flamegraph", "flamegraph", ["--gil"], f"{stem}.svg"),
-    )
+    ]
+    perf = shutil.which("perf")
+    if perf:
+        passes.append(("perf", "perf", [], f"{stem}.perf.data"))
+    else:
+        emit(f"{setup}: no CPU-by-layer profile: perf is not installed (tools/bench --install)")
     reports = []
     for name, fmt, flags, output in passes:
         command = fio_command(job, target.fio_path, options.mode, runtime=seconds + 3)
@@ -383,10 +390,15 @@ def _profile(job: Job, target: Target, options: Options, emit: Callable[[str], N
                                start_new_session=True)
         try:
             time.sleep(options.mode.ramp + 1.0)
-            spy = [py_spy, "record", "--pid", str(target.daemon_pid), "--duration",
-                   str(seconds), "--rate", str(rate), "--format", fmt, "--output", output,
-                   "--nonblocking", *flags]
-            system.run(spy, timeout=seconds + 120)
+            if fmt == "perf":  # every sample of the process, kernel included
+                assert perf is not None
+                recorder = [perf, "record", "--quiet", "-F", "999", "-p", pid, "-o", output,
+                            "--", "sleep", str(seconds)]
+            else:
+                recorder = [py_spy, "record", "--pid", pid, "--duration", str(seconds),
+                            "--rate", str(rate), "--format", fmt, "--output", output,
+                            "--nonblocking", *flags]
+            system.run(recorder, timeout=seconds + 120)
             stdout, _ = fio.communicate(timeout=seconds + 120)
         except BaseException:
             fio.kill()
@@ -398,7 +410,17 @@ def _profile(job: Job, target: Target, options: Options, emit: Callable[[str], N
         except ValueError:
             pass
         out[name] = output
-        if fmt == "raw":
+        if fmt == "perf":
+            text = system.run([perf, "report", "-i", output, "--stdio", "--no-children",
+                               "--sort", "dso,sym", "-g", "none", "--percent-limit", "0.01"],
+                              timeout=300).stdout
+            Path(f"{stem}.perf.txt").write_text(text)
+            Path(output).unlink(missing_ok=True)  # the report is what is kept
+            out[name] = f"{stem}.perf.txt"
+            reports.append(cpu_layers.render(
+                cpu_layers.layers(text),
+                "== all the process's CPU by layer, kernel included (perf record -F 999)"))
+        elif fmt == "raw":
             summary = profiles.summarize(Path(output).read_text())
             title = {"threads": "all threads, idle included (py-spy --threads --idle): wall "
                                 "time",

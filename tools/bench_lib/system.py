@@ -501,6 +501,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "mkfs.btrfs": ("btrfs-progs", "the btrfs baselines"),
     "btrfs": ("btrfs-progs", "the btrfs baselines"),
     "qemu-storage-daemon": ("qemu-system-common", "the qemu-storage-daemon baselines"),
+    "perf": ("linux-perf", "the CPU-by-layer profile of --profile"),
 }
 # python module -> (pip package, what needs it)
 MODULES: dict[str, tuple[str, str]] = {
