@@ -277,12 +277,10 @@ class Volume:
                                                                   max(span[1], end))
         blocks: dict[int, tuple[bytes, int]] = {}
         for position, (start, end) in spans.items():
-            disk_id, extent = extents[position]
-            device = self.pool.extent_device(disk_id, extent)
-            cached = self._cached_blocks(device, disk_id, extent, start, end) if device else None
-            if cached is None or bad_blocks(*cached):
+            data = self._extent_now(extents, position, start, end)
+            if data is None:
                 return False
-            blocks[position] = (cached[0], start)
+            blocks[position] = (data, start)
         for piece in pieces:
             data, start = blocks[code_position(self.spec, piece.row, piece.column)]
             self._scatter(out, piece, data, piece.column_offset - start)
@@ -457,6 +455,16 @@ class Volume:
             log.warning("read error on disk %d: %s", disk_id, error)
             return Fault.UNREADABLE if self.pool.extent_device(disk_id, extent) else Fault.MISSING
         return data, entries
+
+    def _extent_now(self, extents: Extents, position: int, start: int, end: int) -> bytes | None:
+        """Extent blocks [start, end), verified, if entries and data are in memory; None
+        otherwise (the disk is out, not cached, or a block fails: the careful path looks)."""
+        disk_id, extent = extents[position]
+        device = self.pool.extent_device(disk_id, extent)
+        cached = self._cached_blocks(device, disk_id, extent, start, end) if device else None
+        if cached is None or bad_blocks(*cached):
+            return None
+        return cached[0]
 
     def _cached_blocks(
         self, device: Device, disk_id: int, extent: int, start: int, end: int
@@ -761,9 +769,15 @@ class Volume:
         from the others when some are missing or corrupt; corrupt ones are rewritten.
         The caller holds the row lock."""
         assert self.codec is not None
+        offset = row_start(self.spec, row) + start
+        # The usual case, a small write's read-modify-write: every fragment in memory and
+        # sound. Taken at once, with no task per fragment.
+        now = {index: self._extent_now(extents, code_position(self.spec, row, index), offset,
+                                       offset + end - start) for index in wanted}
+        if None not in now.values():
+            return now  # type: ignore[return-value]
         found: dict[int, bytes] = {}
         corrupt: list[int] = []
-        offset = row_start(self.spec, row) + start
 
         async def fetch(index: int) -> None:
             position = code_position(self.spec, row, index)
