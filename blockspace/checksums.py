@@ -157,11 +157,10 @@ def bad_blocks(
     if len(entries) != count * ENTRY_SIZE:
         raise ValueError("entry count does not match the block count")
     words = _words(entries)
-    blocks = [part[i : i + CSUM_BLOCK] for part in parts for i in range(0, len(part), CSUM_BLOCK)]
-    digest = xxhash.xxh3_64_intdigest
-    hashes = [digest(block) or 1 for block in blocks]
+    hashes = _hashes(parts[0]) if len(parts) == 1 else [h for p in parts for h in _hashes(p)]
     if array("Q", hashes) == words[0::2]:  # all good, the usual case: compared in C
         return []
+    blocks = [part[i : i + CSUM_BLOCK] for part in parts for i in range(0, len(part), CSUM_BLOCK)]
     bad = []
     for index, (actual, expected) in enumerate(zip(hashes, words[0::2], strict=True)):
         if actual == expected:
