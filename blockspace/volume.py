@@ -772,10 +772,15 @@ class Volume:
         offset = row_start(self.spec, row) + start
         # The usual case, a small write's read-modify-write: every fragment in memory and
         # sound. Taken at once, with no task per fragment.
-        now = {index: self._extent_now(extents, code_position(self.spec, row, index), offset,
-                                       offset + end - start) for index in wanted}
-        if None not in now.values():
-            return now  # type: ignore[return-value]
+        now: dict[int, bytes] = {}
+        for index in wanted:
+            data = self._extent_now(extents, code_position(self.spec, row, index), offset,
+                                    offset + end - start)
+            if data is None:
+                break  # the careful path below reads them all
+            now[index] = data
+        else:
+            return now
         found: dict[int, bytes] = {}
         corrupt: list[int] = []
 
