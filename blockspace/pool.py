@@ -314,11 +314,11 @@ class Pool:
             await device.flush()
 
         try:
-            await self._disk_io(disk, "metadata write", write)
+            await self.disk_io(disk, "metadata write", write)
         except DeviceError as error:
             failed.append((disk.record.disk_id, error))
 
-    async def _disk_io(
+    async def disk_io(
         self, disk: PoolDisk, what: str, op: Callable[[Device], Awaitable[None]]
     ) -> None:
         """Run `op` on the disk's device as it is now (a concurrent failure may take the
@@ -367,7 +367,7 @@ class Pool:
                 await device.flush()
 
             try:
-                await self._disk_io(disk, "write-intent write", write)
+                await self.disk_io(disk, "write-intent write", write)
             except DeviceError as error:
                 failed.append((disk.record.disk_id, error))
 
@@ -575,7 +575,7 @@ class Pool:
                 await device.zero(offset, stride)
 
             try:
-                await self._disk_io(disk, "zeroing of a new extent", op)
+                await self.disk_io(disk, "zeroing of a new extent", op)
             except DeviceError as error:
                 disk.errors["write"] += 1
                 await self.mark_failed(disk_id, str(error))
@@ -757,7 +757,7 @@ class Pool:
             await device.flush()
 
         try:
-            await self._disk_io(disk, "flush", flush)
+            await self.disk_io(disk, "flush", flush)
         except DeviceError as error:
             # The disk leaves service durably before this flush may report success, even
             # if another task marked it first: if no disk can take that record any more,

@@ -213,21 +213,6 @@ async def resync_extent(volume: "Volume", slab: int, extent: Extent) -> int:
             raise
 
 
-async def _entries(volume: "Volume", extents: list[Extent], positions: Iterable[int],
-                   start: int, end: int) -> dict[int, bytes]:
-    found = {}
-    for position in positions:
-        disk_id, extent = extents[position]
-        if volume.pool.extent_device(disk_id, extent, resync=True) is None:
-            continue
-        try:
-            found[position] = await volume.pool.checksums.read(
-                disk_id, extent, start // CSUM_BLOCK, (end - start) // CSUM_BLOCK)
-        except DeviceError:
-            continue
-    return found
-
-
 async def _resync_copies(volume: "Volume", slab: int, extents: list[Extent], position: int) -> int:
     from blockspace.layouts import data_positions
 
@@ -238,7 +223,7 @@ async def _resync_copies(volume: "Volume", slab: int, extents: list[Extent], pos
     rewritten = 0
     for start in range(0, volume.pool.slab_size, CHUNK):
         end = start + CHUNK
-        entries = await _entries(volume, extents, positions, start, end)
+        entries = await volume.entries_by_position(extents, positions, start, end, resync=True)
         if position not in entries:
             raise DeviceError(f"disk {extents[position][0]} could not be read while resyncing")
         if len(set(entries.values())) == 1:
@@ -284,7 +269,8 @@ async def _resync_parity(
     step = max(CHUNK, unit)
     for start in range(0, volume.pool.slab_size, step):
         end = start + step
-        entries = await _entries(volume, extents, range(spec.width), start, end)
+        entries = await volume.entries_by_position(extents, range(spec.width), start, end,
+                                                  resync=True)
         rows = range((end - start) // unit)
         for local in rows_written_since(entries, position, rows, blocks_per_row, since):
             row = start // unit + local

@@ -668,8 +668,9 @@ class Volume:
                     continue  # nothing to repair on a disk that is out
                 if isinstance(result, tuple):
                     data, entries = result
-                    others = await self._entries_of(extents, positions, position, start, end)
-                    if not newer_elsewhere(entries, others):
+                    others = await self.entries_by_position(
+                        extents, [p for p in positions if p != position], start, end)
+                    if not newer_elsewhere(entries, list(others.values())):
                         return data
                 break
             async with self._row_locks.hold(self._column_rows(slab, start, end)):
@@ -677,17 +678,20 @@ class Volume:
                 return (await self.merge_copies(slab, extents, column, start, end))[0]
         return (await self.merge_copies(slab, extents, column, start, end))[0]
 
-    async def _entries_of(
-        self, extents: Extents, positions: list[int], skip: int, start: int, end: int
-    ) -> list[bytes]:
-        found = []
+    async def entries_by_position(
+        self, extents: Extents, positions: Iterable[int], start: int, end: int,
+        *, resync: bool = False,
+    ) -> dict[int, bytes]:
+        """Checksum entries of blocks [start, end) of each extent position whose disk is in
+        service and answers; `resync`: also of extents awaiting their resync."""
+        found = {}
         for position in positions:
             disk_id, extent = extents[position]
-            if position == skip or self.pool.extent_device(disk_id, extent) is None:
+            if self.pool.extent_device(disk_id, extent, resync=resync) is None:
                 continue
             try:
-                found.append(await self.pool.checksums.read(
-                    disk_id, extent, start // BLOCK, (end - start) // BLOCK))
+                found[position] = await self.pool.checksums.read(
+                    disk_id, extent, start // BLOCK, (end - start) // BLOCK)
             except DeviceError:
                 continue
         return found

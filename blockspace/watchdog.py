@@ -70,7 +70,7 @@ async def probe_disks(pool: "Pool", failures: dict[int, int]) -> list[int]:
             await device.read(0, 4096)
 
         try:
-            await pool._disk_io(disk, "label read", read)
+            await pool.disk_io(disk, "label read", read)
         except DeviceError as error:
             failures[disk_id] = failures.get(disk_id, 0) + 1
             log.warning("disk %d: probe failed (%d in a row): %s", disk_id,

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 from bench_lib import catalog, cpu_layers, jobs, profile, report, setups, system  # noqa: E402
 from bench_lib.cli import parse_profiles  # noqa: E402
+from bench_lib.runner import profile_passes  # noqa: E402
 
 
 def fio_json(side: str, *, bw_bytes: float, iops: float, mean_ns: float = 50_000.0,
@@ -177,6 +178,17 @@ def test_parse_profiles() -> None:
         ("mirror-2", "randwrite-4k-qd16"), ("parity-1", "randread-4k-qd16")]
     with pytest.raises(catalog.SelectionError):
         parse_profiles("mirror-2")
+
+
+def test_profiling_without_perf_keeps_the_py_spy_passes_and_says_why() -> None:
+    passes, missing = profile_passes("/p/x", None)
+    assert [name for name, *_ in passes] == ["threads", "gil", "flamegraph"]
+    assert missing is not None
+    assert "perf is not installed" in missing
+    passes, missing = profile_passes("/p/x", "/usr/bin/perf")
+    assert [name for name, *_ in passes] == ["threads", "gil", "flamegraph", "perf"]
+    assert passes[-1][3] == "/p/x.perf.data"
+    assert missing is None
 
 
 def test_profile_summary_of_collapsed_stacks() -> None:

@@ -353,6 +353,23 @@ def _mkfs_trial(ctx: Context, target: Target, data: MkfsData) -> dict[str, Any]:
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in trial.items()}
 
 
+ProfilePass = tuple[str, str, list[str], str]  # name, output format, py-spy flags, output
+
+
+def profile_passes(stem: str, perf: str | None) -> tuple[list[ProfilePass], str | None]:
+    """The profiling passes to run, and what is left out and why (None: nothing). Without
+    perf the three py-spy passes still run; only the CPU-by-layer pass is skipped."""
+    passes: list[ProfilePass] = [
+        ("threads", "raw", ["--threads", "--idle"], f"{stem}.threads.txt"),
+        ("gil", "raw", ["--gil"], f"{stem}.gil.txt"),
+        ("flamegraph", "flamegraph", ["--gil"], f"{stem}.svg"),
+    ]
+    if not perf:
+        return passes, "no CPU-by-layer profile: perf is not installed (tools/bench --install)"
+    passes.append(("perf", "perf", [], f"{stem}.perf.data"))
+    return passes, None
+
+
 def _profile(job: Job, target: Target, options: Options, emit: Callable[[str], None],
              setup: str) -> dict[str, Any]:
     """Run `job` again, three times, under py-spy: collapsed stacks of all threads (idle
@@ -373,16 +390,10 @@ def _profile(job: Job, target: Target, options: Options, emit: Callable[[str], N
     seconds = options.profile_seconds
     rate = 200
     pid = str(target.daemon_pid)
-    passes = [
-        ("threads", "raw", ["--threads", "--idle"], f"{stem}.threads.txt"),
-        ("gil", "raw", ["--gil"], f"{stem}.gil.txt"),
-        ("flamegraph", "flamegraph", ["--gil"], f"{stem}.svg"),
-    ]
     perf = shutil.which("perf")
-    if perf:
-        passes.append(("perf", "perf", [], f"{stem}.perf.data"))
-    else:
-        emit(f"{setup}: no CPU-by-layer profile: perf is not installed (tools/bench --install)")
+    passes, missing = profile_passes(stem, perf)
+    if missing:
+        emit(f"{setup}: {missing}")
     reports = []
     for name, fmt, flags, output in passes:
         command = fio_command(job, target.fio_path, options.mode, runtime=seconds + 3)
