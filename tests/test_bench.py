@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
-from bench_lib import catalog, cpu_layers, jobs, profile, report, setups, system  # noqa: E402
+from bench_lib import catalog, cpu_layers, jobs, profile, report, rounds, setups, system  # noqa: E402,E501
 from bench_lib.cli import parse_profiles  # noqa: E402
 from bench_lib.runner import profile_passes  # noqa: E402
 
@@ -113,6 +113,46 @@ def results_with(figures: dict[str, dict[str, float]]) -> dict[str, Any]:
             "jobs": {job: {"value": value} for job, value in by_job.items()},
         }
     return out
+
+
+def round_entry(values: dict[str, float | None], *, cpu: float = 0.5,
+                verify: str = "ok", status: str = "ok") -> dict[str, Any]:
+    return {"label": "x", "status": status, "verify": {"seq": verify},
+            "daemon": {"cpu": {job: cpu for job in values}, "rss_kib": {}},
+            "jobs": {job: ({"value": v} if v is not None else {"error": "fio exited 1"})
+                     for job, v in values.items()}}
+
+
+def test_rounds_keep_the_median_round_per_job_and_every_failure() -> None:
+    assert rounds.round_order(["a", "b", "c"], 0) == ["a", "b", "c"]
+    assert rounds.round_order(["a", "b", "c"], 1) == ["c", "b", "a"]
+    merged = rounds.merge_rounds([
+        round_entry({"r": 100.0, "w": None}, cpu=0.1),
+        round_entry({"r": 300.0, "w": 50.0}, cpu=0.3, verify="FAILED: crc32c mismatch"),
+        round_entry({"r": 200.0, "w": 70.0}, cpu=0.2, status="failed"),
+    ])
+    assert merged["jobs"]["r"]["value"] == 200.0  # the median round, not an average
+    assert merged["jobs"]["r"]["round"] == 3
+    assert merged["jobs"]["r"]["round_values"] == [100.0, 300.0, 200.0]
+    assert merged["daemon"]["cpu"]["r"] == 0.2  # the CPU of the round whose figure is kept
+    assert merged["jobs"]["w"]["value"] == 50.0  # lower median of the rounds that measured
+    assert merged["jobs"]["w"]["round_errors"] == {"1": "fio exited 1"}
+    assert merged["verify"]["seq"] == "round 2: FAILED: crc32c mismatch"
+    assert merged["problems"] == ["round 3: failed"]
+    assert merged["rounds"] == 3
+    single = round_entry({"r": 1.0})
+    assert rounds.merge_rounds([single]) == single
+    with pytest.raises(ValueError, match="no rounds"):
+        rounds.merge_rounds([])
+
+
+def test_the_report_shows_the_spread_over_rounds() -> None:
+    results = results_with({"simple": {"seqread-1m-qd4": 600.0}})
+    results["meta"]["rounds"] = 3
+    results["setups"]["simple"]["jobs"]["seqread-1m-qd4"]["round_values"] = [600.0, 500.0, 900.0]
+    text = report.markdown(report.finish(results))
+    assert "median of 3 rounds" in text
+    assert "| simple | - | 500-900 |" in text
 
 
 def test_ratios_and_targets() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -16,6 +17,7 @@ from typing import Any
 from bench_lib import report, system
 from bench_lib.catalog import GROUPS, SETUPS_BY_NAME, SelectionError, select_setups
 from bench_lib.jobs import JOBS_BY_NAME, MODES, GiB, MiB
+from bench_lib.rounds import merge_rounds, round_order
 from bench_lib.runner import MkfsData, Options, check_disk_space, new_entry, run_setup
 from bench_lib.setups import NEEDS, REPO, default_blockspace, default_python, fuse_available
 
@@ -39,6 +41,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated subset of: " + ", ".join(JOBS_BY_NAME))
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each job N times, keep the median (noisy machines)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="go through every setup N times, in alternating order, and keep "
+                        "per job the round with the median figure (a drift of the machine "
+                        "then skews no ratio unless it lasts the whole run); the mkfs trial "
+                        "and profiles run in the first round only")
     parser.add_argument("--runtime", type=float, help="override seconds per job")
     parser.add_argument("--no-mkfs", action="store_true", help="skip the mkfs trial")
     parser.add_argument("--out", help="directory for results.json, results.md, chart.png "
@@ -162,13 +169,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_disk_space(run_dir, 6 * GiB)
         mkfs_data = MkfsData(mode.mkfs_write) if options.mkfs else None
-        for name in names:
+        for name in names:  # every setup has its place in the results, in order
+            results["setups"][name] = new_entry(name, *(
+                ("unavailable", unavailable[name]) if name in unavailable else ()))
             if name in unavailable:
-                results["setups"][name] = new_entry(name, "unavailable", unavailable[name])
                 system.log(f"{name}: unavailable: {unavailable[name]}")
-                continue
-            results["setups"][name] = entry = new_entry(name)
-            run_setup(name, options, mkfs_data, system.log, entry)
+        rounds: dict[str, list[dict[str, Any]]] = {}
+        for index in range(max(1, args.rounds)):
+            if args.rounds > 1:
+                system.log(f"round {index + 1} of {args.rounds}")
+            later = dataclasses.replace(options, run_dir=run_dir / f"round-{index + 1}",
+                                        mkfs=False, profiles=[])
+            for name in round_order([n for n in names if n not in unavailable], index):
+                entry = new_entry(name)
+                rounds.setdefault(name, []).append(entry)
+                try:
+                    run_setup(name, options if index == 0 else later, mkfs_data, system.log,
+                              entry)
+                finally:  # also when interrupted: what was measured is kept
+                    results["setups"][name] = merge_rounds(rounds[name])
     except KeyboardInterrupt as why:
         interrupted = True
         system.log(f"interrupted ({why or 'Ctrl-C'}): cleaning up")
@@ -224,6 +243,7 @@ def describe_run(args: argparse.Namespace, mode: Any, names: list[str],
         "device_mib": mode.device_size // MiB,
         "mkfs_write_mib": mode.mkfs_write // MiB,
         "repeat": args.repeat,
+        "rounds": args.rounds,
         "setups": names,
         "jobs": jobs,
         "git": commit.stdout.strip() + (" (blockspace/ modified)" if dirty.stdout.strip()

@@ -121,6 +121,20 @@ def figures_table(results: Results) -> str:
     return _table(header, rows)
 
 
+def spread_table(results: Results) -> str:
+    """Lowest and highest figure of each job over the rounds (`--rounds`)."""
+    rows = []
+    for setup, entry in results["setups"].items():
+        cells = []
+        for job in JOBS:
+            values = (entry.get("jobs", {}).get(job.name) or {}).get("round_values") or []
+            cells.append(f"{format_value(min(values), job.metric)}-"
+                         f"{format_value(max(values), job.metric)}" if values else "-")
+        if any(cell != "-" for cell in cells):
+            rows.append([setup, *cells])
+    return _table(["setup", *(job.label for job in JOBS)], rows)
+
+
 def verified(entry: dict[str, Any]) -> str:
     """"yes" when fio's verify passes and the mkfs trial's hash matches; "**NO**" naming the
     check that failed; "-" when nothing was checked."""
@@ -277,6 +291,10 @@ def markdown(results: Results) -> str:
         "",
         figures_table(results),
     ]
+    if (meta.get("rounds") or 1) > 1:
+        parts += ["", f"Each figure above is the median of {meta['rounds']} rounds through "
+                  "every setup (alternating order); lowest-highest over the rounds:", "",
+                  spread_table(results)]
     for reference in RATIO_REFERENCES:
         if reference in results["setups"] and results["setups"][reference].get("jobs"):
             parts += ["", f"Ratios to {reference} ({_label(results, reference)}):", "",
