@@ -11,6 +11,7 @@ is one unit at the same offset in every extent of the slab.
 """
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from blockspace.errors import InvalidInput
 
@@ -132,11 +133,11 @@ def default_layout(
     return spec
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """A part of a request that is contiguous in one data column of one slab. For simple
     and mirror it may span rows: then its bytes are contiguous on disk but lie in the
-    request buffer as one interleave unit per row (see `segments`)."""
+    request buffer as one interleave unit per row (see `segments`). A named tuple: a large
+    request makes one per column, on the hot path."""
 
     row: int  # first row the piece touches
     column: int  # data column, 0..columns-1
@@ -147,41 +148,40 @@ class Piece:
 
 
 def split(spec: LayoutSpec, offset: int, length: int) -> list[Piece]:
-    """Cut a slab-relative byte range into pieces, one per data column it touches.
+    """Cut a slab-relative byte range into pieces, one per data column it touches, in the
+    order of their first bytes in the request.
 
     For simple and mirror, a column's units in consecutive rows follow each other on disk,
     so they make one piece: a large request costs one device I/O per column, not one per
     row and column. Parity pieces never cross a row, because the column's disk changes
     from row to row.
     """
+    if length <= 0:
+        return []
     unit = spec.interleave
-    stride = unit * spec.columns
-    row, within_row = divmod(offset, stride)
-    column, unit_offset = divmod(within_row, unit)
-    if unit_offset + length <= unit:  # inside one stripe unit: the usual small request
-        return [Piece(row, column, row * unit + unit_offset, length, 0)] if length > 0 else []
-    pieces: list[Piece] = []
-    open_piece: dict[int, int] = {}  # column -> index in pieces of its piece so far
-    position = offset
+    columns = spec.columns
+    first, last = offset // unit, (offset + length - 1) // unit  # global unit indexes
+    if first == last:  # inside one stripe unit: the usual small request
+        row, column = divmod(first, columns)
+        return [Piece(row, column, row * unit + offset - first * unit, length, 0)]
     end = offset + length
-    while position < end:
-        row, within_row = divmod(position, stride)
-        column, unit_offset = divmod(within_row, unit)
-        take = min(unit - unit_offset, end - position)
-        column_offset = row * unit + unit_offset
-        index = open_piece.get(column)
-        last = pieces[index] if index is not None else None
-        if (
-            last is not None
-            and spec.kind != "parity"
-            and last.column_offset + last.length == column_offset
-        ):
-            pieces[index] = Piece(last.row, column, last.column_offset, last.length + take,
-                                  last.buf_offset, row - last.row + 1)
-        else:
-            open_piece[column] = len(pieces)
-            pieces.append(Piece(row, column, column_offset, take, position - offset))
-        position += take
+    if spec.kind == "parity":
+        return [
+            Piece(u // columns, u % columns, (u // columns) * unit + max(offset, u * unit)
+                  - u * unit, min(end, (u + 1) * unit) - max(offset, u * unit),
+                  max(offset, u * unit) - offset)
+            for u in range(first, last + 1)
+        ]
+    pieces = []
+    for u in range(first, min(last, first + columns - 1) + 1):  # each column's first unit
+        row, column = divmod(u, columns)
+        final = last - (last - u) % columns  # the column's last unit in the request
+        start = max(offset, u * unit)
+        stop = min(end, (final + 1) * unit)
+        column_offset = row * unit + start - u * unit
+        column_end = (final // columns) * unit + stop - final * unit
+        pieces.append(Piece(row, column, column_offset, column_end - column_offset,
+                            start - offset, final // columns - row + 1))
     return pieces
 
 

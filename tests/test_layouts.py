@@ -47,6 +47,8 @@ def test_striped_layouts_make_one_piece_per_column_and_parity_one_per_row_and_co
     spec: LayoutSpec, offset: int, length: int
 ) -> None:
     pieces = split(spec, offset, length)
+    assert [p.buf_offset for p in pieces] == sorted({p.buf_offset for p in pieces})
+    assert pieces[0].buf_offset == 0
     if spec.kind == "parity":
         assert all(piece.rows == 1 for piece in pieces)
         assert len({(p.row, p.column) for p in pieces}) == len(pieces)
