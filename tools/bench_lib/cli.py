@@ -286,8 +286,9 @@ def write_outputs(results: dict[str, Any], args: argparse.Namespace, out_dir: Pa
     try:
         from bench_lib import chart
 
-        title = (f"Blockspace bench ({meta['mode']} mode, {meta['date']}, git {meta['git']}) — "
-                 "grey: baselines, orange: Blockspace")
+        rounds = f", median of {meta['rounds']} rounds" if (meta.get("rounds") or 1) > 1 else ""
+        title = (f"Blockspace bench ({meta['mode']} mode{rounds}, {meta['date']}, git "
+                 f"{meta['git']}) — grey: baselines, orange: Blockspace")
         chart.draw(results, str(png_path), title)
         chart_note = f", chart {png_path}"
     except ImportError:
