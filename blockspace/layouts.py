@@ -165,14 +165,14 @@ def split(spec: LayoutSpec, offset: int, length: int) -> list[Piece]:
         row, column = divmod(first, columns)
         return [Piece(row, column, row * unit + offset - first * unit, length, 0)]
     end = offset + length
-    if spec.kind == "parity":
-        return [
-            Piece(u // columns, u % columns, (u // columns) * unit + max(offset, u * unit)
-                  - u * unit, min(end, (u + 1) * unit) - max(offset, u * unit),
-                  max(offset, u * unit) - offset)
-            for u in range(first, last + 1)
-        ]
     pieces = []
+    if spec.kind == "parity":  # one piece per stripe unit
+        for u in range(first, last + 1):
+            row, column = divmod(u, columns)
+            start, stop = max(offset, u * unit), min(end, (u + 1) * unit)
+            pieces.append(Piece(row, column, row * unit + start - u * unit, stop - start,
+                                start - offset))
+        return pieces
     for u in range(first, min(last, first + columns - 1) + 1):  # each column's first unit
         row, column = divmod(u, columns)
         final = last - (last - u) % columns  # the column's last unit in the request
