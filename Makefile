@@ -21,7 +21,7 @@ help:
 	@echo "make setup       install system packages, .venv and the package (idempotent)"
 	@echo "make test        setup, then the default test suite (not slow)"
 	@echo "make test-slow   setup, then the slow tests only"
-	@echo "make lint        setup, then ruff check"
+	@echo "make lint        setup, then ruff check and mypy"
 	@echo "make demo        setup, then build and mount a demo pool under ./demo"
 	@echo "make demo-clean  unmount and remove ./demo"
 	@echo "make vmlab       setup, then the kernel-fault scenario table in a qemu VM (docs/vmlab.md)"
@@ -36,7 +36,7 @@ test-slow: setup
 	$(call run_pytest,-q -m slow)
 
 lint: setup
-	cd "$(REPO)" && "$(VENV)/bin/ruff" check .
+	cd "$(REPO)" && "$(VENV)/bin/ruff" check . && "$(VENV)/bin/mypy" blockspace
 
 demo: setup
 	@bash "$(REPO)/tools/demo.sh"

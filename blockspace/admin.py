@@ -146,10 +146,12 @@ def usable_capacity(pool: Pool) -> dict[str, int | None]:
     usable_ids = pool.usable_disk_ids()
     free = {d: n for d, n in pool.allocator.free_map().items() if d in usable_ids}
     result: dict[str, int | None] = {}
+    variants: dict[str, list[dict[str, int]]] = {
+        "simple": [{}], "mirror": [{"copies": 2}, {"copies": 3}],
+        "parity": [{"parity": 1}, {"parity": 2}],
+    }
     for kind in KINDS:
-        variants = {"simple": [{}], "mirror": [{"copies": 2}, {"copies": 3}],
-                    "parity": [{"parity": 1}, {"parity": 2}]}[kind]
-        for options in variants:
+        for options in variants[kind]:
             spec = default_layout(kind, len(usable_ids), **options)
             key = kind if kind == "simple" else f"{kind}-{next(iter(options.values()))}"
             if spec.width > len(usable_ids):
@@ -163,27 +165,28 @@ def pool_status(
     pool: Pool, mountpoint: str | None = None, scrub: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     free_map = pool.allocator.free_map()
-    disks = []
+    disks: list[dict[str, Any]] = []
     for disk_id, disk in sorted(pool.disks.items()):
-        record = disk.record
+        disk_record = disk.record
         stride = disk.geometry.extent_stride
         free_extents = free_map.get(disk_id, 0)
-        state = record.state if disk.device is not None or record.state != "online" else "missing"
+        present = disk.device is not None or disk_record.state != "online"
+        state = disk_record.state if present else "missing"
         disks.append(
             {
                 "id": disk_id,
                 "path": disk.path,
-                "uuid": record.disk_uuid,
-                "media": record.media,
-                "size": record.size,
-                "extents": record.extent_count,
+                "uuid": disk_record.disk_uuid,
+                "media": disk_record.media,
+                "size": disk_record.size,
+                "extents": disk_record.extent_count,
                 "free_extents": free_extents,
-                "used_bytes": (record.extent_count - free_extents) * pool.slab_size,
+                "used_bytes": (disk_record.extent_count - free_extents) * pool.slab_size,
                 "free_bytes": free_extents * pool.slab_size,
                 "extent_stride": stride,
                 "state": state,
-                "state_reason": record.state_reason,
-                "state_since": record.state_since,
+                "state_reason": disk_record.state_reason,
+                "state_since": disk_record.state_since,
                 "data_extents": pool.extents_on(disk_id),
                 "errors": dict(disk.errors),
             }

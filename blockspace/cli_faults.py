@@ -198,7 +198,7 @@ def cmd_fault_clear(args: argparse.Namespace) -> int:
     from blockspace import cli, control
 
     socket_path = _socket(args)
-    fields = {} if args.disk is None else {"disk": _disk_argument(args.disk)}
+    fields: dict[str, Any] = {} if args.disk is None else {"disk": _disk_argument(args.disk)}
     result = control.request(socket_path, "fault_clear", **fields)
 
     def human(d: dict[str, Any]) -> None:

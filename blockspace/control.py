@@ -44,7 +44,10 @@ async def serve(
     listener = trio.SocketListener(sock)
     task_status.started()
     try:
-        await trio.serve_listeners(lambda stream: _client(stream, handler), [listener])
+        async def on_client(stream: trio.SocketStream) -> None:
+            await _client(stream, handler)
+
+        await trio.serve_listeners(on_client, [listener])
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -380,7 +380,7 @@ class BlockTarget(Protocol):
     @property
     def size(self) -> int: ...
 
-    async def read(self, offset: int, length: int) -> bytes: ...
+    async def read(self, offset: int, length: int) -> bytes | bytearray: ...
 
     async def write(self, offset: int, data: bytes) -> None: ...
 
@@ -613,7 +613,7 @@ def pattern_block(block: int, seq: int) -> bytes:
     return b"".join(sectors)
 
 
-def _parse_sector(sector: bytes) -> tuple[int, int, int] | str:
+def _parse_sector(sector: bytes | bytearray) -> tuple[int, int, int] | str:
     if not any(sector):
         return "zeros"
     if sector.startswith(STALE[:16]) or STALE[:16] in sector:
@@ -627,7 +627,7 @@ def _parse_sector(sector: bytes) -> tuple[int, int, int] | str:
     return block, seq, index
 
 
-def describe_block(block: int, data: bytes) -> str:
+def describe_block(block: int, data: bytes | bytearray) -> str:
     """A short account of what a 4 KiB block holds, sector by sector, e.g.
     "seq 17 (s0-3) + seq 12 (s4-7)", "zeros", "stale (s0-7)", "block 9 seq 4 (s0-7)"."""
     if len(data) != BLOCK:
@@ -1333,13 +1333,13 @@ async def read_blocks(volume: BlockTarget, first: int, count: int) -> list[bytes
     """Each block of [first, first + count), None where the read failed."""
     try:
         data = await volume.read(first * BLOCK, count * BLOCK)
-        return [data[i * BLOCK : (i + 1) * BLOCK] for i in range(count)]
+        return [bytes(data[i * BLOCK : (i + 1) * BLOCK]) for i in range(count)]
     except BlockspaceError:
         pass
     blocks: list[bytes | None] = []
     for block in range(first, first + count):
         try:
-            blocks.append(await volume.read(block * BLOCK, BLOCK))
+            blocks.append(bytes(await volume.read(block * BLOCK, BLOCK)))
         except BlockspaceError:
             blocks.append(None)
     return blocks

@@ -70,6 +70,7 @@ ZERO_CHUNK = 1 << 20  # fallback zeroing writes this many bytes per pwrite
 # io_uring results that mean "not this way", not "the disk failed": the worker retries.
 _RING_RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.EINVAL, errno.EOPNOTSUPP, errno.ECANCELED})
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
+_NOWAIT_FLAG = _RWF_NOWAIT or 0  # only used where _RWF_NOWAIT is known to exist
 _IOV_MAX = 1024  # buffers one preadv takes (Linux UIO_MAXIOV)
 # errnos meaning "this way of zeroing is not available here": fall back to writing zeros
 _ZERO_FALLBACK_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EINVAL})
@@ -685,7 +686,7 @@ class FileDevice(Device):
         (counted when that is all of them), or 0 when it would block or fails (a worker
         retries and reports a real error)."""
         try:
-            n = os.preadv(self._fd, buffers, offset, _RWF_NOWAIT)
+            n = os.preadv(self._fd, buffers, offset, _NOWAIT_FLAG)
         except BlockingIOError:
             return 0
         except OSError as e:

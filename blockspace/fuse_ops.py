@@ -10,6 +10,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
+from typing import cast
 
 import pyfuse3
 
@@ -141,13 +142,15 @@ class VolumeFS(pyfuse3.Operations):
         if name is not None and self._open_counts.get(name, 0) > 0:
             self._open_counts[name] -= 1
 
-    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:
+    async def read(self, fh: int, off: int, size: int) -> bytes:
         volume = self._volume(fh)
         if off >= volume.size:
             return b""
         size = min(size, volume.size - off)
         try:
-            return await volume.read(off, size)
+            # pyfuse3 sends any buffer; its stub says bytes. The volume's bytearray goes out as it
+            # is, without a copy.
+            return cast(bytes, await volume.read(off, size))
         except BlockspaceError as error:
             log.error("read %s at %d+%d failed: %s", volume.name, off, size, error)
             raise pyfuse3.FUSEError(errno_of(error)) from None

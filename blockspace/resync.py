@@ -81,7 +81,7 @@ async def _resync_parity(volume: "Volume", extents: "Extents", start: int, end: 
     for row in range(start // spec.interleave, end // spec.interleave):
         offset = row_start(spec, row)
         span = (offset, offset + spec.interleave)
-        fragments = []
+        fragments: list[tuple[bytes, bytes] | None] = []
         for index in range(spec.width):
             raw = await volume._read_raw(extents, code_position(spec, row, index), *span)
             fragments.append(raw if isinstance(raw, tuple) else None)
@@ -94,10 +94,10 @@ async def _resync_parity(volume: "Volume", extents: "Extents", start: int, end: 
         data = [raw[0] for raw in fragments[: spec.columns] if raw is not None]
         seq = volume.pool.next_seq()
         parity = volume.codec.encode(data)
-        for index, raw in enumerate(fragments):
-            assert raw is not None
+        for index, fragment in enumerate(fragments):
+            assert fragment is not None
             wanted = data[index] if index < spec.columns else parity[index - spec.columns]
-            if raw[0] != wanted or bad_blocks(raw[0], raw[1]):
+            if fragment[0] != wanted or bad_blocks(fragment[0], fragment[1]):
                 position = code_position(spec, row, index)
                 await volume._write_verified(extents, position, offset, wanted, seq=seq)
                 rewritten += spec.interleave // CSUM_BLOCK

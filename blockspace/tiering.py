@@ -214,7 +214,7 @@ class TieredVolume:
 
     # ---- reads ----------------------------------------------------------------------
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         self._check_range(offset, length)
         pieces = self._pieces(offset, length)
         if len(pieces) == 1:  # the common case: no nursery, no copy
@@ -232,7 +232,7 @@ class TieredVolume:
         return bytes(out)
 
     async def _at_home(self, offset: int, length: int, units: list[int],
-                       data: memoryview | None) -> bytes | None:
+                       data: memoryview | None) -> bytes | bytearray | None:
         """A request over several units none of which is on the ssd tier (and, for a write,
         that would go home anyway) in one hdd-tier call: b"" for a write done, the bytes
         for a read, None if some unit needs the unit-by-unit path."""
@@ -270,7 +270,7 @@ class TieredVolume:
         hottest = max(self.heat.heat(u) for u in units) + 1.0  # with this write's touch
         return not clearly_hotter(hottest, coldest)
 
-    async def _read_piece(self, unit: int, unit_offset: int, count: int) -> bytes:
+    async def _read_piece(self, unit: int, unit_offset: int, count: int) -> bytes | bytearray:
         async with self.locks.shared(unit):
             entry = self.map.get(unit)
             self.counters.reads += 1
@@ -386,8 +386,8 @@ class TieredVolume:
 
     # ---- moves: copy -> verify -> commit -> free ---------------------------------------
 
-    async def _copy_verified(self, read: Callable[[], Awaitable[bytes]], target: Volume,
-                             offset: int) -> bytes:
+    async def _copy_verified(self, read: Callable[[], Awaitable[bytes | bytearray]],
+                             target: Volume, offset: int) -> bytes | bytearray:
         data = await read()
         await target.write(offset, data)
         back = await target.read(offset, len(data))  # checksums verified on the way

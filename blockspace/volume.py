@@ -209,13 +209,15 @@ class Volume:
             if found is None:
                 return None
             data, skip = found
-            result = data if skip == 0 and len(data) == length else data[skip : skip + length]
+            result: bytes | bytearray = (
+                data if skip == 0 and len(data) == length else data[skip : skip + length])
         else:  # the reply goes out from this buffer as it is: no copy
-            result = bytearray(length)
-            filled = (self._parity_now(extents, pieces, result) if self.spec.kind == "parity"
-                      else self._columns_now(extents, pieces, memoryview(result)))
+            buffer = bytearray(length)
+            filled = (self._parity_now(extents, pieces, buffer) if self.spec.kind == "parity"
+                      else self._columns_now(extents, pieces, memoryview(buffer)))
             if not filled:
                 return None
+            result = buffer
         self._reads += 1
         self._bytes_read += length
         return result
@@ -957,7 +959,7 @@ class Volume:
         end = max(r[1] for r in ranges.values())
         to_read = [c for c in range(self.spec.columns) if ranges.get(c) != (start, end)]
         old = await self._fragments(slab, extents, row, start, end, to_read) if to_read else {}
-        columns: list[bytes | bytearray] = []
+        columns: list[bytearray] = []
         for column in range(self.spec.columns):
             columns.append(bytearray(old[column]) if column in old else bytearray(end - start))
         writes: list[ExtentWrite] = []
