@@ -71,6 +71,19 @@ class ChecksumStore:
         return b"".join([_cut(await self._page(disk_id, extent, page), page, start, end)
                          for page in range(start // PAGE, (end - 1) // PAGE + 1)])
 
+    async def read_from_disk(self, disk_id: int, extent: int, first_block: int,
+                             count: int) -> bytes:
+        """`read`, but from the disk itself and never from the cache: what a verify needs,
+        since the cache holds what was written even when the disk dropped or damaged it."""
+        device = self._device_of(disk_id)
+        if device is None:
+            raise DeviceError(f"disk {disk_id} is not available")
+        start, end = first_block * ENTRY_SIZE, (first_block + count) * ENTRY_SIZE
+        first_page, last_page = start // PAGE, (end - 1) // PAGE
+        pages = await device.read(self._area_offset(disk_id, extent) + first_page * PAGE,
+                                  (last_page - first_page + 1) * PAGE)
+        return bytes(pages[start - first_page * PAGE : end - first_page * PAGE])
+
     def read_cached(self, disk_id: int, extent: int, first_block: int, count: int) -> bytes | None:
         """`read` when every page it needs is cached (the hot path: no await); else None."""
         start, end = first_block * ENTRY_SIZE, (first_block + count) * ENTRY_SIZE

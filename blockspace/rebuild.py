@@ -200,20 +200,23 @@ async def _copy_to(
         disk_id, extent, pool.disks[disk_id].geometry.checksum_area_size // CSUM_BLOCK
     )
     base = pool.extent_offset(disk_id, extent)
+    sent: list[bytes] = []  # the entries written, chunk by chunk
     for start in range(0, pool.slab_size, CHUNK):
         end = min(start + CHUNK, pool.slab_size)
         data, entries = await _source(volume, extents, move, start, end)
         await device.write(base + start, data)
         await pool.checksums.write(disk_id, extent, start // CSUM_BLOCK, entries)
+        sent.append(entries)
         await trio.lowlevel.checkpoint()
     await device.flush()
-    # Verify what landed before the map points at it.
-    for start in range(0, pool.slab_size, CHUNK):
+    # Verify what landed before the map points at it: data and entries as the disk returns
+    # them (the checksum cache holds what was sent, whatever the disk kept).
+    for chunk, start in enumerate(range(0, pool.slab_size, CHUNK)):
         end = min(start + CHUNK, pool.slab_size)
         written = await device.read(base + start, end - start)
-        stored = await pool.checksums.read(disk_id, extent, start // CSUM_BLOCK,
-                                           (end - start) // CSUM_BLOCK)
-        if bad_blocks(written, stored):
+        stored = await pool.checksums.read_from_disk(disk_id, extent, start // CSUM_BLOCK,
+                                                     (end - start) // CSUM_BLOCK)
+        if stored != sent[chunk] or bad_blocks(written, stored):
             raise DeviceError(f"verification of the copy on disk {disk_id} failed")
 
 

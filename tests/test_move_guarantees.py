@@ -194,19 +194,11 @@ async def check_failed_move_left_the_old_map(
 LAYOUTS = [pytest.param(MIRROR, id="mirror-2"), pytest.param(PARITY, id="parity-1")]
 
 
-ENTRIES_BUG = (
-    "the move's verify reads the target's checksum entries back from the checksum store's "
-    "cache (filled by the write itself), not from the disk, so lost or damaged entry writes "
-    "pass it"
-)
 
 
 @pytest.mark.parametrize("spec", LAYOUTS)
 @pytest.mark.parametrize("mode", ["drop", "flip"])
-@pytest.mark.parametrize("area", [
-    "data",
-    pytest.param("entries", marks=pytest.mark.xfail(strict=True, reason=ENTRIES_BUG)),
-])
+@pytest.mark.parametrize("area", ["data", "entries"])
 def test_a_move_onto_a_target_that_damages_the_copy_fails_and_keeps_the_old_map(
     spec: LayoutSpec, mode: str, area: str
 ) -> None:
