@@ -12,6 +12,7 @@ import enum
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 import trio
@@ -713,9 +714,10 @@ class Volume:
             disk_id, extent = extents[position]
             if self.pool.extent_device(disk_id, extent, resync=resync) is None:
                 continue
-            try:
-                found[position] = await self.pool.checksums.read(
-                    disk_id, extent, start // BLOCK, (end - start) // BLOCK)
+            try:  # bounded like every device call: a disk that hangs here is failed too
+                found[position] = await self._device_op(disk_id, "checksum read", partial(
+                    self.pool.checksums.read, disk_id, extent, start // BLOCK,
+                    (end - start) // BLOCK))
             except DeviceError:
                 continue
         return found
