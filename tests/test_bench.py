@@ -295,15 +295,32 @@ def test_parse_mountinfo_unescapes_paths() -> None:
     assert not system.is_under("/a/bc", "/a/b")
 
 
-def test_chart(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+def test_chart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One panel per job, one bar per setup as long as its figure, each bar labelled with
+    it ("n/a" where a setup has none); matplotlib is in the `test` extra, so this runs."""
+    import matplotlib.pyplot as plt
     from bench_lib import chart
 
+    close = plt.close
+    drawn: list[Any] = []
+    monkeypatch.setattr(plt, "close", drawn.append)  # keep the figure to look into
     results = results_with({"raw": {j.name: 10.0 for j in jobs.JOBS},
                             "mirror-2": {"seqread-1m-qd4": 5.0}})
     path = tmp_path / "chart.png"
     chart.draw(results, str(path), "test")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (figure,) = drawn
+    try:
+        assert [ax.get_title() for ax in figure.axes] == [
+            job.label + (" (IOPS)" if job.metric == "iops" else "") for job in jobs.JOBS]
+        for ax, job in zip(figure.axes, jobs.JOBS, strict=True):
+            mirror = 5.0 if job.name == "seqread-1m-qd4" else None
+            assert [bar.get_width() for bar in ax.patches] == [10.0, mirror or 0.0], job.name
+            assert [text.get_text() for text in ax.texts] == [
+                jobs.format_value(10.0, job.metric),
+                jobs.format_value(mirror, job.metric) if mirror else "n/a"], job.name
+    finally:
+        close(figure)
 
 
 def test_scan_daemon_log() -> None:

@@ -292,11 +292,8 @@ EXPECTED = {
 }
 
 
-# Known product bugs these trials found (docs/scenarios.md, issue 4): a degraded thin volume
-# cannot place new slabs when no disk outside the slab is free (ENOSPC inside tolerance), and
-# writes made during a rebuild can be lost on the rebuilt copy. Non-strict: they still run,
-# and pass once fixed.
-# Open product bugs: the trial runs, and passes once fixed (non-strict xfail).
+# No trial is marked xfail: the product bugs these trials found (docs/scenarios.md,
+# "Findings, and what fixed them") are fixed, so each verdict must be exactly EXPECTED's.
 @pytest.mark.integration
 @pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 @pytest.mark.parametrize(("scenario", "layout"), QUICK_SET,

@@ -1,6 +1,7 @@
 """Scrub, in-process on memory disks: finds and repairs rot, reports what it cannot fix."""
 
 import random
+import re
 
 import pytest
 import trio
@@ -8,6 +9,7 @@ import trio.testing
 
 from blockspace.checksums import entries_for
 from blockspace.devices import MemoryDevice
+from blockspace.errors import Unrecoverable
 from blockspace.layouts import LayoutSpec, code_position
 from blockspace.pool import Pool
 from blockspace.scrub import Scrubber, ScrubProgress, scrub_slab
@@ -87,7 +89,8 @@ def test_scrub_lists_unrecoverable_ranges_beyond_tolerance_by_volume_offset() ->
         totals = await scrub_slab(volume, 0)
         assert totals.unrecoverable == [("v", 3 * 4096, 4096)]
         assert totals.checksum_errors == 2
-        with pytest.raises(Exception, match="no good copy"):
+        with pytest.raises(Unrecoverable, match=re.escape(
+                "volume 'v': no good copy of slab 0 at extent offset 12288")):
             await volume.read(3 * 4096, 10)
         assert await volume.read(0, 3 * 4096) == b"k" * (3 * 4096)  # the rest still reads
 

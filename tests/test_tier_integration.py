@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +216,8 @@ def test_sigkill_in_the_middle_of_moves_keeps_every_acknowledged_byte(
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stop = threading.Event()
     pending: list[tuple[int, bytes]] = []  # a write not (yet) acknowledged
+    acked = [0]  # writes acknowledged so far, under `progress`
+    progress = threading.Condition()
 
     def writer() -> None:
         """Overwrite the units being moved, each write acknowledged by fsync."""
@@ -233,16 +234,24 @@ def test_sigkill_in_the_middle_of_moves_keeps_every_acknowledged_byte(
                 return
             model[offset : offset + len(chunk)] = chunk
             pending.clear()
+            with progress:
+                acked[0] += 1
+                progress.notify_all()
 
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        def moving() -> bool:
-            status = bs.json("tier", "status", "tank", "fast")[0]
-            return status["counters"]["promotions"] + status["counters"]["demotions"] >= 2
+        def promoting() -> bool:
+            """The pass demotes first (24 cold units make room): wait for its promotions,
+            the moves that copy units the writer is overwriting."""
+            return bs.json("tier", "status", "tank", "fast")[0]["counters"]["promotions"] >= 2
 
-        assert wait_until(moving, 60, interval=0.1), env.daemon_log("tank")
-        time.sleep(0.2)
+        assert wait_until(promoting, 60, interval=0.05), env.daemon_log("tank")
+        # The kill lands while writes race the moves: two more acknowledged after they began.
+        with progress:
+            seen = acked[0]
+            assert progress.wait_for(lambda: acked[0] >= seen + 2, timeout=60), (
+                "the writer stopped", env.daemon_log("tank"))
         os.kill(pid, signal.SIGKILL)
         assert wait_exited(pid, 30)
     finally:

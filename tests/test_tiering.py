@@ -3,11 +3,15 @@ writes, reads, promotions, demotions and destages (also racing each other), plac
 media, pins, a full ssd tier, and crashes at any point of a move."""
 
 import random
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
+from blockspace import tier_optimizer, tiering
 from blockspace.devices import MemoryDevice
 from blockspace.errors import InvalidInput, NoSpace
 from blockspace.heat import HeatMap
@@ -23,7 +27,7 @@ from blockspace.tier_admin import (
     unpin,
     volume_status,
 )
-from blockspace.tier_optimizer import TierOptimizer
+from blockspace.tier_optimizer import SETTLE, TierOptimizer
 from blockspace.tiering import TieredVolume
 from blockspace.volume import Volume
 
@@ -289,8 +293,6 @@ def test_heat_survives_a_restart(tmp_path: Path) -> None:
 
 
 def test_optimizer_rate_limit_schedule_and_no_ping_pong() -> None:
-    import trio.testing
-
     async def scenario() -> None:
         pool, volume, _ = await tiered("hdd:6M:mirror-2")
         for unit in range(40):
@@ -320,19 +322,45 @@ def test_optimizer_rate_limit_schedule_and_no_ping_pong() -> None:
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
 
 
-def test_destager_cleans_dirty_units_in_the_background() -> None:
+class _TrioTime:
+    """`time` for the tier modules with `monotonic` on trio's clock, so a MockClock also
+    moves the last-write times the destager's settle delay is measured against."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def monotonic() -> float:
+        return trio.current_time()
+
+
+def test_destager_cleans_dirty_units_once_they_settle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written units stay dirty on the ssd tier until not written for SETTLE seconds, each
+    counted from its own last write, then the background destager sends them home."""
+    for module in (tiering, tier_optimizer):
+        monkeypatch.setattr(module, "time", _TrioTime())
+
     async def scenario() -> None:
         pool, volume, _ = await tiered()
         optimizer = TierOptimizer(volume, rate=0)
-        data = random.Random(9).randbytes(3 * UNIT)
+        data = bytearray(random.Random(9).randbytes(3 * UNIT))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(optimizer.run_destager)
+            begin = trio.current_time()
             await volume.write(5 * UNIT, data)
-            assert len(volume.dirty_units()) == 3
-            await trio.sleep(3.0)  # settle (1 s) and destage
+            assert volume.dirty_units() == [5, 6, 7]
+            await trio.sleep_until(begin + 0.6 * SETTLE)
+            assert volume.dirty_units() == [5, 6, 7]  # none settled yet
+            again = random.Random(10).randbytes(4096)
+            await volume.write(6 * UNIT, again)  # unit 6 starts settling again
+            data[UNIT : UNIT + 4096] = again
+            await trio.sleep_until(begin + 1.2 * SETTLE)
+            assert volume.dirty_units() == [6]
+            assert volume.counters.destages == 2
+            await trio.sleep_until(begin + 3 * SETTLE)
             nursery.cancel_scope.cancel()
         assert volume.dirty_units() == []
         assert volume.counters.destages == 3
         assert await volume.hdd.read(5 * UNIT, 3 * UNIT) == data  # the home is current
 
-    trio.run(scenario)
+    trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
