@@ -15,11 +15,12 @@ define run_pytest
 	exit $$rc
 endef
 
-.PHONY: help setup test test-slow lint demo demo-clean
+.PHONY: help setup test test-unit test-slow lint demo demo-clean
 
 help:
 	@echo "make setup       install system packages, .venv and the package (idempotent)"
-	@echo "make test        setup, then the default test suite (not slow)"
+	@echo "make test        setup, lint, then the default test suite (not slow): what CI runs"
+	@echo "make test-unit   the pure in-process tests only (tests/unit, under 30 s): the everyday loop"
 	@echo "make test-slow   setup, then the slow tests only"
 	@echo "make lint        setup, then ruff check and mypy"
 	@echo "make demo        setup, then build and mount a demo pool under ./demo"
@@ -29,8 +30,11 @@ help:
 setup:
 	@bash "$(REPO)/tools/setup-env.sh"
 
-test: setup
+test: setup lint
 	$(call run_pytest,-q -m "not slow")
+
+test-unit: setup
+	$(call run_pytest,-q tests/unit)
 
 test-slow: setup
 	$(call run_pytest,-q -m slow)

@@ -1,3 +1,3 @@
-from blockspace.cli import main
+from blockspace.cli.main import main
 
 raise SystemExit(main())

@@ -1,7 +1,13 @@
-"""Shared fixtures. `blockspace_env` is the integration tier's scratch area: everything it
-mounts, attaches or starts is taken down again after the test, pass or fail."""
+"""Shared fixtures, and the test tiers. Tests live in folders by cost, and each test gets the
+marker of its folder: `unit` (pure, in-process, the everyday loop: `make test-unit`), `engine`
+(pool and volume in-process on memory or image disks), `integration` (real mounts, losetup,
+mkfs, kill -9) and `tools` (the bench, scenario, VM-lab and mutation harnesses).
+
+`blockspace_env` is the integration tier's scratch area: everything it mounts, attaches or
+starts is taken down again after the test, pass or fail."""
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from integration.helpers import BlockspaceEnv
@@ -16,3 +22,16 @@ def blockspace_env() -> Iterator[BlockspaceEnv]:
         problems = env.cleanup()
     if problems:
         pytest.fail("teardown could not clean up cleanly: " + "; ".join(problems))
+
+
+TIERS = ("unit", "engine", "integration", "tools")
+TESTS = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        parts = item.path.relative_to(TESTS).parts
+        tier = parts[0] if len(parts) > 1 else None
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: every test lives in one of {TIERS}")
+        item.add_marker(getattr(pytest.mark, tier))

@@ -38,8 +38,14 @@ from functools import partial
 import trio
 import trio.testing
 
-from blockspace import crashsim
-from blockspace.crashsim import (
+from blockspace.disks.devices import Buffer, MemoryDevice
+from blockspace.errors import BlockspaceError
+from blockspace.ondisk.label import INTENT_SLOT_SIZE, LABEL_SIZE, DiskGeometry, compute_geometry
+from blockspace.pool.intent import IntentLog, decode_intent
+from blockspace.pool.intent import Key as IntentKey
+from blockspace.pool.pool import Pool
+from blockspace.testing import crashsim
+from blockspace.testing.crashsim import (
     BLOCK,
     BlockModel,
     CrashLayout,
@@ -50,13 +56,7 @@ from blockspace.crashsim import (
     settle_after_reopen,
     stale_fill,
 )
-from blockspace.devices import Buffer, MemoryDevice
-from blockspace.errors import BlockspaceError
-from blockspace.intent import IntentLog, decode_intent
-from blockspace.intent import Key as IntentKey
-from blockspace.label import INTENT_SLOT_SIZE, LABEL_SIZE, DiskGeometry, compute_geometry
-from blockspace.pool import Pool
-from blockspace.volume import Volume
+from blockspace.volume.volume import Volume
 
 MiB = 1 << 20
 DISK_SIZE = 3 * MiB + 12 * 1024  # two extents a disk: the two slabs written

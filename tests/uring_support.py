@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from blockspace import uring
+from blockspace.disks import uring
 
 
 def _ring_available() -> bool:

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from blockspace import control
+from blockspace.admin.registry import Registry
 from blockspace.errors import FormatError
-from blockspace.intent import Key, decode_intent
-from blockspace.label import INTENT_SLOT_SIZE, LABEL_SIZE, decode_label
-from blockspace.registry import Registry
+from blockspace.ondisk.label import INTENT_SLOT_SIZE, LABEL_SIZE, decode_label
+from blockspace.pool.intent import Key, decode_intent
+from blockspace.service import control
 
 from .helpers import BlockspaceEnv, MiB, missing_prerequisites, wait_until
 

@@ -263,7 +263,7 @@ def checksum_cache_bound_mib() -> float | None:
     """The most RAM a Blockspace daemon's checksum page cache may hold (per pool), from the
     blockspace package the daemons run; None if it cannot be imported."""
     try:
-        from blockspace.checksum_store import cache_bound_bytes
+        from blockspace.pool.checksum_store import cache_bound_bytes
     except ImportError:
         return None
     return round(cache_bound_bytes() / MiB, 1)

@@ -37,7 +37,10 @@ def frame_key(frame: str, *, line: bool = False) -> str:
     if not match:
         return frame.strip()
     path = match.group("file")
-    short = os.path.join(*path.split("/")[-2:]) if "/" in path else path
+    if "blockspace/" in path:  # the package's own files by their path inside it
+        short = path[path.rindex("blockspace/"):]
+    else:
+        short = os.path.join(*path.split("/")[-2:]) if "/" in path else path
     if line and match.group("line"):
         short = f"{short}:{match.group('line')}"
     return f"{match.group('func')} ({short})"
@@ -48,8 +51,8 @@ _IDLE = ("select (", "epoll", "poll (", "get (queue", "_worker_loop", "wait (thr
 
 
 # Outer frames every sample of a thread shares: left out of the inclusive list.
-_BORING = re.compile(r"\((<frozen runpy>|threading\.py|.*__main__\.py|blockspace/cli\.py)\)$"
-                     r"|^run \((_core/_run\.py|blockspace/daemon\.py)\)$")
+_BORING = re.compile(r"\((<frozen runpy>|threading\.py|.*__main__\.py|blockspace/cli/main\.py)\)$"
+                     r"|^run \((_core/_run\.py|blockspace/service/daemon\.py)\)$")
 
 
 def thread_group(thread: str) -> str:

@@ -2,7 +2,8 @@
 column -> disk and byte offset in the disk image.
 
 Reads the pool's on-disk labels and metadata straight from the image files with the
-product's own pure decoders (`blockspace.label`, `blockspace.metadata`, `blockspace.layouts`),
+product's own pure decoders (`blockspace.ondisk.label`, `blockspace.ondisk.metadata`,
+`blockspace.geometry.layouts`),
 never writing anything. The trials use it to rot exactly the blocks of known files on one
 disk, and to predict which blocks must stay readable when disks are lost (so "nothing on the
 surviving disks was damaged" is checked block by block, not guessed).
@@ -18,9 +19,9 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from blockspace.label import BLOCK, LABEL_SIZE, pick_label
-from blockspace.layouts import LayoutSpec, code_position, data_positions, split
-from blockspace.metadata import PoolMetadata, decode_metadata
+from blockspace.geometry.layouts import LayoutSpec, code_position, data_positions, split
+from blockspace.ondisk.label import BLOCK, LABEL_SIZE, pick_label
+from blockspace.ondisk.metadata import PoolMetadata, decode_metadata
 
 FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_FLAG_SYNC = 0x1

@@ -159,9 +159,9 @@ _cli_lock = threading.Lock()
 
 
 def _cli_in_process(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
-    """`blockspace.cli.main(argv)` with stdout/stderr captured, in a thread so a command that
+    """`blockspace.cli.main.main(argv)` with stdout/stderr captured, in a thread so a command that
     hangs (a daemon that stopped answering) costs a timeout, not the run."""
-    from blockspace import cli as blockspace_cli
+    from blockspace.cli import main as blockspace_cli
 
     out, err = io.StringIO(), io.StringIO()
     box: dict[str, Any] = {}

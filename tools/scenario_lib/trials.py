@@ -279,9 +279,9 @@ class Trial:
         """`fault inject D --dead` on several disks at the same instant: one request per disk
         on the daemon's control socket, released together from threads (separate CLI runs
         are a second apart, enough for an automatic repair to start in between)."""
-        from blockspace import control
-        from blockspace.faults import FaultSpec
-        from blockspace.registry import Registry
+        from blockspace.admin.registry import Registry
+        from blockspace.disks.faults import FaultSpec
+        from blockspace.service import control
 
         info = Registry(self.env.state_dir).mount_info(self.pool)
         if info is None:

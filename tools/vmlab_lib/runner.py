@@ -13,7 +13,7 @@ not built yet fails, as declared in EXPECTED_FAILURES. The check itself is the s
 way: when the feature lands the scenario passes and the table says so
 (`pass (unexpected: ...)` until the entry is removed from EXPECTED_FAILURES).
 
-The Blockspace CLI is called in-process (`blockspace.cli.main`) and the mount daemon is
+The Blockspace CLI is called in-process (`blockspace.cli.main.main`) and the mount daemon is
 forked from this process: under TCG a Python start costs ~10 s, so the runner imports
 Blockspace once.
 """
@@ -49,7 +49,7 @@ MIB = 1 << 20
 def _ensure_blockspace(argv: list[str]) -> None:
     """Import blockspace, re-executing under the project's virtualenv if this python lacks it."""
     try:
-        import blockspace.cli  # noqa: F401
+        import blockspace.cli.main  # noqa: F401
     except ImportError:
         venv_python = REPO / ".venv" / "bin" / "python"
         if venv_python.exists() and Path(sys.executable).resolve() != venv_python.resolve():
@@ -115,7 +115,7 @@ class Blockspace:
         self.daemons: dict[str, int] = {}  # pool -> daemon pid
 
     def cli(self, *args: str, want_json: bool = False, check: bool = True) -> Any:
-        from blockspace import cli
+        from blockspace.cli import main as cli
 
         argv = ["--state-dir", str(self.state_dir), *args]
         if want_json:
@@ -145,7 +145,7 @@ class Blockspace:
     def mount(self, pool: str, mountpoint: Path, log_file: Path, timeout: float = 120,
               options: tuple[str, ...] = ()) -> int:
         """`blockspace mount --foreground` in a forked child; returns once it is serving."""
-        from blockspace import cli
+        from blockspace.cli import main as cli
 
         read_fd, write_fd = os.pipe()
         sys.stdout.flush()
@@ -1268,8 +1268,8 @@ def main(argv: list[str]) -> int:
         for problem in problems:
             print(f"vmlab: {problem}", file=sys.stderr)
         return 2
-    import blockspace.cli  # noqa: F401  (import once, before any fork)
-    import blockspace.daemon  # noqa: F401
+    import blockspace.cli.main  # noqa: F401  (import once, before any fork)
+    import blockspace.service.daemon  # noqa: F401
 
     if args.verbose:
         print(f"vmlab: runner ready in {time.monotonic() - t0:.1f}s (uptime "

@@ -1,0 +1,1 @@
+"""Pool and disk administration shared by the CLI and the daemon; the pool registry."""

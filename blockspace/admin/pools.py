@@ -1,0 +1,232 @@
+"""Pool administration shared by the offline CLI and the daemon: opening a registered pool,
+validating new disks, and the status report (a plain dict, the same for tables and --json).
+"""
+
+import logging
+import os
+import stat
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from blockspace.admin.registry import Registry
+from blockspace.disks.devices import Device, FileDevice, probe
+from blockspace.errors import BlockspaceError, DeviceError, FormatError, InvalidInput
+from blockspace.geometry.allocator import max_slabs
+from blockspace.geometry.layouts import KINDS, LayoutSpec, default_layout
+from blockspace.ondisk.label import MEDIA, compute_geometry
+from blockspace.pool.pool import Pool, read_label
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NewDisk:
+    path: str
+    size: int
+    media: str
+
+
+def check_new_disks(
+    paths: Sequence[str], *, media: str | None, slab_size: int, meta_slot_size: int, force: bool
+) -> list[NewDisk]:
+    """Everything `pool create` must know before it writes a byte; raises InvalidInput."""
+    if not paths:
+        raise InvalidInput("a pool needs at least one disk")
+    if media is not None and media not in MEDIA:
+        raise InvalidInput(f"--media must be one of {', '.join(MEDIA)}, not {media!r}")
+    seen: dict[tuple[int, int], str] = {}
+    disks = []
+    for path in paths:
+        info = probe(path)
+        identity = disk_identity(path)
+        if identity in seen:
+            raise InvalidInput(f"{path} is given twice (same disk as {seen[identity]})")
+        seen[identity] = path
+        compute_geometry(info.size, slab_size, meta_slot_size)  # raises if too small
+        if media is not None:
+            medium = media
+        elif info.rotational is not None:
+            medium = "hdd" if info.rotational else "ssd"
+        else:
+            medium = "hdd"
+        disks.append(NewDisk(path, info.size, medium))
+    for disk in disks:
+        _check_not_member(disk.path, force)
+    return disks
+
+
+def disk_identity(path: str) -> tuple[int, int]:
+    """What makes two paths the same disk: the device number of a block device, else the
+    inode (so a symlink or hard link to an image is recognised)."""
+    st = os.stat(path)
+    return (st.st_rdev, 0) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+
+
+def _check_not_member(path: str, force: bool) -> None:
+    device = FileDevice(path, writable=False, workers=1)
+    try:
+        try:
+            label = read_label(device)
+        except FormatError:
+            if force:
+                return
+            raise InvalidInput(
+                f"{path} carries a damaged Blockspace label (use --force to overwrite it)"
+            ) from None
+        if label is not None and not force:
+            raise InvalidInput(
+                f"{path} already belongs to pool {label.pool_name!r} ({label.pool_uuid}); "
+                "use --force to overwrite it"
+            )
+    finally:
+        device.close()
+
+
+def open_devices(paths: Sequence[str]) -> list[Device]:
+    """Open whichever of `paths` exist; absent ones are the pool's missing disks."""
+    devices: list[Device] = []
+    for path in paths:
+        try:
+            devices.append(FileDevice(path))
+        except InvalidInput as error:
+            log.warning("disk not available: %s", error)
+        except DeviceError as error:
+            log.warning("disk not available: %s", error)
+    return devices
+
+
+@asynccontextmanager
+async def opened_pool(registry: Registry, name: str) -> AsyncIterator[Pool]:
+    """Open a registered, unmounted pool for offline work."""
+    entry = registry.get(name)
+    mount = registry.mount_info(name)
+    if mount is not None:
+        raise BlockspaceError(f"pool {name!r} is mounted at {mount.mountpoint} (pid {mount.pid})")
+    async with opened_disks(entry.disks, entry.uuid, name) as pool:
+        yield pool
+
+
+@asynccontextmanager
+async def opened_disks(paths: Sequence[str], pool_uuid: str, name: str) -> AsyncIterator[Pool]:
+    """Open the pool `pool_uuid` from whichever of `paths` are present."""
+    devices = open_devices(paths)
+    try:
+        if not devices:
+            raise BlockspaceError(f"none of the disks of pool {name!r} can be opened")
+        pool = await Pool.open(devices, expect_uuid=pool_uuid)
+    except BaseException:
+        for device in devices:
+            device.close()
+        raise
+    try:
+        yield pool
+    finally:
+        pool.close()
+        for device in devices:
+            device.close()
+
+
+# ---- status -------------------------------------------------------------------------
+
+
+def volume_state(pool: Pool, spec: LayoutSpec, slabs: dict[int, list[tuple[int, int]]]) -> str:
+    worst = 0
+    for extents in slabs.values():
+        lost = sum(pool.extent_device(*extent) is None for extent in extents)
+        worst = max(worst, lost)
+    if worst == 0:
+        return "online"
+    return "degraded" if worst <= spec.tolerance else "failed"
+
+
+def usable_capacity(pool: Pool) -> dict[str, int | None]:
+    """Volume bytes that still fit, per resiliency, from the current free space."""
+    usable_ids = pool.usable_disk_ids()
+    free = {d: n for d, n in pool.allocator.free_map().items() if d in usable_ids}
+    result: dict[str, int | None] = {}
+    variants: dict[str, list[dict[str, int]]] = {
+        "simple": [{}], "mirror": [{"copies": 2}, {"copies": 3}],
+        "parity": [{"parity": 1}, {"parity": 2}],
+    }
+    for kind in KINDS:
+        for options in variants[kind]:
+            spec = default_layout(kind, len(usable_ids), **options)
+            key = kind if kind == "simple" else f"{kind}-{next(iter(options.values()))}"
+            if spec.width > len(usable_ids):
+                result[key] = None
+                continue
+            result[key] = max_slabs(free, spec.width) * spec.slab_data_size(pool.slab_size)
+    return result
+
+
+def pool_status(
+    pool: Pool, mountpoint: str | None = None, scrub: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    free_map = pool.allocator.free_map()
+    disks: list[dict[str, Any]] = []
+    for disk_id, disk in sorted(pool.disks.items()):
+        disk_record = disk.record
+        stride = disk.geometry.extent_stride
+        free_extents = free_map.get(disk_id, 0)
+        present = disk.device is not None or disk_record.state != "online"
+        state = disk_record.state if present else "missing"
+        disks.append(
+            {
+                "id": disk_id,
+                "path": disk.path,
+                "uuid": disk_record.disk_uuid,
+                "media": disk_record.media,
+                "size": disk_record.size,
+                "extents": disk_record.extent_count,
+                "free_extents": free_extents,
+                "used_bytes": (disk_record.extent_count - free_extents) * pool.slab_size,
+                "free_bytes": free_extents * pool.slab_size,
+                "extent_stride": stride,
+                "state": state,
+                "state_reason": disk_record.state_reason,
+                "state_since": disk_record.state_since,
+                "data_extents": pool.extents_on(disk_id),
+                "errors": dict(disk.errors),
+            }
+        )
+    volumes = []
+    for record in pool.metadata.volumes:
+        spec = LayoutSpec.from_dict(record.layout)
+        volumes.append(
+            {
+                "name": record.name,
+                "uuid": record.uuid,
+                "size": record.size,
+                "resiliency": spec.describe(),
+                "layout": spec.to_dict(),
+                "provisioning": record.provisioning,
+                "slabs": len(record.slabs),
+                "allocated": len(record.slabs) * spec.slab_data_size(pool.slab_size),
+                "footprint": len(record.slabs) * spec.width * pool.slab_size,
+                "state": volume_state(pool, spec, record.slabs),
+            }
+        )
+    states = {d["state"] for d in disks}
+    volume_states = {v["state"] for v in volumes}
+    if "failed" in volume_states:
+        health = "failed"
+    elif states != {"online"} or "degraded" in volume_states:
+        health = "degraded"
+    else:
+        health = "online"
+    return {
+        "name": pool.name,
+        "uuid": pool.uuid,
+        "health": health,
+        "generation": pool.metadata.generation,
+        "slab_size": pool.slab_size,
+        "mountpoint": mountpoint,
+        "raw_size": sum(d["extents"] for d in disks) * pool.slab_size,
+        "raw_free": sum(d["free_bytes"] for d in disks if d["state"] == "online"),
+        "usable": usable_capacity(pool),
+        "disks": disks,
+        "volumes": volumes,
+        "scrub": scrub,
+    }

@@ -1,0 +1,1 @@
+"""The `blockspace` command: argument parsing and output, one module per command group."""

@@ -1,0 +1,1 @@
+"""One disk: device I/O off the trio thread, io_uring, the fault-injecting device."""

@@ -1,0 +1,1 @@
+"""Pure geometry: resiliency layouts, erasure coding, extent allocation. No I/O."""

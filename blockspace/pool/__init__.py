@@ -1,0 +1,1 @@
+"""A pool: its disks, the replicated metadata commit, checksum store, write-intent log."""

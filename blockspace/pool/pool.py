@@ -1,0 +1,793 @@
+"""A pool: its disks, their labels, and the replicated metadata.
+
+Metadata generation g is written to slot g % 2 of every usable disk, each flushed, before a
+change is acknowledged; opening takes the highest generation that verifies on any disk.
+A disk that was missing or failed when the metadata last changed stays out of service
+even if it comes back: its contents are stale.
+"""
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from blockspace.disks.devices import Device
+from blockspace.errors import BlockspaceError, DeviceError, FormatError, InvalidInput, NoSpace
+from blockspace.geometry.allocator import Extent, ExtentAllocator
+from blockspace.geometry.layouts import LayoutSpec, absent_positions
+from blockspace.ondisk.label import (
+    BLOCK,
+    LABEL_SIZE,
+    MEDIA,
+    DiskGeometry,
+    DiskLabel,
+    compute_geometry,
+    decode_label,
+    encode_label,
+    pick_label,
+    validate_name,
+)
+from blockspace.ondisk.metadata import (
+    MAX_VOLUME_SIZE,
+    DiskRecord,
+    PoolMetadata,
+    VolumeRecord,
+    decode_metadata,
+    encode_metadata,
+)
+from blockspace.pool.checksum_store import ChecksumStore
+from blockspace.pool.intent import (
+    IntentLog,
+    encode_intent,
+    read_intent,
+    rescale,
+    volume_key,
+)
+from blockspace.pool.intent import Key as IntentKey
+from blockspace.volume.concurrency import bind, run_all
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SLAB_SIZE = 64 << 20
+DEFAULT_META_SLOT_SIZE = 4 << 20
+DEFAULT_IO_TIMEOUT = 30.0
+# Readable and written; retiring takes no new data; each extent of a resyncing disk (back
+# after being away) is used only once resynced.
+# A failing disk (repeated checksum errors) still serves and is healed: a warning to
+# replace it.
+USABLE_STATES = ("online", "retiring", "resyncing", "failing")
+ALLOCATABLE_STATES = ("online", "resyncing", "failing")
+FAILING_CHECKSUM_ERRORS = 64  # bad blocks in one session that make a disk "failing"
+
+
+@dataclass
+class PoolDisk:
+    """A member disk as this process sees it: its record, and a device if it is usable."""
+
+    record: DiskRecord
+    geometry: DiskGeometry
+    device: Device | None
+    path: str
+    errors: dict[str, int] = field(
+        default_factory=lambda: {"read": 0, "write": 0, "checksum": 0}
+    )
+    # The device of a disk out of service, still open (found at open, or kept when it
+    # failed): what `disk online` re-admits once it works again.
+    returned: Device | None = None
+
+    @property
+    def usable(self) -> bool:
+        return self.device is not None and self.record.state in USABLE_STATES
+
+    @property
+    def allocatable(self) -> bool:
+        # A resyncing disk takes new slabs: their extents are zeroed, so current at once. A
+        # failing one too: it is a warning (replace it), and a pool of exactly the layout's
+        # width could otherwise place nothing.
+        return self.device is not None and self.record.state in ALLOCATABLE_STATES
+
+
+def read_label(device: Device) -> DiskLabel | None:
+    """The disk's label (primary, else backup); None if it carries no Blockspace label."""
+    primary = device.read_sync(0, LABEL_SIZE)
+    backup_offset = (device.size // BLOCK) * BLOCK - LABEL_SIZE
+    backup = device.read_sync(backup_offset, LABEL_SIZE) if backup_offset > 0 else b""
+    if len(backup) != LABEL_SIZE:
+        return decode_label(primary)
+    return pick_label(primary, backup)
+
+
+class Pool:
+    def __init__(self, metadata: PoolMetadata, disks: dict[int, PoolDisk]) -> None:
+        self.metadata = metadata
+        self.disks = disks
+        self._commit_lock = trio.Lock()
+        used = metadata.used_extents()
+        self.allocator = ExtentAllocator(
+            {disk_id: disk.record.extent_count for disk_id, disk in disks.items()}, used
+        )
+        self.checksums = ChecksumStore(self.device, self.checksum_offset)
+        self.intent: IntentLog | None = None  # enabled by the daemon (enable_intent_log)
+        self.on_disk_failed: Callable[[int], None] | None = None  # the daemon starts a repair
+        self.io_timeout = DEFAULT_IO_TIMEOUT  # a disk silent for this long is failed
+        self.recovering: set[IntentKey] = set()  # dirty at the last unclean stop
+        self._last_seq = 0
+        # Disks whose state changed in memory but no committed generation records yet.
+        self._unsaved_states: set[int] = set()
+        self.writes_in_flight: dict[int, int] = {}  # write sequence number -> count
+        self.evacuating: set[int] = set()  # disks a running rebuild is emptying
+        # Extents of a returning disk not resynced yet: treated as absent by all I/O.
+        self.resyncing: set[Extent] = set()
+
+    def next_seq(self) -> int:
+        """A write sequence number: larger than any before, across restarts (a hybrid
+        clock: wall-clock nanoseconds, but never going backwards in this process)."""
+        self._last_seq = max(self._last_seq + 1, time.time_ns())
+        return self._last_seq
+
+    # ---- creation and opening -------------------------------------------------------
+
+    @classmethod
+    async def create(
+        cls,
+        name: str,
+        devices: Sequence[Device],
+        *,
+        media: Sequence[str],
+        slab_size: int = DEFAULT_SLAB_SIZE,
+        meta_slot_size: int = DEFAULT_META_SLOT_SIZE,
+    ) -> "Pool":
+        """Label `devices` as a new pool. Validates everything before the first write."""
+        validate_name("pool", name)
+        if not devices:
+            raise InvalidInput("a pool needs at least one disk")
+        if len(media) != len(devices) or any(m not in MEDIA for m in media):
+            raise InvalidInput(f"media must be one of {', '.join(MEDIA)}")
+        geometries = [compute_geometry(d.size, slab_size, meta_slot_size) for d in devices]
+        pool_uuid = str(uuid.uuid4())
+        now = time.time()
+        records = []
+        disks: dict[int, PoolDisk] = {}
+        labels = []
+        for disk_id, (device, geometry, medium) in enumerate(
+            zip(devices, geometries, media, strict=True)
+        ):
+            disk_uuid = str(uuid.uuid4())
+            record = DiskRecord(
+                disk_id=disk_id,
+                disk_uuid=disk_uuid,
+                path_hint=device.path,
+                size=device.size,
+                extent_count=geometry.extent_count,
+                media=medium,
+            )
+            records.append(record)
+            disks[disk_id] = PoolDisk(record, geometry, device, device.path)
+            labels.append(
+                DiskLabel(pool_uuid, name, disk_uuid, disk_id, medium, geometry, created=now)
+            )
+        metadata = PoolMetadata(
+            pool_uuid=pool_uuid,
+            name=name,
+            generation=0,
+            slab_size=slab_size,
+            meta_slot_size=meta_slot_size,
+            disks=records,
+            volumes=[],
+            next_disk_id=len(devices),
+        )
+        image = encode_metadata(metadata, meta_slot_size)
+        for disk, label in zip(disks.values(), labels, strict=True):
+            assert disk.device is not None
+            raw_label = encode_label(label)
+            geometry = disk.geometry
+            # Both slots hold generation 0, so no stale slot of an earlier pool can win.
+            await disk.device.write(geometry.meta_offset, image)
+            await disk.device.write(geometry.meta_offset + meta_slot_size, image)
+            await disk.device.write(geometry.backup_label_offset, raw_label)
+            await disk.device.flush()
+            # The primary label goes last: a disk is a member only once all else is there.
+            await disk.device.write(0, raw_label)
+            await disk.device.flush()
+        log.info("created pool %s (%s) on %d disks", name, pool_uuid, len(devices))
+        return cls(metadata, disks)
+
+    @classmethod
+    async def open(
+        cls, devices: Sequence[Device], *, expect_uuid: str | None = None, expect_name: str = ""
+    ) -> "Pool":
+        """Open a pool from whichever of its disks are present.
+
+        Disks without our label or of another pool are ignored; the newest metadata
+        generation found on any member wins.
+        """
+        members: list[tuple[Device, DiskLabel]] = []
+        for device in devices:
+            try:
+                label = read_label(device)
+            except (FormatError, DeviceError) as error:
+                log.warning("%s: label unreadable: %s", device.path, error)
+                continue
+            if label is None:
+                continue
+            if expect_uuid is not None and label.pool_uuid != expect_uuid:
+                continue
+            if expect_uuid is None and expect_name and label.pool_name != expect_name:
+                continue
+            members.append((device, label))
+        if not members:
+            raise BlockspaceError("no disk of this pool was found")
+        pool_uuids = {label.pool_uuid for _, label in members}
+        if len(pool_uuids) > 1:
+            raise BlockspaceError("the disks given belong to more than one pool")
+        pool_uuid = pool_uuids.pop()
+        metadata = _newest_metadata(members, pool_uuid)
+        disks: dict[int, PoolDisk] = {}
+        by_uuid = {label.disk_uuid: (device, label) for device, label in members}
+        for record in metadata.disks:
+            found = by_uuid.get(record.disk_uuid)
+            if found is None:
+                geometry = compute_geometry(
+                    record.size, metadata.slab_size, metadata.meta_slot_size
+                )
+                disks[record.disk_id] = PoolDisk(record, geometry, None, record.path_hint)
+                continue
+            device, label = found
+            usable = record.state in USABLE_STATES
+            disks[record.disk_id] = PoolDisk(
+                record, label.geometry, device if usable else None, device.path,
+                returned=None if usable else device,
+            )
+        pool = cls(metadata, disks)
+        for disk_id, disk in disks.items():
+            if disk.record.state == "resyncing":  # interrupted: every extent again
+                pool.resyncing.update(pool.extents_of(disk_id))
+        return pool
+
+    # ---- metadata -------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def uuid(self) -> str:
+        return self.metadata.pool_uuid
+
+    @property
+    def slab_size(self) -> int:
+        return self.metadata.slab_size
+
+    def usable_disk_ids(self) -> list[int]:
+        """Disks new data may go to."""
+        return [disk_id for disk_id, disk in self.disks.items() if disk.allocatable]
+
+    def unusable_disk_ids(self) -> list[int]:
+        """Disks new data must not go to (out of service, or retiring)."""
+        return [disk_id for disk_id, disk in self.disks.items() if not disk.allocatable]
+
+    def media_excluded(self, volume: VolumeRecord) -> list[int]:
+        """The disks of the other media class, when `volume` is one tier of a tiered
+        volume (blockspace/tiering/tiered_volume.py): an ssd tier's slabs go to ssd disks only."""
+        for parent in self.metadata.volumes:
+            tiers = parent.tiers
+            if tiers is not None and volume.name in (tiers.ssd, tiers.hdd):
+                media = "ssd" if volume.name == tiers.ssd else "hdd"
+                return [d for d, disk in self.disks.items() if disk.record.media != media]
+        return []
+
+    async def commit(self) -> None:
+        """Write the next metadata generation to every usable disk, durably."""
+        async with self._commit_lock:
+            while True:
+                self.metadata.generation += 1
+                saving = set(self._unsaved_states)
+                image = encode_metadata(self.metadata, self.metadata.meta_slot_size)
+                targets = [d for d in self.disks.values() if d.usable]
+                if not targets:
+                    raise DeviceError("no usable disk left to hold the pool metadata")
+                failed: list[tuple[int, DeviceError]] = []
+                async with trio.open_nursery() as nursery:
+                    for disk in targets:
+                        nursery.start_soon(self._write_metadata, disk, image, failed)
+                if not failed:
+                    self._unsaved_states -= saving
+                    return
+                if len(failed) == len(targets):
+                    raise DeviceError(f"pool metadata could not be written: {failed[0][1]}")
+                # Record the failed disks in a new generation on the survivors.
+                for disk_id, error in failed:
+                    self._set_state(disk_id, "failed", str(error))
+
+    async def _write_metadata(
+        self, disk: PoolDisk, image: bytes, failed: list[tuple[int, DeviceError]]
+    ) -> None:
+        slot = self.metadata.generation % 2
+        offset = disk.geometry.meta_offset + slot * self.metadata.meta_slot_size
+
+        async def write(device: Device) -> None:
+            await device.write(offset, image)
+            await device.flush()
+
+        try:
+            await self.disk_io(disk, "metadata write", write)
+        except DeviceError as error:
+            failed.append((disk.record.disk_id, error))
+
+    async def disk_io(
+        self, disk: PoolDisk, what: str, op: Callable[[Device], Awaitable[None]]
+    ) -> None:
+        """Run `op` on the disk's device as it is now (a concurrent failure may take the
+        device away meanwhile), bounded by the I/O timeout. DeviceError on either."""
+        device = disk.device
+        if device is None:
+            raise DeviceError(f"disk {disk.record.disk_id} is out of service")
+        with trio.move_on_after(self.io_timeout) as scope:
+            await op(device)
+        if scope.cancelled_caught:
+            raise DeviceError(f"no answer to a {what} within {self.io_timeout:g}s")
+
+    # ---- write-intent log -------------------------------------------------------------
+
+    async def enable_intent_log(self) -> set[IntentKey]:
+        """Start tracking writes in flight; returns the regions an unclean stop left dirty."""
+        members = [(d.device, d.geometry) for d in self.disks.values() if d.device is not None]
+        generation, recorded, base = read_intent(members, self.uuid)
+        interleaves = {volume_key(v.uuid): LayoutSpec.from_dict(v.layout).interleave
+                       for v in self.metadata.volumes}
+        dirty = rescale(recorded, base, interleaves)  # the same keys when base is today's
+        self.intent = IntentLog(self._persist_intent, self.flush, generation, dirty)
+        self.intent.hold(dirty)
+        self.recovering = set(dirty)
+        if dirty:
+            log.warning("pool %s was not stopped cleanly: %d regions to resync",
+                        self.name, len(dirty))
+        return dirty
+
+    async def close_intent_log(self) -> None:
+        """Clean stop: flush, then record only what is still awaiting resync."""
+        if self.intent is None:
+            return
+        await self.flush()
+        self.intent.generation += 1
+        await self._persist_intent(self.intent.generation, set(self.recovering))
+
+    async def _persist_intent(self, generation: int, keys: set[IntentKey]) -> None:
+        record = encode_intent(generation, self.uuid, keys)
+        targets = [d for d in self.disks.values() if d.usable]
+        failed: list[tuple[int, DeviceError]] = []
+
+        async def write_one(disk: PoolDisk) -> None:
+            async def write(device: Device) -> None:
+                await device.write(disk.geometry.intent_slot_offset(generation % 2), record)
+                await device.flush()
+
+            try:
+                await self.disk_io(disk, "write-intent write", write)
+            except DeviceError as error:
+                failed.append((disk.record.disk_id, error))
+
+        await run_all([bind(write_one, disk) for disk in targets])
+        if len(failed) == len(targets):
+            raise DeviceError("the write-intent log could not be written to any disk")
+        for disk_id, error in failed:
+            await self.mark_failed(disk_id, str(error))
+
+    def _set_state(self, disk_id: int, state: str, reason: str) -> None:
+        disk = self.disks[disk_id]
+        if disk.record.state != state:
+            level = logging.ERROR if state in ("failed", "missing", "failing") else logging.INFO
+            log.log(level, "disk %d (%s) is now %s: %s", disk_id, disk.path, state, reason)
+            disk.record.state_since = time.time()
+            self._unsaved_states.add(disk_id)
+            if disk.record.state in USABLE_STATES and state not in USABLE_STATES:
+                # A disk leaving in the middle of a resync still misses the older writes.
+                since = self.away_since()
+                old = disk.record.missed_since
+                disk.record.missed_since = min(old, since) if old else since
+        disk.record.state = state
+        disk.record.state_reason = reason[:200].replace("\n", " ")
+        if state not in USABLE_STATES:
+            if disk.device is not None:
+                disk.returned = disk.device
+            disk.device = None
+        if state in ("failed", "missing") and self.on_disk_failed is not None:
+            self.on_disk_failed(disk_id)
+
+    async def set_state(self, disk_id: int, state: str, reason: str) -> None:
+        self._set_state(disk_id, state, reason)
+        await self.commit()
+
+    # ---- membership -----------------------------------------------------------------
+
+    async def add_disk(self, device: Device, media: str) -> PoolDisk:
+        """Label `device` and make it a member; usable at once. The caller has checked that
+        it belongs to no pool."""
+        if media not in MEDIA:
+            raise InvalidInput(f"media must be one of {', '.join(MEDIA)}")
+        geometry = compute_geometry(device.size, self.slab_size, self.metadata.meta_slot_size)
+        disk_id = self.metadata.next_disk_id
+        disk_uuid = str(uuid.uuid4())
+        record = DiskRecord(
+            disk_id=disk_id, disk_uuid=disk_uuid, path_hint=device.path, size=device.size,
+            extent_count=geometry.extent_count, media=media, state_since=time.time(),
+        )
+        label = DiskLabel(self.uuid, self.name, disk_uuid, disk_id, media, geometry,
+                          created=time.time())
+        # No stale metadata or intent record of an earlier life may be read back from it.
+        await device.zero(0, geometry.data_start)
+        disk = PoolDisk(record, geometry, device, device.path)
+        self.disks[disk_id] = disk
+        self.metadata.disks.append(record)
+        self.metadata.next_disk_id += 1
+        self.allocator.add_disk(disk_id, geometry.extent_count)
+        try:
+            await self.commit()
+        except BaseException:
+            del self.disks[disk_id]
+            self.metadata.disks.remove(record)
+            self.metadata.next_disk_id -= 1
+            self.allocator.remove_disk(disk_id)
+            raise
+        raw_label = encode_label(label)
+        await device.write(geometry.backup_label_offset, raw_label)
+        await device.flush()
+        await device.write(0, raw_label)  # membership is complete once the label is there
+        await device.flush()
+        if self.intent is not None:
+            await self._persist_intent(self.intent.generation, set(self.intent.durable))
+        log.info("pool %s: added disk %d (%s)", self.name, disk_id, device.path)
+        return disk
+
+    def extents_on(self, disk_id: int) -> int:
+        return sum(
+            1 for volume in self.metadata.volumes for extents in volume.slabs.values()
+            for d, _ in extents if d == disk_id
+        )
+
+    async def remove_disk(self, disk_id: int) -> None:
+        """Forget an emptied disk and wipe its label, so it is no longer a member."""
+        if self.extents_on(disk_id):
+            raise InvalidInput(f"disk {disk_id} still holds data: retire it first")
+        disk = self.disks.pop(disk_id)
+        self.metadata.disks.remove(disk.record)
+        self.allocator.remove_disk(disk_id)
+        try:
+            await self.commit()
+        except BaseException:
+            self.disks[disk_id] = disk
+            self.metadata.disks.append(disk.record)
+            self.allocator.add_disk(disk_id, disk.record.extent_count)
+            raise
+        if disk.device is not None:
+            try:
+                await disk.device.zero(0, disk.geometry.data_start)
+                await disk.device.zero(disk.geometry.backup_label_offset, LABEL_SIZE)
+                await disk.device.flush()
+            except DeviceError as error:
+                log.warning("could not wipe the label of removed disk %d: %s", disk_id, error)
+        log.info("pool %s: removed disk %d (%s)", self.name, disk_id, disk.path)
+
+    def find_disk(self, name: str) -> int:
+        """A disk id from what a user typed: the id, or the disk's path."""
+        if name.isdigit() and int(name) in self.disks:
+            return int(name)
+        import os
+
+        wanted = os.path.realpath(name)
+        for disk_id, disk in self.disks.items():
+            if os.path.realpath(disk.path) == wanted or disk.record.path_hint == name:
+                return disk_id
+        raise InvalidInput(f"pool {self.name!r} has no disk {name!r} (use an id or path from "
+                           "`pool status`)")
+
+    async def mark_failed(self, disk_id: int, reason: str) -> None:
+        """Take a disk out of service after a write error, durably, before the write that
+        could not reach it is acknowledged."""
+        if self.disks[disk_id].record.state != "failed":
+            self._set_state(disk_id, "failed", reason)
+        # Another task may have set the state and not committed it yet (or its commit was
+        # cancelled): this write is acknowledged only once a generation records it.
+        if disk_id in self._unsaved_states:
+            await self.commit()
+
+    async def count_checksum_errors(self, disk_id: int, blocks: int) -> None:
+        """Blocks of this disk that failed their checksum; past a threshold the disk is
+        "failing": it keeps serving (its copies are healed), and the pool asks for it to be
+        replaced."""
+        disk = self.disks[disk_id]
+        disk.errors["checksum"] += blocks
+        if disk.errors["checksum"] >= FAILING_CHECKSUM_ERRORS and disk.record.state == "online":
+            self._set_state(disk_id, "failing",
+                            f"{disk.errors['checksum']} blocks failed their checksum")
+            await self.commit()
+
+    def away_since(self) -> int:
+        """The write number from which a disk leaving service now may have missed writes:
+        the oldest write still in flight (it may be retrying, and fail, on that disk)."""
+        return min(self.writes_in_flight, default=self.next_seq())
+
+    @contextmanager
+    def write_in_flight(self) -> Iterator[int]:
+        """A write sequence number, registered while the write runs."""
+        seq = self.next_seq()
+        self.writes_in_flight[seq] = self.writes_in_flight.get(seq, 0) + 1
+        try:
+            yield seq
+        finally:
+            self.writes_in_flight[seq] -= 1
+            if not self.writes_in_flight[seq]:
+                del self.writes_in_flight[seq]
+
+    async def note_missing_disks(self) -> None:
+        """Take the pool into service: record disks absent at mount (so a stale copy coming
+        back is never trusted) and the write number this session starts from."""
+        # An absent disk may have missed any write of the last session, none before it.
+        previous = self.metadata.opened_seq
+        missed_since = max(1, previous - int(10e9)) if previous else 1
+        for disk in self.disks.values():
+            if disk.device is None and disk.record.state in USABLE_STATES:
+                log.error("disk %d (%s) is missing", disk.record.disk_id, disk.path)
+                disk.record.state = "missing"
+                disk.record.state_reason = "not found at mount"
+                disk.record.state_since = time.time()
+                old = disk.record.missed_since
+                disk.record.missed_since = min(old, missed_since) if old else missed_since
+        self.metadata.opened_seq = self.next_seq()
+        await self.commit()
+
+    # ---- extents --------------------------------------------------------------------
+
+    def checksum_offset(self, disk_id: int, extent: int) -> int:
+        return self.disks[disk_id].geometry.checksum_offset(extent)
+
+    def extent_offset(self, disk_id: int, extent: int) -> int:
+        return self.disks[disk_id].geometry.extent_offset(extent)
+
+    def device(self, disk_id: int) -> Device | None:
+        disk = self.disks.get(disk_id)
+        return disk.device if disk is not None and disk.usable else None
+
+    def extent_device(self, disk_id: int, extent: int, *, resync: bool = False) -> Device | None:
+        """The device an extent is read and written through; None while the disk is out of
+        service or the extent is awaiting its resync (unless `resync`: the resync itself)."""
+        if not resync and (disk_id, extent) in self.resyncing:
+            return None
+        return self.device(disk_id)
+
+    def extents_of(self, disk_id: int) -> list[Extent]:
+        return [(d, e) for d, e in self.metadata.used_extents() if d == disk_id]
+
+    async def _zero_extents(self, extents: Sequence[Extent]) -> None:
+        """Zero new extents. A disk that fails to (dead, though nothing noticed yet) is
+        failed, and its extent left absent like a degraded placement's."""
+
+        async def zero(disk_id: int, extent: int) -> None:
+            disk = self.disks[disk_id]
+            offset = self.extent_offset(disk_id, extent)
+            stride = disk.geometry.extent_stride
+
+            async def op(device: Device) -> None:
+                await device.zero(offset, stride)
+
+            try:
+                await self.disk_io(disk, "zeroing of a new extent", op)
+            except DeviceError as error:
+                disk.errors["write"] += 1
+                await self.mark_failed(disk_id, str(error))
+
+        jobs = []
+        for disk_id, extent in extents:
+            if self.device(disk_id) is not None:
+                geometry = self.disks[disk_id].geometry
+                self.checksums.forget_extent(disk_id, extent, geometry.checksum_area_size // BLOCK)
+                jobs.append(bind(zero, disk_id, extent))
+        await run_all(jobs)
+
+    async def allocate_slabs(
+        self, volume: VolumeRecord, slab_indexes: Sequence[int], *, degraded_ok: bool = False
+    ) -> None:
+        """Place new slabs of `volume`: zero their extents, then commit the map. With
+        `degraded_ok` (one slab written into a thin volume) a slab that finds too few disks
+        in service may leave up to its tolerance of extents on failed or missing disks,
+        to be rebuilt with the others: writes within the tolerance keep succeeding."""
+        spec = LayoutSpec.from_dict(volume.layout)
+        try:
+            placements = self.allocator.allocate_many(
+                spec.width, len(slab_indexes),
+                exclude=self.unusable_disk_ids() + self.media_excluded(volume),
+            )
+        except NoSpace:
+            if not degraded_ok or len(slab_indexes) != 1:
+                raise
+            placements = [self._place_degraded(volume, spec, slab_indexes[0])]
+        try:
+            for placement in placements:
+                await self._zero_extents(placement)
+            await self.flush()  # the zeroes are durable before any map points at them
+            for placement in placements:
+                absent = sum(self.device(d) is None for d, _ in placement)
+                if absent > spec.tolerance:
+                    raise DeviceError(f"a new slab of volume {volume.name!r} lost {absent} "
+                                      "disks while it was being placed")
+            for index, placement in zip(slab_indexes, placements, strict=True):
+                volume.slabs[index] = list(placement)
+            await self.commit()
+        except BaseException:
+            for index in slab_indexes:
+                volume.slabs.pop(index, None)
+            self.allocator.release([e for placement in placements for e in placement])
+            raise
+
+    def _place_degraded(self, volume: VolumeRecord, spec: LayoutSpec, index: int) -> list[Extent]:
+        out = [d for d, disk in self.disks.items() if disk.record.state in ("failed", "missing")]
+        exclude = self.unusable_disk_ids() + self.media_excluded(volume)
+        # Rather not on a disk a rebuild is emptying: the extent could not follow it there.
+        for standby in ([d for d in out if d not in self.evacuating], out):
+            try:
+                live, absent = self.allocator.allocate_degraded(
+                    spec.width, exclude=exclude, standby=standby, max_absent=spec.tolerance)
+                break
+            except NoSpace:
+                if standby is out:
+                    raise
+        placement: list[Extent | None] = [None] * spec.width
+        for position, extent in zip(absent_positions(spec, len(absent)), absent, strict=True):
+            placement[position] = extent
+        remaining = iter(live)
+        extents = [extent if extent is not None else next(remaining) for extent in placement]
+        log.warning("volume %s: slab %d placed degraded, its extents on disks %s wait for a "
+                    "repair or replace", volume.name, index, [d for d, _ in absent])
+        return extents
+
+    # ---- volumes --------------------------------------------------------------------
+
+    def slab_count(self, volume: VolumeRecord) -> int:
+        spec = LayoutSpec.from_dict(volume.layout)
+        per_slab = spec.slab_data_size(self.slab_size)
+        return -(-volume.size // per_slab)
+
+    async def create_volume(
+        self, name: str, size: int, spec: LayoutSpec, provisioning: str
+    ) -> VolumeRecord:
+        validate_name("volume", name)
+        if any(v.name == name for v in self.metadata.volumes):
+            raise InvalidInput(f"volume {name!r} already exists in pool {self.name!r}")
+        if provisioning not in ("thin", "fixed"):
+            raise InvalidInput(f"provisioning must be thin or fixed, not {provisioning!r}")
+        if size <= 0 or size % BLOCK:
+            raise InvalidInput(f"volume size must be a positive multiple of 4K, not {size}")
+        if size > MAX_VOLUME_SIZE:
+            raise InvalidInput(f"volume size {size} is larger than the {MAX_VOLUME_SIZE} allowed")
+        spec.validate(self.slab_size, len(self.usable_disk_ids()))
+        record = VolumeRecord(
+            name=name,
+            uuid=str(uuid.uuid4()),
+            size=size,
+            layout=spec.to_dict(),
+            provisioning=provisioning,
+            slabs={},
+            created=time.time(),
+        )
+        if provisioning == "fixed":
+            needed = self.slab_count(record)
+            self._check_fits(spec, needed, f"fixed volume of {size} bytes")
+            self.metadata.volumes.append(record)
+            try:
+                await self.allocate_slabs(record, list(range(needed)))
+            except BaseException:
+                self.metadata.volumes.remove(record)
+                raise
+        else:
+            self.metadata.volumes.append(record)
+            try:
+                await self.commit()
+            except BaseException:
+                self.metadata.volumes.remove(record)
+                raise
+        log.info("created volume %s/%s: %s, %d bytes, %s", self.name, name, spec.describe(),
+                 size, provisioning)
+        return record
+
+    def _check_fits(self, spec: LayoutSpec, slabs: int, what: str) -> None:
+        from blockspace.geometry.allocator import max_slabs
+        from blockspace.units import format_size
+
+        free = {d: n for d, n in self.allocator.free_map().items() if self.disks[d].allocatable}
+        fits = max_slabs(free, spec.width)
+        if fits < slabs:
+            per_slab = spec.slab_data_size(self.slab_size)
+            raise NoSpace(
+                f"not enough free space for the {what}: {spec.describe()} can still place "
+                f"{format_size(fits * per_slab)}, {format_size(slabs * per_slab)} needed"
+            )
+
+    async def delete_volume(self, name: str) -> None:
+        volume = self.volume(name)
+        self.metadata.volumes.remove(volume)
+        try:
+            await self.commit()
+        except BaseException:
+            self.metadata.volumes.append(volume)
+            raise
+        # Freed only after the map without them is durable; zeroed again on reuse.
+        self.allocator.release([e for extents in volume.slabs.values() for e in extents])
+
+    async def grow_volume(self, name: str, new_size: int) -> VolumeRecord:
+        volume = self.volume(name)
+        if new_size % BLOCK or new_size <= volume.size or new_size > MAX_VOLUME_SIZE:
+            raise InvalidInput(
+                f"new size must be a multiple of 4K larger than the current {volume.size}"
+            )
+        old_size = volume.size
+        old_slabs = self.slab_count(volume)
+        volume.size = new_size
+        try:
+            if volume.provisioning == "fixed":
+                spec = LayoutSpec.from_dict(volume.layout)
+                new_slabs = list(range(old_slabs, self.slab_count(volume)))
+                self._check_fits(spec, len(new_slabs), "volume growth")
+                if new_slabs:
+                    await self.allocate_slabs(volume, new_slabs)
+                else:
+                    await self.commit()
+            else:
+                await self.commit()
+        except BaseException:
+            volume.size = old_size
+            raise
+        return volume
+
+    def volume(self, name: str) -> VolumeRecord:
+        for volume in self.metadata.volumes:
+            if volume.name == name:
+                return volume
+        raise InvalidInput(f"no volume {name!r} in pool {self.name!r}")
+
+    async def flush(self) -> None:
+        """fdatasync every usable disk."""
+        await run_all([bind(self._flush_one, disk) for disk in self.disks.values() if disk.usable])
+
+    async def _flush_one(self, disk: PoolDisk) -> None:
+        async def flush(device: Device) -> None:
+            await device.flush()
+
+        try:
+            await self.disk_io(disk, "flush", flush)
+        except DeviceError as error:
+            # The disk leaves service durably before this flush may report success, even
+            # if another task marked it first: if no disk can take that record any more,
+            # the commit raises and so does the flush.
+            self._set_state(disk.record.disk_id, "failed", str(error))
+            await self.commit()
+
+    def close(self) -> None:
+        for disk in self.disks.values():
+            if disk.device is not None:
+                disk.device.close()
+
+
+def _newest_metadata(members: list[tuple[Device, DiskLabel]], pool_uuid: str) -> PoolMetadata:
+    best: PoolMetadata | None = None
+    problems = []
+    for device, label in members:
+        geometry = label.geometry
+        for slot in (0, 1):
+            offset = geometry.meta_offset + slot * geometry.meta_slot_size
+            try:
+                raw = device.read_sync(offset, geometry.meta_slot_size)
+                candidate = decode_metadata(raw, pool_uuid)
+            except (FormatError, DeviceError) as error:
+                problems.append(f"{device.path} slot {slot}: {error}")
+                continue
+            if best is None or candidate.generation > best.generation:
+                best = candidate
+    if best is None:
+        raise FormatError("no valid copy of the pool metadata: " + "; ".join(problems))
+    for problem in problems:
+        log.info("ignored metadata copy: %s", problem)
+    return best

@@ -1,0 +1,1 @@
+"""Background repair: extent moves (rebuild), scrub, readmission of a returning disk, watchdog."""

@@ -1,0 +1,1 @@
+"""The mounted daemon: FUSE adapter, control socket, request handlers."""

@@ -1,0 +1,1 @@
+"""Test tooling (crash simulator, memory disks): never imported by product code."""

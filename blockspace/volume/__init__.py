@@ -1,0 +1,1 @@
+"""A volume: byte offset -> slab -> layout -> concurrent device I/O."""
