@@ -13,8 +13,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from blockspace.cli.common import OK, Parser, daemon_socket
+from blockspace.cli.output import console, emit, table
 from blockspace.disks.faults import FaultSpec, format_duration
-from blockspace.errors import BlockspaceError, InvalidInput
+from blockspace.errors import InvalidInput
+from blockspace.service import control
 from blockspace.units import parse_size
 
 _PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
@@ -155,17 +158,8 @@ def _disk_argument(text: str) -> str:
 
 
 def _socket(args: argparse.Namespace) -> Path:
-    from blockspace.cli import main as cli
-
-    registry = cli._registry(args)
-    registry.get(args.pool)
-    socket_path = cli._mounted_socket(registry, args.pool)
-    if socket_path is None:
-        raise BlockspaceError(
-            f"pool {args.pool!r} is not mounted: faults are injected into the running daemon "
-            "(mount it with --allow-fault-injection)"
-        )
-    return socket_path
+    return daemon_socket(args, "faults are injected into the running daemon (mount it with "
+                               "--allow-fault-injection)")
 
 
 def _stats_text(d: dict[str, Any]) -> str:
@@ -182,71 +176,55 @@ def _stats_text(d: dict[str, Any]) -> str:
 
 
 def cmd_fault_inject(args: argparse.Namespace) -> int:
-    from blockspace.cli import main as cli
-    from blockspace.service import control
-
     spec = spec_from_args(args)  # every value checked before anything is asked
     socket_path = _socket(args)
     result = control.request(socket_path, "fault_inject", disk=_disk_argument(args.disk),
                              spec=spec.to_dict())
-    cli._emit(args, result, lambda d: cli.console.print(
+    emit(args, result, lambda d: console.print(
         f"disk {d['id']} ({d['path']}): {d['description']}"
         + (f" (seed {d['seed']})" if spec.seed is None and d.get("seed") is not None else "")))
-    return 0
+    return OK
 
 
 def cmd_fault_clear(args: argparse.Namespace) -> int:
-    from blockspace.cli import main as cli
-    from blockspace.service import control
-
     socket_path = _socket(args)
     fields: dict[str, Any] = {} if args.disk is None else {"disk": _disk_argument(args.disk)}
     result = control.request(socket_path, "fault_clear", **fields)
 
     def human(d: dict[str, Any]) -> None:
         if not d["cleared"]:
-            cli.console.print("no faults were injected" + (
+            console.print("no faults were injected" + (
                 f" on disk {d['disks'][0]['id']}" if args.disk is not None else ""))
         for disk in d["disks"]:
             if disk["id"] in d["cleared"]:
-                cli.console.print(f"disk {disk['id']} ({disk['path']}): faults cleared "
-                                  f"(state {disk['state']})")
+                console.print(f"disk {disk['id']} ({disk['path']}): faults cleared "
+                              f"(state {disk['state']})")
 
-    cli._emit(args, result, human)
-    return 0
+    emit(args, result, human)
+    return OK
 
 
 def cmd_fault_list(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from blockspace.cli import main as cli
-    from blockspace.service import control
-
     socket_path = _socket(args)
     result = control.request(socket_path, "fault_list")
 
     def human(disks: list[dict[str, Any]]) -> None:
-        table = Table()
-        for column in ("id", "path", "state", "faults", "phase", "injected"):
-            table.add_column(column)
-        for d in disks:
-            table.add_row(str(d["id"]), d["path"], d["state"], d["description"],
-                          d["flakey_phase"] or "-", _stats_text(d))
-        cli.console.print(table)
+        console.print(table(("id", "path", "state", "faults", "phase", "injected"),
+                            [(str(d["id"]), d["path"], d["state"], d["description"],
+                              d["flakey_phase"] or "-", _stats_text(d)) for d in disks]))
 
-    cli._emit(args, result, human)
-    return 0
+    emit(args, result, human)
+    return OK
 
 
 # ---- parser ---------------------------------------------------------------------------------
 
 
-def add_fault_commands(commands: Any, common: argparse.ArgumentParser) -> None:
+def add_commands(commands: Any, common: Parser) -> None:
     """`fault inject|clear|list` under the top-level subcommands of `blockspace`."""
-    parser_class = type(common)
     fault = commands.add_parser(
         "fault", help="inject disk faults into a pool mounted with --allow-fault-injection",
-    ).add_subparsers(dest="fault_command", required=True, parser_class=parser_class)
+    ).add_subparsers(dest="fault_command", required=True, parser_class=Parser)
 
     p = fault.add_parser(
         "inject", parents=[common], help="make one disk fail, slow down or corrupt reads",

@@ -15,20 +15,18 @@ from typing import Any
 
 import trio
 
-from blockspace.errors import BlockspaceError, InvalidInput
+from blockspace.admin import offline
+from blockspace.cli.common import FAILED, OK, NotMounted, Parser, pool_socket
+from blockspace.cli.output import console, emit
+from blockspace.errors import InvalidInput
+from blockspace.service import control
 from blockspace.units import format_size, parse_size
 
 HEAT_CHARS = " .:-=+*#%@"
 FILL_CHARS = " ▁▂▃▄▅▆▇█"
 
 
-def _cli() -> Any:
-    from blockspace.cli import main as cli
-
-    return cli
-
-
-# ---- volume create / status hooks (called from cli.py) -------------------------------------
+# ---- volume create / status hooks (called from cli/volume.py and cli/pool.py) -------------
 
 
 def add_volume_options(p: argparse.ArgumentParser) -> None:
@@ -57,24 +55,6 @@ def create_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {"tiers": list(args.tier), "tier_unit": unit}
 
 
-async def offline_volume_op(pool: Any, op: str, fields: dict[str, Any]) -> bool:
-    """The tier-aware part of a volume change on an unmounted pool; False if not ours."""
-    from blockspace.tiering import admin as tier_admin
-
-    if op == "volume_create" and fields.get("tiers"):
-        await tier_admin.create_tiered(
-            pool, fields["name"], [tier_admin.parse_tier(t) for t in fields["tiers"]],
-            provisioning=fields["provisioning"], unit=fields.get("tier_unit"),
-            interleave=fields.get("interleave"))
-        return True
-    if op == "volume_delete":
-        await tier_admin.delete_volume(pool, fields["name"])
-        return True
-    if op == "volume_grow":
-        tier_admin.check_growable(pool, fields["name"])
-    return False
-
-
 def annotate_status(status: dict[str, Any]) -> None:
     """Name tiered volumes' resiliency after their tiers and mark the hidden tiers."""
     tiers: dict[str, Any] = status.get("tiers") or {}
@@ -95,88 +75,44 @@ def annotate_status(status: dict[str, Any]) -> None:
 # ---- tier commands -----------------------------------------------------------------------
 
 
-def _socket(args: argparse.Namespace) -> Any:
-    cli = _cli()
-    registry = cli._registry(args)
-    registry.get(args.pool)
-    return registry, cli._mounted_socket(registry, args.pool)
-
-
-def _offline(args: argparse.Namespace, work: Any) -> Any:
-    from blockspace.admin.pools import opened_pool
-
-    registry, _ = _socket(args)
-
-    async def run() -> Any:
-        async with opened_pool(registry, args.pool) as pool:
-            return await work(pool, registry)
-
-    return trio.run(run)
-
-
-def _offline_status(pool: Any, registry: Any, name: str | None, pool_name: str) -> list[Any]:
-    from blockspace.tiering import admin as tier_admin
-    from blockspace.tiering.heat import HeatMap
-
-    records = [r for r in pool.metadata.volumes if r.tiers is not None]
-    if name is not None:
-        record = pool.volume(name)
-        if record.tiers is None:
-            raise InvalidInput(f"volume {name!r} is not tiered")
-        records = [record]
-    result = []
-    for record in records:
-        heat = HeatMap(record.size // record.tiers.unit)
-        tier_admin.load_heat(tier_admin.heat_path(registry.root, pool_name, record.name), heat)
-        result.append(tier_admin.volume_status(pool, record, heat, {"mounted": False}))
-    return result
-
-
 def cmd_tier_status(args: argparse.Namespace) -> int:
-    from blockspace.service import control
-
-    _, socket_path = _socket(args)
+    registry, socket_path = pool_socket(args)
     if socket_path is not None:
         statuses = control.request(socket_path, "tier_status", volume=args.volume)
     else:
-        async def work(pool: Any, registry: Any) -> list[Any]:
-            return _offline_status(pool, registry, args.volume, args.pool)
-
-        statuses = _offline(args, work)
+        statuses = trio.run(offline.tier_status, registry, args.pool, args.volume)
     if args.volume is not None and not statuses:
         raise InvalidInput(f"volume {args.volume!r} is not tiered")
     if args.png:
         if len(statuses) != 1:
             raise InvalidInput("--png draws one volume: name it")
         write_png(Path(args.png), statuses[0])
-    _cli()._emit(args, statuses, print_statuses)
-    return 0
+    emit(args, statuses, print_statuses)
+    return OK
 
 
 def print_statuses(statuses: list[dict[str, Any]]) -> None:
     if not statuses:
-        _cli().console.print("no tiered volumes")
+        console.print("no tiered volumes")
     for status in statuses:
         print_status(status)
 
 
 def cmd_tier_optimize(args: argparse.Namespace) -> int:
-    from blockspace.service import control
-
-    _, socket_path = _socket(args)
-    if socket_path is None:
-        raise BlockspaceError(f"pool {args.pool!r} is not mounted: the optimizer runs in its "
-                              "daemon (mount it first)")
     rate = parse_size(args.rate) if args.rate else None
     if rate is not None and rate <= 0:
         raise InvalidInput("--rate must be larger than zero")
+    _, socket_path = pool_socket(args)
+    if socket_path is None:
+        raise NotMounted(f"pool {args.pool!r} is not mounted: the optimizer runs in its "
+                         "daemon (mount it first)")
     report = control.request(socket_path, "tier_optimize", volume=args.volume, rate=rate,
                              timeout=3600.0)
-    _cli()._emit(args, report, lambda r: _cli().console.print(
+    emit(args, report, lambda r: console.print(
         f"tier pass on {args.volume}: promoted {r['promoted']}, demoted {r['demoted']}, "
         f"destaged {r['destaged']} units, {r['failed']} failed "
         f"({r['finished'] - r['started']:.1f}s)"))
-    return 0 if not report["failed"] else 1
+    return OK if not report["failed"] else FAILED
 
 
 def _range(args: argparse.Namespace) -> tuple[int, int | None]:
@@ -196,30 +132,22 @@ def cmd_tier_unpin(args: argparse.Namespace) -> int:
 
 
 def _pin_command(args: argparse.Namespace, op: str) -> int:
-    from blockspace.service import control
-    from blockspace.tiering import admin as tier_admin
-
     offset, length = _range(args)
     fields: dict[str, Any] = {"volume": args.volume, "offset": offset, "length": length}
     if op == "tier_pin":
         fields["tier"] = args.tier
-    _, socket_path = _socket(args)
+    registry, socket_path = pool_socket(args)
     if socket_path is not None:
         status = control.request(socket_path, op, **fields)
     else:
-        async def work(pool: Any, registry: Any) -> Any:
-            if op == "tier_pin":
-                await tier_admin.pin(pool, args.volume, offset, length, args.tier)
-            else:
-                await tier_admin.unpin(pool, args.volume, offset, length)
-            return _offline_status(pool, registry, args.volume, args.pool)[0]
-
-        status = _offline(args, work)
-    _cli()._emit(args, status, lambda s: _cli().console.print(
+        tier = args.tier if op == "tier_pin" else None
+        status = trio.run(offline.tier_pins, registry, args.pool, args.volume, offset, length,
+                          tier)
+    emit(args, status, lambda s: console.print(
         f"pins of {s['name']}: " + (", ".join(
             f"{format_size(p['offset'])}+{format_size(p['length'])} on {p['tier']}"
             for p in s["pins"]) or "none")))
-    return 0
+    return OK
 
 
 # ---- output --------------------------------------------------------------------------------
@@ -244,7 +172,6 @@ def fill_line(fractions: list[float]) -> str:
 
 
 def print_status(s: dict[str, Any]) -> None:
-    console = _cli().console
     ssd, hdd = s["ssd"], s["hdd"]
     ratio = s.get("hit_ratio")
     console.print(
@@ -312,10 +239,9 @@ def write_png(path: Path, s: dict[str, Any], cell: int = 12, height: int = 48) -
 # ---- parser --------------------------------------------------------------------------------
 
 
-def add_tier_commands(commands: Any, common: argparse.ArgumentParser) -> None:
-    parser_class = type(common)
+def add_commands(commands: Any, common: Parser) -> None:
     tier = commands.add_parser("tier", help="storage tiers of tiered volumes").add_subparsers(
-        dest="tier_command", required=True, parser_class=parser_class)
+        dest="tier_command", required=True, parser_class=Parser)
     p = tier.add_parser("status", parents=[common],
                         help="tiers' used/free, ssd hit ratio, moves, heat map")
     p.add_argument("pool")

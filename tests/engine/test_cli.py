@@ -313,8 +313,8 @@ BAD_INPUT = [
     case("import-bad-name", ["pool", "import", "p0.img", "--name", "a/b"],
          2, "invalid pool name 'a/b'"),
     # mount / unmount (validation only: nothing here reaches FUSE)
-    case("unmount-not-mounted-dir", ["unmount", "adir"], 2, f"adir {UNKNOWN}"),
-    case("unmount-not-mounted-pool", ["umount", "pool"], 2, f"pool {UNKNOWN}"),
+    case("unmount-not-mounted-dir", ["unmount", "adir"], 4, f"adir {UNKNOWN}"),
+    case("unmount-not-mounted-pool", ["umount", "pool"], 4, f"pool {UNKNOWN}"),
     case("mount-onto-missing-dir", ["mount", "pool", "no-such-dir"],
          2, "mount point no-such-dir is not a directory"),
     case("mount-unknown-pool", ["mount", "nope", "adir"], 2, NO_POOL),

@@ -1,0 +1,129 @@
+"""`blockspace disk add|retire|remove|online|replace` and `pool repair|rebalance`: through the
+daemon while the pool is mounted (`--wait` follows the rebuild), else run to the end in this
+process (blockspace/admin/offline.py)."""
+
+import argparse
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from blockspace.admin import offline
+from blockspace.cli.common import FAILED, OK, Parser, pool_socket, rate
+from blockspace.cli.output import console, emit, progress_bar
+from blockspace.service import control
+from blockspace.units import format_size
+
+
+def cmd_disk(args: argparse.Namespace) -> int:
+    op, fields = request_of(args)
+    registry, socket_path = pool_socket(args)
+    if socket_path is not None:
+        result = control.request(socket_path, op, **fields)
+        if args.wait and op != "disk_add":
+            result = wait_for_rebuild(args, socket_path)
+    else:
+        with progress_bar(args, "rebuild") as update:
+            result = trio.run(offline.disk_job, registry, args.pool, op, fields, update)
+    emit(args, result, print_result)
+    failed = isinstance(result, dict) and result.get("state") == "failed"
+    return FAILED if failed else OK
+
+
+def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    """The daemon's request for the command line (every value checked)."""
+    limit = rate(getattr(args, "rate", None))
+    command = args.disk_command if args.command == "disk" else args.pool_command
+    if command == "add":
+        paths = [os.path.abspath(p) for p in args.disks]
+        return "disk_add", {"paths": paths, "media": args.media, "force": args.force}
+    if command in ("retire", "remove"):
+        return f"disk_{command}", {"disk": args.disk, "rate": limit}
+    if command == "online":
+        path = os.path.abspath(args.path) if args.path else None
+        return "disk_online", {"disks": args.disks, "device": path}
+    if command == "replace":
+        return "disk_replace", {"old": args.old, "new": os.path.abspath(args.new),
+                                "media": args.media, "force": args.force, "rate": limit}
+    return f"pool_{command}", {"rate": limit}
+
+
+def wait_for_rebuild(args: argparse.Namespace, socket_path: Path) -> dict[str, Any]:
+    with progress_bar(args, "rebuild") as update:
+        while True:
+            progress = dict(control.request(socket_path, "rebuild_status"))
+            update(progress)
+            if progress["state"] != "running":
+                return progress
+            time.sleep(0.5)
+
+
+def print_result(result: dict[str, Any]) -> None:
+    if "added" in result:
+        console.print(f"added disk(s) {', '.join(str(i) for i in result['added'])}")
+        return
+    resync = str(result["reason"]).startswith("resync")
+    console.print(
+        f"{'resync' if resync else 'rebuild'} {result['state']} ({result['reason']}): "
+        f"{result['done']}/{result['total']} extents {'resynced' if resync else 'moved'}, "
+        f"{result['failed']} failed, {format_size(result['bytes_moved'])} "
+        f"{'rewritten' if resync else 'moved'} at "
+        f"{format_size(int(result['bytes_per_second']))}/s"
+    )
+    for error in result.get("errors", []):
+        console.print(f"  {error}")
+
+
+def add_pool_commands(pool: Any, common: Parser) -> None:
+    """`pool repair` and `pool rebalance`, under the `pool` group's subcommands."""
+    p = pool.add_parser("repair", parents=[common],
+                        help="rebuild the data of failed, missing or retiring disks")
+    p.add_argument("pool")
+    p.add_argument("--wait", action="store_true", help="block until the rebuild is done")
+    p.add_argument("--rate", help="bandwidth limit, e.g. 200M (per second)")
+    p.set_defaults(func=cmd_disk)
+
+    p = pool.add_parser("rebalance", parents=[common],
+                        help="spread data evenly over the disks (after adding disks)")
+    p.add_argument("pool")
+    p.add_argument("--wait", action="store_true", help="block until done")
+    p.add_argument("--rate", help="bandwidth limit, e.g. 200M (per second)")
+    p.set_defaults(func=cmd_disk)
+
+
+def add_commands(commands: Any, common: Parser) -> None:
+    disk = commands.add_parser("disk", help="add, retire, remove, replace disks").add_subparsers(
+        dest="disk_command", required=True, parser_class=Parser)
+    p = disk.add_parser("add", parents=[common], help="add disks to a pool (usable at once)")
+    p.add_argument("pool")
+    p.add_argument("disks", nargs="+", metavar="DISK")
+    p.add_argument("--media", choices=["ssd", "hdd"])
+    p.add_argument("--force", action="store_true", help="overwrite a Blockspace label")
+    p.set_defaults(func=cmd_disk, wait=False)
+    for name, text in (("retire", "move all data off a disk; it stays listed as retired"),
+                       ("remove", "move all data off a disk, then drop it from the pool")):
+        p = disk.add_parser(name, parents=[common], help=text)
+        p.add_argument("pool")
+        p.add_argument("disk", help="disk id or path (see pool status)")
+        p.add_argument("--wait", action="store_true", help="block until done")
+        p.add_argument("--rate", help="bandwidth limit, e.g. 200M (per second)")
+        p.set_defaults(func=cmd_disk)
+    p = disk.add_parser("online", parents=[common],
+                        help="take back a failed or missing disk that returned, resyncing "
+                             "only what it missed")
+    p.add_argument("pool")
+    p.add_argument("disks", nargs="+", metavar="DISK", help="disk ids or paths")
+    p.add_argument("--path", help="where the disk is now, if it moved (one disk only)")
+    p.add_argument("--wait", action="store_true", help="block until the resync is done")
+    p.set_defaults(func=cmd_disk)
+    p = disk.add_parser("replace", parents=[common], help="rebuild a disk's data onto a new one")
+    p.add_argument("pool")
+    p.add_argument("old", help="disk id or path of the disk to replace")
+    p.add_argument("new", help="the new disk (image file or block device)")
+    p.add_argument("--media", choices=["ssd", "hdd"])
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--wait", action="store_true", help="block until done")
+    p.add_argument("--rate", help="bandwidth limit, e.g. 200M (per second)")
+    p.set_defaults(func=cmd_disk)

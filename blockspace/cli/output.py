@@ -1,0 +1,79 @@
+"""What the command line prints: `--json` documents or rich tables on stdout, progress bars on
+stderr. Commands build one plain value (a dict or a list, the same for both forms) and hand it
+to `emit` with the function that prints it for a person."""
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from blockspace.units import format_size
+
+# Piped output (logs, CI) gets wide tables rather than truncated paths. Rich looks up
+# sys.stdout at each print, so a caller that redirects stdout (tools/scenarios) captures it.
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+
+def emit(args: argparse.Namespace, data: Any, human: Callable[[Any], None]) -> None:
+    """`data` as JSON with --json, else through `human`."""
+    try:
+        if args.json:
+            print(json.dumps(data, indent=2, sort_keys=True))
+        else:
+            human(data)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`blockspace ... --json | head`): exit 1 without a traceback,
+        # as rich does for tables; stdout to /dev/null so the flush at exit cannot fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise SystemExit(1) from None
+
+
+def error_line(message: str) -> None:
+    """The one line on stderr a failed command prints."""
+    print(message, file=sys.stderr)
+
+
+def table(columns: Sequence[str], rows: Sequence[Sequence[str]], title: str | None = None) -> Table:
+    """A rich table of text cells (titled tables are left-justified, as in `pool status`)."""
+    result = Table(title=title, title_justify="left") if title else Table()
+    for column in columns:
+        result.add_column(column)
+    for row in rows:
+        result.add_row(*row)
+    return result
+
+
+@contextmanager
+def progress_bar(args: argparse.Namespace, what: str) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A rich progress line (percent, bytes/s, ETA) on stderr while a person is watching;
+    yields `update(progress)` for a progress dict of a rebuild or a scrub (a no-op when the
+    output is JSON or stderr is not a terminal)."""
+    if args.json or not sys.stderr.isatty():
+        yield lambda progress: None
+        return
+    from rich.progress import Progress
+
+    bar = Progress(console=Console(stderr=True))
+    bar.start()
+    task = bar.add_task(what, total=100)
+
+    def update(p: dict[str, Any]) -> None:
+        speed = format_size(int(p["bytes_per_second"])) + "/s"
+        eta = p["eta_seconds"]
+        eta_text = f", ETA {eta:.0f}s" if eta is not None else ""
+        bar.update(task, completed=p["percent"],
+                   description=f"{what} {p['state']} {speed}{eta_text}")
+
+    try:
+        yield update
+    finally:
+        bar.stop()
