@@ -57,8 +57,8 @@ def cmd_scrub(args: argparse.Namespace) -> int:
         states, wanted = ACTS_ON[action]
         state = control.request(socket_path, "scrub_status")["state"]
         if state not in states:
-            raise NothingToDo(f"nothing to {action}: pool {args.pool!r} has no {wanted} scrub "
-                              f"(scrub state: {state})")
+            raise NothingToDo(f"no scrub to {action}: pool {args.pool!r} has no {wanted} "
+                              f"scrub (scrub state: {state})")
         progress = control.request(socket_path, f"scrub_{action}")
     emit(args, progress, print_progress)
     if progress["state"] == "done" and progress["report"]["unrecoverable"]:
