@@ -38,7 +38,7 @@ from functools import partial
 import trio
 import trio.testing
 
-from blockspace.disks.devices import Buffer, MemoryDevice
+from blockspace.disks.devices import Buffer
 from blockspace.errors import BlockspaceError
 from blockspace.ondisk.label import INTENT_SLOT_SIZE, LABEL_SIZE, DiskGeometry, compute_geometry
 from blockspace.pool.intent import IntentLog, decode_intent
@@ -56,6 +56,7 @@ from blockspace.testing.crashsim import (
     settle_after_reopen,
     stale_fill,
 )
+from blockspace.testing.memory_device import MemoryDevice
 from blockspace.volume.volume import Volume
 
 MiB = 1 << 20

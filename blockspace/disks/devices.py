@@ -1,6 +1,8 @@
 """A disk of a pool: probe it, and do async pread/pwrite/fdatasync/zero without blocking trio.
 
-Two implementations of `Device`:
+One implementation of `Device` here (tests have a bytearray one,
+`blockspace.testing.memory_device.MemoryDevice`; fault injection wraps either in
+`blockspace.disks.faults.FaultyDevice`):
 
 * `FileDevice`: an image file or a block device. Blocking syscalls run in the device's own
   pool of worker threads (fed by a `queue.SimpleQueue`); a finished job hands its result back
@@ -14,7 +16,6 @@ Two implementations of `Device`:
   pieces (a block and its checksum entries) in one job: one round trip instead of two.
   Completions arriving close together are handed back in one batch (`_Completions`): one
   loop wake-up for all of them.
-* `MemoryDevice`: a bytearray, with fault hooks (`failed`, `bad_ranges`, `delay`) for tests.
 
 Every OS failure becomes a `DeviceError` ("<path>: read at <offset>: <strerror>") whose
 `os_errno` is the errno the OS reported. Requests on a closed device, or writes to a
@@ -198,7 +199,8 @@ def _plain_error(path: str, what: str, message: str, os_errno: int | None = None
     return err
 
 
-def _byte_view(data: Buffer) -> memoryview:
+def byte_view(data: Buffer) -> memoryview:
+    """`data` as a flat view of unsigned bytes, uncopied: what devices measure and slice."""
     view = memoryview(data)
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
@@ -230,7 +232,7 @@ class Device(abc.ABC):
 
     async def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
         """Fill the writable buffer `buf` from `offset` (subclasses avoid the copy)."""
-        view = _byte_view(buf)
+        view = byte_view(buf)
         view[:] = await self.read(offset, view.nbytes)
 
     def read_now(self, offset: int, length: int) -> bytes | None:
@@ -558,7 +560,7 @@ class FileDevice(Device):
             done += n
 
     def _pwrite(self, offset: int, data: Buffer) -> int:
-        view = _byte_view(data)
+        view = byte_view(data)
         done = 0
         while done < view.nbytes:
             try:
@@ -661,7 +663,7 @@ class FileDevice(Device):
         return self._preadv_nowait(buffers, offset, length) == length
 
     async def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
-        view = _byte_view(buf)
+        view = byte_view(buf)
         length = view.nbytes
         self._check(f"read at {offset}", offset, length)
         if length == 0:
@@ -711,7 +713,7 @@ class FileDevice(Device):
 
     async def write(self, offset: int, data: Buffer) -> None:
         what = f"write at {offset}"
-        length = _byte_view(data).nbytes
+        length = byte_view(data).nbytes
         self._check(what, offset, length)
         self._check_writable(what)
         if length == 0:
@@ -729,7 +731,7 @@ class FileDevice(Device):
         lengths = []
         for offset, data in pieces:
             what = f"write at {offset}"
-            length = _byte_view(data).nbytes
+            length = byte_view(data).nbytes
             self._check(what, offset, length)
             self._check_writable(what)
             lengths.append(length)
@@ -749,7 +751,7 @@ class FileDevice(Device):
             return None
         views = []
         for offset, data in pieces:
-            view = _byte_view(data)
+            view = byte_view(data)
             if offset < 0 or offset + view.nbytes > self.size:
                 return None
             if view.nbytes:
@@ -770,7 +772,7 @@ class FileDevice(Device):
     async def _write_pieces(self, pieces: list[tuple[int, Buffer]]) -> None:
         """Write the pieces in order: through io_uring when this run has a ring, else (or
         for whatever the ring could not finish) through a worker."""
-        views = [(offset, _byte_view(data)) for offset, data in pieces]
+        views = [(offset, byte_view(data)) for offset, data in pieces]
         views = [(offset, view) for offset, view in views if view.nbytes]
         ring = uring.current() if self._use_ring else None
         if ring is None:
@@ -828,7 +830,7 @@ class FileDevice(Device):
 
     def write_sync(self, offset: int, data: Buffer) -> None:
         what = f"write at {offset}"
-        length = _byte_view(data).nbytes
+        length = byte_view(data).nbytes
         self._check(what, offset, length)
         self._check_writable(what)
         try:
@@ -895,88 +897,3 @@ class FileDevice(Device):
 def open_device(path: str, *, writable: bool = True) -> FileDevice:
     """Open an image file or block device as a pool disk (exclusively locked)."""
     return FileDevice(path, writable=writable)
-
-
-# --------------------------------------------------------------------------------------------
-# in-memory device for tests
-
-
-class MemoryDevice(Device):
-    """A bytearray-backed device. Fault hooks for tests:
-
-    * `failed = True`: every read/write/flush/zero raises DeviceError (EIO), like a dead disk;
-    * `bad_ranges`: (offset, length) pairs; a read overlapping one fails with EIO, like a
-      latent sector error (writes still succeed, as a drive would remap);
-    * `delay`: seconds each async operation sleeps first (a slow disk);
-    * `data`: the backing bytearray, to corrupt bytes behind the device's back.
-    """
-
-    def __init__(self, size: int, path: str = "mem") -> None:
-        if size < 0:
-            raise ValueError("size must be >= 0")
-        super().__init__(path, size)
-        self.data = bytearray(size)
-        self.failed = False
-        self.bad_ranges: list[tuple[int, int]] = []
-        self.delay = 0.0
-
-    def _fault(self, what: str, offset: int, length: int, *, reading: bool) -> None:
-        bad = self.failed or (
-            reading and any(offset < b + n and b < offset + length for b, n in self.bad_ranges)
-        )
-        if bad:
-            self._errors += 1
-            raise _os_error(self.path, what, OSError(errno.EIO, os.strerror(errno.EIO)))
-
-    async def _pause(self) -> None:
-        if self.delay > 0:
-            await trio.sleep(self.delay)
-        else:
-            await trio.lowlevel.checkpoint()
-
-    def read_sync(self, offset: int, length: int) -> bytes:
-        what = f"read at {offset}"
-        self._check(what, offset, length)
-        self._fault(what, offset, length, reading=True)
-        self._reads += 1
-        self._bytes_read += length
-        return bytes(memoryview(self.data)[offset : offset + length])
-
-    def write_sync(self, offset: int, data: Buffer) -> None:
-        what = f"write at {offset}"
-        view = _byte_view(data)
-        self._check(what, offset, view.nbytes)
-        self._fault(what, offset, view.nbytes, reading=False)
-        self.data[offset : offset + view.nbytes] = view
-        self._writes += 1
-        self._bytes_written += view.nbytes
-
-    def flush_sync(self) -> None:
-        self._check("flush", 0, 0)
-        self._fault("flush", 0, 0, reading=False)
-        self._flushes += 1
-
-    def zero_sync(self, offset: int, length: int) -> None:
-        what = f"zero at {offset}"
-        self._check(what, offset, length)
-        self._fault(what, offset, length, reading=False)
-        self.data[offset : offset + length] = bytes(length)
-
-    async def read(self, offset: int, length: int) -> bytes:
-        await self._pause()
-        return self.read_sync(offset, length)
-
-    async def write(self, offset: int, data: Buffer) -> None:
-        await self._pause()
-        self.write_sync(offset, data)
-
-    async def flush(self) -> None:
-        await self._pause()
-        self.flush_sync()
-
-    async def zero(self, offset: int, length: int) -> None:
-        await self._pause()
-        self.zero_sync(offset, length)
-
-    def close(self) -> None:
-        self._closed = True

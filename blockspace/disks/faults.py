@@ -5,7 +5,8 @@ requests.
 The kernel here has no device-mapper (see DESIGN.md), so this is where dm-flakey, dm-delay and
 dm-dust style faults live. The daemon wraps every disk in a `FaultyDevice` only when the pool
 is mounted with `--allow-fault-injection`; otherwise the `fault_*` control requests are
-refused, so a production mount can never be made to fail on purpose by accident.
+refused (blockspace/service/fault_requests.py), so a production mount can never be made to
+fail on purpose by accident.
 
 The faults (all of them may be combined, except `dead`, which overrides the others):
 
@@ -36,27 +37,20 @@ which fault it was.
 from __future__ import annotations
 
 import errno
-import logging
 import math
 import os
 import random
 import time
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
 from blockspace.disks import uring
-from blockspace.disks.devices import Buffer, Device, DeviceStats, _byte_view
-from blockspace.errors import BlockspaceError, DeviceError, InvalidInput
+from blockspace.disks.devices import Buffer, Device, DeviceStats, byte_view
+from blockspace.errors import DeviceError, InvalidInput
 from blockspace.units import format_size
 
-if TYPE_CHECKING:  # pragma: no cover
-    from blockspace.service.daemon import Daemon
-
-log = logging.getLogger(__name__)
-
-DISABLED_MESSAGE = "fault injection is disabled on this mount (mount with --allow-fault-injection)"
 BURST_SECONDS = 0.1  # the bandwidth bucket holds this many seconds' worth of bytes
 MAX_SEED = 2**63 - 1
 
@@ -481,7 +475,7 @@ class FaultyDevice(Device):
         self.inner.ring_written(chain)
 
     async def readinto(self, offset: int, buf: bytearray | memoryview) -> None:
-        view = _byte_view(buf)
+        view = byte_view(buf)
         what = f"read at {offset}"
         self._check(what, offset, view.nbytes)
         await self._delay(view.nbytes)
@@ -492,7 +486,7 @@ class FaultyDevice(Device):
 
     async def write(self, offset: int, data: Buffer) -> None:
         what = f"write at {offset}"
-        length = _byte_view(data).nbytes
+        length = byte_view(data).nbytes
         self._check(what, offset, length)
         await self._delay(length)
         if self._before("write", what, offset, length):
@@ -529,8 +523,8 @@ class FaultyDevice(Device):
 
     def write_sync(self, offset: int, data: Buffer) -> None:
         what = f"write at {offset}"
-        self._check(what, offset, _byte_view(data).nbytes)
-        if self._before("write", what, offset, _byte_view(data).nbytes):
+        self._check(what, offset, byte_view(data).nbytes)
+        if self._before("write", what, offset, byte_view(data).nbytes):
             self._dropped += 1
             return
         self.inner.write_sync(offset, data)
@@ -564,104 +558,3 @@ class FaultyDevice(Device):
 
     def __repr__(self) -> str:
         return f"<FaultyDevice {self.inner!r} faults: {self.spec.describe()}>"
-
-
-# --------------------------------------------------------------------------------------------
-# the daemon side of `blockspace fault ...`
-
-
-def _find_disk(daemon: Daemon, text: Any) -> tuple[int, str]:
-    """A disk of the mounted pool by id, path or file name: (disk id, device path)."""
-    pool = daemon.pool
-    assert pool is not None
-    if isinstance(text, bool) or not isinstance(text, (str, int)) or text == "":
-        raise InvalidInput("name a disk by its id (see `pool status`) or its path")
-    text = str(text)
-    disks = pool.disks
-    chosen: list[int] = []
-    if text.isdigit():
-        if int(text) in disks:
-            chosen = [int(text)]
-    else:
-        real = os.path.realpath(text)
-        chosen = [i for i, d in disks.items() if os.path.realpath(d.path) == real]
-        if not chosen:  # a bare file name: disk2.img or disk2
-            chosen = [
-                i for i, d in disks.items()
-                if text in (os.path.basename(d.path), os.path.splitext(os.path.basename(d.path))[0])
-            ]
-    if not chosen:
-        raise InvalidInput(f"pool {pool.name!r} has no disk {text!r} (see `pool status`)")
-    if len(chosen) > 1:
-        raise InvalidInput(f"{text!r} names several disks ({', '.join(map(str, chosen))}): "
-                           "use the disk id")
-    disk_id = chosen[0]
-    return disk_id, disks[disk_id].path
-
-
-def _faulty_of(daemon: Daemon, disk_id: int, path: str) -> FaultyDevice:
-    faulty: dict[str, FaultyDevice] = getattr(daemon, "faulty", None) or {}
-    device = faulty.get(path)
-    if device is None:
-        raise InvalidInput(f"disk {disk_id} ({path}) was not present at mount: there is no "
-                           "device to inject faults into")
-    return device
-
-
-def _disk_report(daemon: Daemon, disk_id: int, device: FaultyDevice) -> dict[str, Any]:
-    pool = daemon.pool
-    assert pool is not None
-    report = {"id": disk_id, "state": pool.disks[disk_id].record.state}
-    report.update(device.fault_state())
-    return report
-
-
-def handle_fault_request(daemon: Daemon, op: str, request: dict[str, Any]) -> Any:
-    """The `fault_inject`, `fault_clear` and `fault_list` control requests (they never block,
-    so the daemon answers them straight from its async handler)."""
-    if not getattr(daemon.options, "allow_fault_injection", False):
-        raise BlockspaceError(DISABLED_MESSAGE)
-    pool = daemon.pool
-    assert pool is not None
-    if op == "fault_inject":
-        disk_id, path = _find_disk(daemon, request.get("disk"))
-        device = _faulty_of(daemon, disk_id, path)
-        spec = FaultSpec.from_dict(request.get("spec"))
-        if spec.empty:
-            raise InvalidInput("no fault given (e.g. --read-error 1% or --dead)")
-        for offset, length in spec.ranges:
-            if offset + length > device.size:
-                raise InvalidInput(
-                    f"range {offset}:{length} ends past the end of disk {disk_id} "
-                    f"({device.size} bytes)"
-                )
-        device.set_spec(spec)
-        log.warning("fault injection: disk %d (%s): %s (seed %d)",
-                    disk_id, path, spec.describe(), device.seed)
-        return _disk_report(daemon, disk_id, device)
-    if op == "fault_clear":
-        disk = request.get("disk")
-        if disk is None:
-            targets = sorted(
-                (i, d.path) for i, d in pool.disks.items()
-                if d.path in (getattr(daemon, "faulty", None) or {})
-            )
-        else:
-            targets = [_find_disk(daemon, disk)]
-        cleared = []
-        for disk_id, path in targets:
-            device = _faulty_of(daemon, disk_id, path)
-            if not device.spec.empty:
-                log.warning("fault injection: disk %d (%s): faults cleared", disk_id, path)
-                cleared.append(disk_id)
-            device.clear()
-        return {"cleared": cleared, "disks": [_disk_report(daemon, i, _faulty_of(daemon, i, p))
-                                              for i, p in targets]}
-    if op == "fault_list":
-        faulty = getattr(daemon, "faulty", None) or {}
-        return [
-            _disk_report(daemon, disk_id, faulty[disk.path])
-            for disk_id, disk in sorted(pool.disks.items())
-            if disk.path in faulty
-        ]
-    raise InvalidInput(f"unknown request {op!r}")

@@ -225,7 +225,7 @@ class Pool:
         if len(pool_uuids) > 1:
             raise BlockspaceError("the disks given belong to more than one pool")
         pool_uuid = pool_uuids.pop()
-        metadata = _newest_metadata(members, pool_uuid)
+        metadata = newest_metadata(members, pool_uuid)
         disks: dict[int, PoolDisk] = {}
         by_uuid = {label.disk_uuid: (device, label) for device, label in members}
         for record in metadata.disks:
@@ -771,7 +771,7 @@ class Pool:
                 disk.device.close()
 
 
-def _newest_metadata(members: list[tuple[Device, DiskLabel]], pool_uuid: str) -> PoolMetadata:
+def newest_metadata(members: list[tuple[Device, DiskLabel]], pool_uuid: str) -> PoolMetadata:
     best: PoolMetadata | None = None
     problems = []
     for device, label in members:

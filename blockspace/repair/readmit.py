@@ -112,7 +112,7 @@ def _share_slabs(pool: "Pool", a: int, b: int) -> bool:
 async def prepare(pool: "Pool", disk_id: int, device: Device) -> int:
     """Check the returning device, zero its fresh extents and take it back in service as
     "resyncing". Returns how many extents await their resync. Nothing changes on error."""
-    from blockspace.pool.pool import _newest_metadata, read_label
+    from blockspace.pool.pool import newest_metadata, read_label
 
     disk = pool.disks[disk_id]
     record = disk.record
@@ -130,7 +130,7 @@ async def prepare(pool: "Pool", disk_id: int, device: Device) -> int:
     if device.size < record.size:
         raise InvalidInput(f"{device.path} is smaller than disk {disk_id} was")
     try:
-        then: PoolMetadata | None = _newest_metadata([(device, label)], pool.uuid)
+        then: PoolMetadata | None = newest_metadata([(device, label)], pool.uuid)
     except (FormatError, DeviceError) as error:
         log.warning("disk %d: its own metadata is unreadable (%s): every extent is rebuilt",
                     disk_id, error)

@@ -19,13 +19,15 @@ from blockspace.admin.manage import DiskManager
 from blockspace.admin.pools import open_devices, pool_status
 from blockspace.admin.registry import MountEntry, Registry
 from blockspace.disks.devices import Device, FileDevice
-from blockspace.disks.faults import FaultyDevice, handle_fault_request
+from blockspace.disks.faults import FaultyDevice
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.geometry.layouts import default_layout
 from blockspace.pool.pool import Pool
 from blockspace.repair.scrub import Scrubber, ScrubProgress
 from blockspace.repair.watchdog import watch_disks
 from blockspace.service import control
+from blockspace.service.bringup import bring_up, resync_in_background
+from blockspace.service.fault_requests import handle_fault_request
 from blockspace.service.fuse_ops import VolumeFS
 from blockspace.service.malloc_tuning import tune_malloc
 from blockspace.tiering.admin import check_growable
@@ -56,6 +58,8 @@ class Daemon:
         self.pool: Pool | None = None
         self.volumes: dict[str, Volume] = {}
         self.fs: VolumeFS | None = None
+        # The fault layer, device path -> FaultyDevice: only with --allow-fault-injection.
+        self.faulty: dict[str, FaultyDevice] | None = None
         saved = registry.scrub_state(options.pool)
         self.scrubber = Scrubber(
             lambda: self.volumes, self._save_scrub,
@@ -73,17 +77,14 @@ class Daemon:
             self.faulty = {d.path: d for d in faulty}
             devices = list(faulty)
         try:
-            self.pool = pool = await Pool.open(devices, expect_uuid=entry.uuid)
-            pool.io_timeout = self.options.io_timeout
-            await pool.note_missing_disks()
-            await pool.enable_intent_log()
-            self.volumes = {v.name: Volume(pool, v) for v in pool.metadata.volumes
-                            if v.tiers is None}
+            pool, self.volumes = await bring_up(
+                devices, expect_uuid=entry.uuid, io_timeout=self.options.io_timeout
+            )
+            self.pool = pool
             # Tiered volumes are served on top of their (hidden) tier volumes.
             self.tiers = tiers = TierService(pool, self.volumes, self.registry.root,
                                              self.options.pool)
-            self.fs = VolumeFS(tiers.served, uid=self.options.uid,  # type: ignore[arg-type]
-                               gid=self.options.gid)
+            self.fs = VolumeFS(tiers.served, uid=self.options.uid, gid=self.options.gid)
             fuse_options = set(pyfuse3.default_options)
             fuse_options.add(f"fsname=blockspace:{self.options.pool}")
             fuse_options.add("subtype=blockspace")
@@ -111,7 +112,7 @@ class Daemon:
                     log.info("resuming the scrub interrupted by the last stop")
                     nursery.start_soon(self.scrubber.run)
                 for volume in self.volumes.values():
-                    nursery.start_soon(self._resync, volume)
+                    nursery.start_soon(resync_in_background, volume)
                 tiers.start(nursery)
                 self.registry.set_mount(
                     MountEntry(
@@ -145,7 +146,7 @@ class Daemon:
     def _open_device(self, path: str) -> Device:
         """A disk joining while mounted: behind the fault layer too, when it is allowed."""
         device: Device = FileDevice(path)
-        if self.options.allow_fault_injection:
+        if self.faulty is not None:
             faulty = FaultyDevice(device)
             self.faulty[faulty.path] = faulty
             device = faulty
@@ -204,19 +205,6 @@ class Daemon:
             raise InvalidInput(f"unknown request {op!r}")
         return scrubber.progress.to_dict()
 
-    async def _resync(self, volume: Volume) -> None:
-        """Background resync of what an unclean stop left dirty; I/O to a region still
-        pending resyncs it first, so the volume is online meanwhile."""
-        if volume.pending_resync:
-            count = len(volume.pending_resync)
-            log.info("volume %s: resyncing %d dirty regions", volume.name, count)
-            try:
-                await volume.resync_pending()
-            except BlockspaceError as error:
-                log.error("volume %s: resync stopped: %s", volume.name, error)
-                return
-            log.info("volume %s: resync done", volume.name)
-
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
@@ -242,7 +230,7 @@ class Daemon:
         if op.startswith("disk_") or op in ("pool_repair", "pool_rebalance", "rebuild_status"):
             return await self._disk_request(op, request)
         if op.startswith("fault_"):
-            return handle_fault_request(self, op, request)
+            return handle_fault_request(pool, self.faulty, op, request)
         if op.startswith("scrub_"):
             return self._scrub_request(op, request)
         if op == "volume_create" and request.get("tiers"):

@@ -9,19 +9,42 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Mapping
+from typing import Protocol, cast
 
 import pyfuse3
 
 from blockspace.errors import BlockspaceError, InvalidInput, NoSpace
-from blockspace.volume.volume import Volume
+from blockspace.ondisk.metadata import VolumeRecord
 
 log = logging.getLogger(__name__)
 
 ROOT_INODE = pyfuse3.ROOT_INODE
 FIRST_VOLUME_INODE = ROOT_INODE + 1
 BLKSIZE = 4096
+
+
+class ServedVolume(Protocol):
+    """What the adapter serves as one file: a plain `Volume` (blockspace/volume/volume.py)
+    or a `TieredVolume` (blockspace/tiering/tiered_volume.py)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def record(self) -> VolumeRecord: ...  # its slabs give the file's allocated blocks
+
+    @property
+    def slab_data_size(self) -> int: ...
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray: ...
+
+    async def write(self, offset: int, data: bytes) -> None: ...
+
+    async def flush(self) -> None: ...
 
 
 def errno_of(error: BaseException) -> int:
@@ -37,7 +60,9 @@ class VolumeFS(pyfuse3.Operations):
     """`volumes` is called on every lookup, so volumes created or deleted through the
     control socket appear and disappear without a remount."""
 
-    def __init__(self, volumes: Callable[[], dict[str, Volume]], *, uid: int, gid: int) -> None:
+    def __init__(
+        self, volumes: Callable[[], Mapping[str, ServedVolume]], *, uid: int, gid: int
+    ) -> None:
         super().__init__()
         self._volumes = volumes
         self._uid = uid
@@ -57,7 +82,7 @@ class VolumeFS(pyfuse3.Operations):
             self._names[inode] = name
         return inode
 
-    def _volume(self, inode: int) -> Volume:
+    def _volume(self, inode: int) -> ServedVolume:
         name = self._names.get(inode)
         volume = self._volumes().get(name) if name is not None else None
         if volume is None:

@@ -1,8 +1,9 @@
 """Power-cut simulation: a disk write cache that loses, reorders and tears unflushed writes.
 
-This is test tooling (it lives in the package so that `tools/crashloop` and `tests/` can
-both import it). It proves design invariant 1: an acknowledged flush is durable, a crash at
-any instant never loses acknowledged data, and the pool always opens afterwards.
+This is test tooling (it lives in the package, under blockspace/testing/ which product code
+never imports, so that `tools/crashloop` and `tests/` can both import it). It proves design
+invariant 1: an acknowledged flush is durable, a crash at any instant never loses
+acknowledged data, and the pool always opens afterwards.
 
 A real disk acknowledges a write once it is in its volatile cache; only a FLUSH (fdatasync)
 makes it durable. On power loss, any subset of the unflushed writes may have reached the
@@ -22,8 +23,9 @@ Every device of a pool hangs off one `PowerRail`, so a cut hits all disks at the
 instant; the rail counts device operations and can cut on the n-th one.
 
 `crash_pool` builds a pool and a volume on such disks and mounts it the way the daemon
-does (`mount_like_daemon`: open, note missing disks, start the write-intent log); its
-`reboot` cuts the power and mounts again on the inner disks.
+does (`mount_like_daemon`, through the daemon's own `bring_up`: open, note missing disks,
+start the write-intent log); its `reboot` cuts the power and mounts again on the inner
+disks.
 
 The rest of the module is the workload that the crash tests and `tools/crashloop` share:
 a verifiable block pattern (`pattern_block`, `describe_block`), a model of which version of
@@ -56,11 +58,13 @@ import trio
 import trio.testing
 import xxhash
 
-from blockspace.disks.devices import Buffer, Device, MemoryDevice, _byte_view
+from blockspace.disks.devices import Buffer, Device, byte_view
 from blockspace.errors import BlockspaceError, DeviceError
 from blockspace.geometry.layouts import LayoutSpec
 from blockspace.ondisk.label import compute_geometry
 from blockspace.pool.pool import Pool
+from blockspace.service.bringup import bring_up, resync_dirty_regions
+from blockspace.testing.memory_device import MemoryDevice
 from blockspace.volume.volume import Volume
 
 SECTOR = 512
@@ -320,7 +324,7 @@ class PowerCutDevice(Device):
         return bytes(out)
 
     def write_sync(self, offset: int, data: Buffer) -> None:
-        view = _byte_view(data)
+        view = byte_view(data)
         self._start(f"write at {offset}", offset, view.nbytes)
         if view.nbytes:
             self._pending.append(_Pending(offset, view.nbytes, bytes(view)))
@@ -388,14 +392,13 @@ class BlockTarget(Protocol):
 
 
 async def mount_like_daemon(devices: Sequence[Device], volume_name: str) -> tuple[Pool, Volume]:
-    """What `blockspace mount` does with a pool before it serves it (daemon.Daemon.run),
-    without FUSE: open it, record absent disks, start the write-intent log (which learns
-    the regions an unclean stop left dirty), and build the volume, which picks those up
-    for resync."""
-    pool = await Pool.open(devices)
-    await pool.note_missing_disks()
-    await pool.enable_intent_log()
-    return pool, Volume(pool, pool.volume(volume_name))
+    """What `blockspace mount` does with a pool before it serves it, without FUSE: the
+    daemon's own bring-up (blockspace/service/bringup.py: open it, record absent disks,
+    start the write-intent log, which learns the regions an unclean stop left dirty, and
+    build the volumes, which pick those up for resync); returns the volume named."""
+    pool, volumes = await bring_up(devices)
+    pool.volume(volume_name)  # InvalidInput if the pool has no such volume
+    return pool, volumes[volume_name]
 
 
 @dataclass
@@ -1029,8 +1032,8 @@ class TrialResult:
 async def settle_after_reopen(pool: Pool, volume: Volume) -> None:
     """The rest of a mount after an unclean stop: the daemon resyncs the regions the intent
     log left dirty in the background (and I/O to a pending region resyncs it first); the
-    checks wait for all of it, which reads the same."""
-    await volume.resync_pending()
+    checks wait for all of it, which reads the same, and see any error it raises."""
+    await resync_dirty_regions(volume)
 
 
 class OrderedEvent:

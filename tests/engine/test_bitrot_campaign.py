@@ -12,10 +12,10 @@ import random
 import pytest
 import trio
 
-from blockspace.disks.devices import MemoryDevice
 from blockspace.geometry.layouts import LayoutSpec
 from blockspace.pool.pool import Pool
 from blockspace.repair.scrub import scrub_slab
+from blockspace.testing.memory_device import MemoryDevice
 from blockspace.volume.volume import Volume
 
 MiB = 1 << 20

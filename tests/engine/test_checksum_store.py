@@ -3,9 +3,9 @@
 import trio
 import trio.testing
 
-from blockspace.disks.devices import MemoryDevice
 from blockspace.ondisk.checksums import entries_for
 from blockspace.pool.checksum_store import ChecksumStore
+from blockspace.testing.memory_device import MemoryDevice
 
 
 class SlowWriteDevice(MemoryDevice):

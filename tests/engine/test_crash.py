@@ -20,7 +20,6 @@ import crash_replay
 import pytest
 import trio
 
-from blockspace.disks.devices import MemoryDevice
 from blockspace.errors import DeviceError
 from blockspace.geometry.layouts import LayoutSpec
 from blockspace.testing import crashsim
@@ -34,6 +33,7 @@ from blockspace.testing.crashsim import (
     describe_block,
     pattern_block,
 )
+from blockspace.testing.memory_device import MemoryDevice
 
 CUTS_PER_LAYOUT = 20
 LAYOUT_NAMES = ["simple", "mirror-2", "mirror-3", "parity-1", "parity-2"]

@@ -20,11 +20,11 @@ from blockspace.disks.devices import (
     Device,
     DeviceInfo,
     FileDevice,
-    MemoryDevice,
     open_device,
     probe,
 )
 from blockspace.errors import BlockspaceError, DeviceError, InvalidInput
+from blockspace.testing.memory_device import MemoryDevice
 
 MiB = 1 << 20
 IMAGE_SIZE = 64 * MiB

@@ -6,11 +6,11 @@ from pathlib import Path
 import trio
 import trio.testing
 
-from blockspace.disks.devices import MemoryDevice
 from blockspace.disks.faults import FaultSpec, FaultyDevice
 from blockspace.geometry.layouts import LayoutSpec
 from blockspace.pool.pool import Pool
 from blockspace.repair.scrub import scrub_slab
+from blockspace.testing.memory_device import MemoryDevice
 from blockspace.volume.volume import Fault, Volume
 
 MiB = 1 << 20

@@ -9,7 +9,6 @@ import os
 import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -26,17 +25,12 @@ from blockspace.cli.faults import (
     parse_seed,
     spec_from_args,
 )
-from blockspace.disks.devices import MemoryDevice
-from blockspace.disks.faults import (
-    DISABLED_MESSAGE,
-    FaultSpec,
-    FaultyDevice,
-    FaultyDeviceStats,
-    handle_fault_request,
-)
+from blockspace.disks.faults import FaultSpec, FaultyDevice, FaultyDeviceStats
 from blockspace.errors import BlockspaceError, DeviceError, InvalidInput
 from blockspace.geometry.layouts import LayoutSpec
 from blockspace.pool.pool import Pool
+from blockspace.service.fault_requests import DISABLED_MESSAGE, handle_fault_request
+from blockspace.testing.memory_device import MemoryDevice
 from blockspace.volume.volume import Volume
 
 KiB = 1 << 10
@@ -509,41 +503,55 @@ async def _memory_pool(disks: int) -> tuple[Pool, list[FaultyDevice]]:
 def test_control_requests_refused_unless_enabled() -> None:
     async def main() -> None:
         pool, devices = await _memory_pool(2)
-        daemon = SimpleNamespace(pool=pool, options=SimpleNamespace(allow_fault_injection=False))
         for op in ("fault_inject", "fault_clear", "fault_list"):
-            with pytest.raises(BlockspaceError) as caught:
-                handle_fault_request(daemon, op, {"disk": "0", "spec": {"dead": True}})  # type: ignore[arg-type]
+            with pytest.raises(BlockspaceError) as caught:  # no fault layer on this mount
+                handle_fault_request(pool, None, op, {"disk": "0", "spec": {"dead": True}})
             assert str(caught.value) == DISABLED_MESSAGE
         assert all(d.spec.empty for d in devices)
 
-        daemon = SimpleNamespace(pool=pool, options=SimpleNamespace(allow_fault_injection=True),
-                                 faulty={d.path: d for d in devices})
-        handle = handle_fault_request
-        report = handle(daemon, "fault_inject", {"disk": "disk1", "spec": {"latency": 0.01}})  # type: ignore[arg-type]
-        assert (report["id"], report["path"]) == (1, "/img/disk1.img")
+        faulty = {d.path: d for d in devices}
+
+        def handle(op: str, request: dict[str, Any]) -> Any:
+            return handle_fault_request(pool, faulty, op, request)
+
+        report = handle("fault_inject", {"disk": "disk1", "spec": {"latency": 0.01}})
+        assert (report["id"], report["path"], report["state"]) == (1, "/img/disk1.img", "online")
         assert devices[1].spec.latency == 0.01
-        report = handle(daemon, "fault_inject",  # type: ignore[arg-type]
+        report = handle("fault_inject",
                         {"disk": "/img/disk0.img", "spec": {"read_error": 0.5, "seed": 1}})
         assert report["id"] == 0
         assert report["seed"] == 1
         for request, message in (
             ({"disk": "7", "spec": {"dead": True}}, "has no disk '7'"),
+            ({"disk": "", "spec": {"dead": True}}, "name a disk by its id"),
             ({"disk": "0", "spec": {}}, "no fault given"),
             ({"disk": "0", "spec": {"read_error": 3}}, "probability"),
             ({"disk": "0", "spec": {"read_error": 1, "ranges": [[12 * MiB - 1, 2]]}},
              "past the end of disk 0"),
         ):
             with pytest.raises(InvalidInput) as caught:
-                handle(daemon, "fault_inject", request)  # type: ignore[arg-type]
+                handle("fault_inject", request)
             assert message in str(caught.value)
         assert devices[0].spec.read_error == 0.5  # a refused request changed nothing
-        listed = handle(daemon, "fault_list", {})  # type: ignore[arg-type]
+        listed = handle("fault_list", {})
         assert [d["description"] for d in listed] == ["read error 50%, seed 1", "latency 10ms"]
-        cleared = handle(daemon, "fault_clear", {"disk": "1"})  # type: ignore[arg-type]
+        cleared = handle("fault_clear", {"disk": "1"})
         assert cleared["cleared"] == [1]
         assert devices[1].spec.empty
-        assert handle(daemon, "fault_clear", {})["cleared"] == [0]  # type: ignore[arg-type]
+        assert handle("fault_clear", {})["cleared"] == [0]
         assert all(d.spec.empty for d in devices)
+        with pytest.raises(InvalidInput) as caught:
+            handle("fault_bogus", {})
+        assert "unknown request 'fault_bogus'" in str(caught.value)
+
+        # A disk that was not there at mount has no FaultyDevice: named, it is refused; the
+        # list and a clear of all leave it out.
+        del faulty[devices[1].path]
+        with pytest.raises(InvalidInput) as caught:
+            handle("fault_inject", {"disk": "1", "spec": {"dead": True}})
+        assert "was not present at mount" in str(caught.value)
+        assert [d["id"] for d in handle("fault_list", {})] == [0]
+        assert [d["id"] for d in handle("fault_clear", {})["disks"]] == [0]
 
     run(main)
 

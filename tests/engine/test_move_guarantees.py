@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import pytest
 import trio
 
-from blockspace.disks.devices import Buffer, Device, MemoryDevice
+from blockspace.disks.devices import Buffer, Device
 from blockspace.disks.faults import FaultSpec, FaultyDevice
 from blockspace.errors import DeviceError, InvalidInput
 from blockspace.geometry.allocator import max_slabs
@@ -25,6 +25,7 @@ from blockspace.geometry.layouts import LayoutSpec
 from blockspace.ondisk.label import DiskGeometry
 from blockspace.pool.pool import Pool
 from blockspace.repair.rebuild import Move, move_extent
+from blockspace.testing.memory_device import MemoryDevice
 from blockspace.volume.volume import Volume
 
 MiB = 1 << 20

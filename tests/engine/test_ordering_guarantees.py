@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from blockspace.disks.devices import Buffer, Device, MemoryDevice, _byte_view, open_device
+from blockspace.disks.devices import Buffer, Device, byte_view, open_device
 from blockspace.disks.faults import FaultSpec, FaultyDevice
 from blockspace.errors import DeviceError, FormatError
 from blockspace.geometry.layouts import LayoutSpec, data_positions
@@ -23,6 +23,7 @@ from blockspace.ondisk.label import DiskGeometry
 from blockspace.ondisk.metadata import META_HEADER_SIZE, PoolMetadata, decode_metadata
 from blockspace.pool.intent import INTENT_SLOT_SIZE, Key, decode_intent, volume_key
 from blockspace.pool.pool import Pool
+from blockspace.testing.memory_device import MemoryDevice
 from blockspace.volume.volume import Volume
 
 MiB = 1 << 20
@@ -70,7 +71,7 @@ class Recorder(Device):
         return await self.inner.read(offset, length)
 
     async def write(self, offset: int, data: Buffer) -> None:
-        raw = bytes(_byte_view(data))
+        raw = bytes(byte_view(data))
         self._note("write", "start", offset, len(raw), raw)
         await self.inner.write(offset, data)
         self._note("write", "done", offset, len(raw), raw)
@@ -89,7 +90,7 @@ class Recorder(Device):
         return self.inner.read_sync(offset, length)
 
     def write_sync(self, offset: int, data: Buffer) -> None:
-        raw = bytes(_byte_view(data))
+        raw = bytes(byte_view(data))
         self._note("write", "start", offset, len(raw), raw)
         self.inner.write_sync(offset, data)
         self._note("write", "done", offset, len(raw), raw)

@@ -5,13 +5,13 @@ import random
 import pytest
 import trio
 
-from blockspace.disks.devices import MemoryDevice
 from blockspace.errors import InvalidInput, Unrecoverable
 from blockspace.geometry.layouts import LayoutSpec
 from blockspace.pool.pool import Pool
 from blockspace.repair.readmit import fresh_extents, prepare, resync_disk, rows_written_since
 from blockspace.repair.rebuild import RebuildProgress
 from blockspace.repair.scrub import scrub_slab
+from blockspace.testing.memory_device import MemoryDevice
 from blockspace.volume.volume import Volume
 
 MiB = 1 << 20

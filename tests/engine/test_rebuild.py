@@ -5,7 +5,6 @@ import random
 import pytest
 import trio
 
-from blockspace.disks.devices import MemoryDevice
 from blockspace.errors import NoSpace
 from blockspace.geometry.layouts import LayoutSpec
 from blockspace.pool.pool import Pool
@@ -16,6 +15,7 @@ from blockspace.repair.rebuild import (
     plan_moves,
     plan_rebalance,
 )
+from blockspace.testing.memory_device import MemoryDevice
 from blockspace.volume.volume import Volume
 
 MiB = 1 << 20

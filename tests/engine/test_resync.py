@@ -10,7 +10,6 @@ import pytest
 import trio
 import trio.testing
 
-from blockspace.disks.devices import MemoryDevice
 from blockspace.errors import FormatError
 from blockspace.geometry.layouts import LayoutSpec, code_position
 from blockspace.ondisk.checksums import ENTRY_SIZE
@@ -26,6 +25,7 @@ from blockspace.pool.intent import (
     volume_key,
 )
 from blockspace.pool.pool import Pool
+from blockspace.testing.memory_device import MemoryDevice
 from blockspace.volume.volume import Volume
 
 MiB = 1 << 20

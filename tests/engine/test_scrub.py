@@ -7,12 +7,12 @@ import pytest
 import trio
 import trio.testing
 
-from blockspace.disks.devices import MemoryDevice
 from blockspace.errors import Unrecoverable
 from blockspace.geometry.layouts import LayoutSpec, code_position
 from blockspace.ondisk.checksums import entries_for
 from blockspace.pool.pool import Pool
 from blockspace.repair.scrub import Scrubber, ScrubProgress, scrub_slab
+from blockspace.testing.memory_device import MemoryDevice
 from blockspace.volume.volume import Volume
 
 MiB = 1 << 20

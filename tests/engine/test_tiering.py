@@ -11,9 +11,9 @@ import pytest
 import trio
 import trio.testing
 
-from blockspace.disks.devices import MemoryDevice
 from blockspace.errors import InvalidInput, NoSpace
 from blockspace.pool.pool import Pool
+from blockspace.testing.memory_device import MemoryDevice
 from blockspace.tiering import optimizer as tier_optimizer
 from blockspace.tiering import tiered_volume as tiering
 from blockspace.tiering.admin import (

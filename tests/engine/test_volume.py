@@ -13,10 +13,11 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockspace.disks.devices import FileDevice, MemoryDevice
+from blockspace.disks.devices import FileDevice
 from blockspace.errors import InvalidInput, NoSpace, Unrecoverable
 from blockspace.geometry.layouts import LayoutSpec, code_position, data_positions, row_start
 from blockspace.pool.pool import Pool
+from blockspace.testing.memory_device import MemoryDevice
 from blockspace.volume.volume import BLOCK, Volume
 
 MiB = 1 << 20
