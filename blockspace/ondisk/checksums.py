@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import xxhash
 
+from blockspace.errors import BlockspaceError
+
 CSUM_BLOCK = 4096
 ENTRY_SIZE = 16
 UNWRITTEN = bytes(ENTRY_SIZE)
@@ -181,3 +183,49 @@ def block_runs(indexes: list[int]) -> list[tuple[int, int]]:
         else:
             runs.append((index, 1))
     return runs
+
+
+# ---- known answers --------------------------------------------------------------------------
+
+
+class SelfTestFailed(BlockspaceError):
+    """A checksum or erasure code gives a wrong known answer: refuse to serve rather than
+    write or trust data with it."""
+
+
+XXH3_64_OF_EMPTY = 0x2D06800538D394C2  # xxHash's published XXH3_64bits("") with seed 0
+KAT_BLOCK = bytes((j * 7 + 3) % 256 for j in range(CSUM_BLOCK))
+KAT_BLOCK_HASH = 0xD7428746842BE37E
+ZERO_BLOCK_HASH = 0x93D76FE148C689BA
+KAT_SEQ = 0x0102030405060708
+# entries_for(KAT_BLOCK + zero block, KAT_SEQ): little-endian hash | seq per block.
+KAT_ENTRIES = bytes.fromhex(
+    "7ee32b84468742d70807060504030201" "ba89c648e16fd7930807060504030201"
+)
+
+
+def self_test() -> None:
+    """Known-answer test of the block checksum as the hot path computes and compares it:
+    xxh3_64 itself, the entry layout, `bad_blocks` and the unwritten rule. SelfTestFailed
+    (one line) on any difference."""
+
+    def fail(what: str) -> None:
+        raise SelfTestFailed(f"checksum self-test failed: {what} (a broken xxhash build?): "
+                             "refusing to serve")
+
+    if xxhash.xxh3_64_intdigest(b"") != XXH3_64_OF_EMPTY:
+        fail("xxh3_64 of nothing is not the published value")
+    if block_hash(KAT_BLOCK) != KAT_BLOCK_HASH or block_hash(_ZERO_BLOCK) != ZERO_BLOCK_HASH:
+        fail("xxh3_64 of a known 4 KiB block is not its known value")
+    data = KAT_BLOCK + _ZERO_BLOCK
+    entries = entries_for(data, KAT_SEQ)
+    if entries != KAT_ENTRIES:
+        fail("checksum entries of known blocks differ from their known bytes")
+    if bad_blocks(data, entries) or bad_blocks([memoryview(data)], entries):
+        fail("known-good blocks do not verify")
+    flipped = bytearray(data)
+    flipped[CSUM_BLOCK + 100] ^= 1
+    if bad_blocks(bytes(flipped), entries) != [1]:
+        fail("a flipped bit is not detected")
+    if not block_ok(_ZERO_BLOCK, UNWRITTEN) or block_ok(KAT_BLOCK, UNWRITTEN):
+        fail("the unwritten entry does not mean zeros")

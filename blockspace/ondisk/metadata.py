@@ -72,7 +72,10 @@ _VOLUME_KEYS = frozenset({"name", "uuid", "size", "layout", "provisioning", "sla
 # Keys newer writers add only when set, so older pools decode unchanged.
 _TOP_OPTIONAL = frozenset({"opened_seq"})
 _DISK_OPTIONAL = frozenset({"missed_since"})
-_VOLUME_OPTIONAL: frozenset[str] = frozenset({"tiers"})
+_VOLUME_OPTIONAL: frozenset[str] = frozenset({"tiers", "codec"})
+# A parity volume's erasure code (blockspace/geometry/erasure.py): the keys of its "codec".
+_CODEC_KEYS = frozenset({"library", "ec_type", "k", "m", "fragments"})
+MAX_CODEC_NAME = 64
 MAX_SEQ = (1 << 63) - 1
 # Tiered volumes (blockspace/tiering/tiered_volume.py): the keys of a volume's "tiers" object.
 _TIER_KEYS = frozenset({"unit", "ssd", "hdd", "map", "pins"})
@@ -115,6 +118,19 @@ class TierInfo:
     pins: list[tuple[int, int, str]]
 
 
+@dataclass(frozen=True)
+class CodecInfo:
+    """The erasure code a parity volume's parity is computed with, so that no host computes
+    it with another (pyeclib's backends disagree for m=2). A volume recorded before this
+    field existed decodes with None and gets this host's default at the next commit."""
+
+    library: str  # "pyeclib"
+    ec_type: str  # its backend: "isa_l_rs_vand", "liberasurecode_rs_vand"
+    k: int  # data fragments: the layout's columns
+    m: int  # parity fragments: the layout's parity
+    fragments: str  # how fragments are stored: "headerless" (pyeclib's payload only)
+
+
 @dataclass
 class VolumeRecord:
     name: str
@@ -125,6 +141,12 @@ class VolumeRecord:
     slabs: dict[int, list[tuple[int, int]]]
     created: float
     tiers: TierInfo | None = None
+    codec: CodecInfo | None = None
+
+    @property
+    def ec_type(self) -> str | None:
+        """The recorded erasure backend (None: not recorded yet, or not a parity volume)."""
+        return self.codec.ec_type if self.codec is not None else None
 
 
 @dataclass
@@ -326,7 +348,32 @@ def validate(md: PoolMetadata) -> None:
         for index, placement in volume.slabs.items():
             _int(f"{where} slab index", index, 0, slab_count - 1)
             _validate_placement(f"{where} slab {index}", placement, width, disks, used)
+        if volume.codec is not None:
+            _validate_codec(where, volume.codec, volume.layout)
     _validate_tiers(md.volumes)
+
+
+def _codec_name(what: str, value: object) -> str:
+    if (not isinstance(value, str) or not 0 < len(value) <= MAX_CODEC_NAME
+            or not all(ch.isascii() and (ch.isalnum() or ch in "_-") for ch in value)):
+        raise FormatError(f"{what} is not a name of at most {MAX_CODEC_NAME} characters: "
+                          f"{value!r:.40}")
+    return value
+
+
+def _validate_codec(where: str, codec: object, layout: dict[str, int | str]) -> None:
+    """Shape only: whether this host has the backend is the pool's question at open."""
+    if not isinstance(codec, CodecInfo):
+        raise FormatError(f"{where} codec is not an erasure code description")
+    if layout["kind"] != "parity":
+        raise FormatError(f"{where}: only a parity volume records an erasure code")
+    for name in ("library", "ec_type", "fragments"):
+        _codec_name(f"{where} codec {name}", getattr(codec, name))
+    k = _int(f"{where} codec k", codec.k, 1, MAX_COLUMNS)
+    m = _int(f"{where} codec m", codec.m, 1, 2)
+    if (k, m) != (layout["columns"], layout["parity"]):
+        raise FormatError(f"{where} codec k={k} m={m} does not match its layout "
+                          f"({layout['columns']} data + {layout['parity']} parity)")
 
 
 def _validate_tiers(volumes: list[VolumeRecord]) -> None:
@@ -470,10 +517,16 @@ def _document(md: PoolMetadata) -> dict[str, Any]:
                 ],
                 "created": float(v.created),
                 **({"tiers": _tiers_document(v.tiers)} if v.tiers is not None else {}),
+                **({"codec": _codec_document(v.codec)} if v.codec is not None else {}),
             }
             for v in md.volumes
         ],
     }
+
+
+def _codec_document(codec: CodecInfo) -> dict[str, Any]:
+    return {"library": codec.library, "ec_type": codec.ec_type, "k": codec.k, "m": codec.m,
+            "fragments": codec.fragments}
 
 
 def _tiers_document(tiers: TierInfo) -> dict[str, Any]:
@@ -611,6 +664,9 @@ def _from_document(document: object) -> PoolMetadata:
         fields["slabs"] = _slab_map(where, fields["slabs"])
         if "tiers" in fields:
             fields["tiers"] = _tier_info(where, fields["tiers"])
+        if "codec" in fields:
+            codec = _exact_keys(f"{where} codec", fields["codec"], _CODEC_KEYS)
+            fields["codec"] = CodecInfo(**codec)
         volumes.append(VolumeRecord(**fields))
     md = PoolMetadata(
         pool_uuid=top["pool_uuid"],

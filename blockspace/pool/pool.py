@@ -18,7 +18,16 @@ import trio
 from blockspace.disks.devices import Device
 from blockspace.errors import BlockspaceError, DeviceError, FormatError, InvalidInput, NoSpace
 from blockspace.geometry.allocator import Extent, ExtentAllocator
+from blockspace.geometry.erasure import (
+    FRAGMENT_FORMAT,
+    LIBRARY,
+    BackendMissing,
+    check_backend,
+    default_backend,
+)
+from blockspace.geometry.erasure import self_test as erasure_self_test
 from blockspace.geometry.layouts import LayoutSpec, absent_positions
+from blockspace.ondisk.checksums import self_test as checksum_self_test
 from blockspace.ondisk.label import (
     BLOCK,
     LABEL_SIZE,
@@ -33,6 +42,7 @@ from blockspace.ondisk.label import (
 )
 from blockspace.ondisk.metadata import (
     MAX_VOLUME_SIZE,
+    CodecInfo,
     DiskRecord,
     PoolMetadata,
     VolumeRecord,
@@ -62,6 +72,24 @@ DEFAULT_IO_TIMEOUT = 30.0
 USABLE_STATES = ("online", "retiring", "resyncing", "failing")
 ALLOCATABLE_STATES = ("online", "resyncing", "failing")
 FAILING_CHECKSUM_ERRORS = 64  # bad blocks in one session that make a disk "failing"
+
+
+# Known-answer self-tests that passed in this process ("xxh3", erasure backends), and the
+# erasure codes found to load: each is checked once, at the first pool that needs it.
+_SELF_TESTED: set[str] = set()
+_CODECS_CHECKED: set[tuple[str, str, int, int, str]] = set()
+
+
+def self_test_once(what: str) -> None:
+    """The known-answer test of the block checksum ("xxh3") or of one erasure backend, at
+    start-up: SelfTestFailed (refusing to open) on a wrong answer."""
+    if what in _SELF_TESTED:
+        return
+    if what == "xxh3":
+        checksum_self_test()
+    else:
+        erasure_self_test(what)
+    _SELF_TESTED.add(what)
 
 
 @dataclass
@@ -122,6 +150,8 @@ class Pool:
         self.evacuating: set[int] = set()  # disks a running rebuild is emptying
         # Extents of a returning disk not resynced yet: treated as absent by all I/O.
         self.resyncing: set[Extent] = set()
+        self_test_once("xxh3")
+        self.record_codecs()
 
     def next_seq(self) -> int:
         """A write sequence number: larger than any before, across restarts (a hybrid
@@ -142,6 +172,7 @@ class Pool:
         meta_slot_size: int = DEFAULT_META_SLOT_SIZE,
     ) -> "Pool":
         """Label `devices` as a new pool. Validates everything before the first write."""
+        self_test_once("xxh3")
         validate_name("pool", name)
         if not devices:
             raise InvalidInput("a pool needs at least one disk")
@@ -280,8 +311,33 @@ class Pool:
                 return [d for d, disk in self.disks.items() if disk.record.media != media]
         return []
 
+    def record_codecs(self) -> None:
+        """Every parity volume records its erasure code: one recorded before the field
+        existed (or a new one) takes this host's default, written by the next commit. Each
+        code must load here (BackendMissing, naming what to install) and give its known
+        answers (SelfTestFailed)."""
+        for volume in self.metadata.volumes:
+            spec = LayoutSpec.from_dict(volume.layout)
+            if spec.kind != "parity" or volume.tiers is not None:
+                continue
+            codec = volume.codec
+            try:
+                if codec is None:
+                    codec = CodecInfo(LIBRARY, default_backend(spec.columns, spec.parity),
+                                      spec.columns, spec.parity, FRAGMENT_FORMAT)
+                key = (codec.library, codec.ec_type, codec.k, codec.m, codec.fragments)
+                if key not in _CODECS_CHECKED:
+                    check_backend(*key)
+                    _CODECS_CHECKED.add(key)
+            except BackendMissing as error:
+                raise BackendMissing(f"pool {self.name!r} volume {volume.name!r}: "
+                                     f"{error}") from None
+            self_test_once(codec.ec_type)
+            volume.codec = codec
+
     async def commit(self) -> None:
         """Write the next metadata generation to every usable disk, durably."""
+        self.record_codecs()  # a volume added since (a tier's, or created) records its code
         async with self._commit_lock:
             while True:
                 self.metadata.generation += 1

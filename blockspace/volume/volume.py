@@ -142,7 +142,7 @@ class Volume:
         self.slab_data_size = self.spec.slab_data_size(pool.slab_size)
         self.codec: ErasureCodec | None = None
         if self.spec.kind == "parity":
-            self.codec = ErasureCodec(self.spec.columns, self.spec.parity)
+            self.codec = ErasureCodec(self.spec.columns, self.spec.parity, record.ec_type)
         self._row_locks = RowLocks()
         self._allocation_lock = trio.Lock()
         self.key = volume_key(record.uuid)
