@@ -72,7 +72,9 @@ DEFAULT_IO_TIMEOUT = 30.0
 USABLE_STATES = ("online", "retiring", "resyncing", "failing")
 ALLOCATABLE_STATES = ("online", "resyncing", "failing")
 FAILING_CHECKSUM_ERRORS = 64  # bad blocks in one session that make a disk "failing"
-
+# Write sequence numbers are wall-clock nanoseconds: a session's writes are numbered above
+# its start less this much (a clock stepped back between sessions).
+CLOCK_MARGIN = 10 * 10**9
 
 # Known-answer self-tests that passed in this process ("xxh3", erasure backends), and the
 # erasure codes found to load: each is checked once, at the first pool that needs it.
@@ -256,9 +258,14 @@ class Pool:
         if len(pool_uuids) > 1:
             raise BlockspaceError("the disks given belong to more than one pool")
         pool_uuid = pool_uuids.pop()
-        metadata = newest_metadata(members, pool_uuid)
+        _check_identities(members)
+        metadata, scans = _scan_slots(members, pool_uuid)
+        newest = metadata.generation
+        sealed = any(scan.generations.count(newest) == 2 for scan in scans)
         disks: dict[int, PoolDisk] = {}
-        by_uuid = {label.disk_uuid: (device, label) for device, label in members}
+        by_uuid = {label.disk_uuid: (device, label, scan)
+                   for (device, label), scan in zip(members, scans, strict=True)}
+        stale: list[int] = []
         for record in metadata.disks:
             found = by_uuid.get(record.disk_uuid)
             if found is None:
@@ -267,13 +274,19 @@ class Pool:
                 )
                 disks[record.disk_id] = PoolDisk(record, geometry, None, record.path_hint)
                 continue
-            device, label = found
+            device, label, scan = found
+            if record.state in USABLE_STATES:
+                reason = stale_reason(scan, newest, sealed)
+                if reason is not None:
+                    _take_out_stale(record, scan, reason)
+                    stale.append(record.disk_id)
             usable = record.state in USABLE_STATES
             disks[record.disk_id] = PoolDisk(
                 record, label.geometry, device if usable else None, device.path,
                 returned=None if usable else device,
             )
         pool = cls(metadata, disks)
+        pool._unsaved_states.update(stale)
         for disk_id, disk in disks.items():
             if disk.record.state == "resyncing":  # interrupted: every extent again
                 pool.resyncing.update(pool.extents_of(disk_id))
@@ -335,12 +348,17 @@ class Pool:
             self_test_once(codec.ec_type)
             volume.codec = codec
 
-    async def commit(self) -> None:
-        """Write the next metadata generation to every usable disk, durably."""
+    async def commit(self, *, seal: bool = False) -> None:
+        """Write the next metadata generation to every usable disk, durably.
+
+        With `seal` (at mount and at a clean stop) the generation is then written to the
+        other slot of every disk too: both slots holding it prove it reached every disk, so
+        a disk found with anything older is stale (see `stale_reason`)."""
         self.record_codecs()  # a volume added since (a tier's, or created) records its code
         async with self._commit_lock:
             while True:
                 self.metadata.generation += 1
+                generation = self.metadata.generation
                 saving = set(self._unsaved_states)
                 image = encode_metadata(self.metadata, self.metadata.meta_slot_size)
                 targets = [d for d in self.disks.values() if d.usable]
@@ -349,7 +367,13 @@ class Pool:
                 failed: list[tuple[int, DeviceError]] = []
                 async with trio.open_nursery() as nursery:
                     for disk in targets:
-                        nursery.start_soon(self._write_metadata, disk, image, failed)
+                        nursery.start_soon(self._write_metadata, disk, image, generation % 2,
+                                           failed)
+                if not failed and seal:
+                    async with trio.open_nursery() as nursery:
+                        for disk in targets:
+                            nursery.start_soon(self._write_metadata, disk, image,
+                                               (generation + 1) % 2, failed)
                 if not failed:
                     self._unsaved_states -= saving
                     return
@@ -360,9 +384,8 @@ class Pool:
                     self._set_state(disk_id, "failed", str(error))
 
     async def _write_metadata(
-        self, disk: PoolDisk, image: bytes, failed: list[tuple[int, DeviceError]]
+        self, disk: PoolDisk, image: bytes, slot: int, failed: list[tuple[int, DeviceError]]
     ) -> None:
-        slot = self.metadata.generation % 2
         offset = disk.geometry.meta_offset + slot * self.metadata.meta_slot_size
 
         async def write(device: Device) -> None:
@@ -405,12 +428,14 @@ class Pool:
         return dirty
 
     async def close_intent_log(self) -> None:
-        """Clean stop: flush, then record only what is still awaiting resync."""
-        if self.intent is None:
-            return
+        """Clean stop: flush, record only what is still awaiting resync (when the intent
+        log is on), then a sealed generation: a copy of a disk taken before now is older
+        than it, and stale when it comes back (`stale_reason`)."""
         await self.flush()
-        self.intent.generation += 1
-        await self._persist_intent(self.intent.generation, set(self.recovering))
+        if self.intent is not None:
+            self.intent.generation += 1
+            await self._persist_intent(self.intent.generation, set(self.recovering))
+        await self.commit(seal=True)
 
     async def _persist_intent(self, generation: int, keys: set[IntentKey]) -> None:
         record = encode_intent(generation, self.uuid, keys)
@@ -584,7 +609,7 @@ class Pool:
         back is never trusted) and the write number this session starts from."""
         # An absent disk may have missed any write of the last session, none before it.
         previous = self.metadata.opened_seq
-        missed_since = max(1, previous - int(10e9)) if previous else 1
+        missed_since = max(1, previous - CLOCK_MARGIN) if previous else 1
         for disk in self.disks.values():
             if disk.device is None and disk.record.state in USABLE_STATES:
                 log.error("disk %d (%s) is missing", disk.record.disk_id, disk.path)
@@ -594,7 +619,7 @@ class Pool:
                 old = disk.record.missed_since
                 disk.record.missed_since = min(old, missed_since) if old else missed_since
         self.metadata.opened_seq = self.next_seq()
-        await self.commit()
+        await self.commit(seal=True)
 
     # ---- extents --------------------------------------------------------------------
 
@@ -827,10 +852,36 @@ class Pool:
                 disk.device.close()
 
 
+@dataclass
+class SlotScan:
+    """What the metadata slots of one member hold: the generations of its valid copies, and
+    from its newest one what a catch-up needs (the session it last took part in, and since
+    when it had been away then, if it had)."""
+
+    generations: list[int]
+    opened_seq: int = 0
+    missed_since: int = 0
+
+    @property
+    def newest(self) -> int | None:
+        return max(self.generations, default=None)
+
+
 def newest_metadata(members: list[tuple[Device, DiskLabel]], pool_uuid: str) -> PoolMetadata:
+    """The newest valid metadata on any of `members` (FormatError if none has one)."""
+    return _scan_slots(members, pool_uuid)[0]
+
+
+def _scan_slots(
+    members: list[tuple[Device, DiskLabel]], pool_uuid: str
+) -> tuple[PoolMetadata, list[SlotScan]]:
+    """The newest metadata on any member, and what each member's own slots hold."""
     best: PoolMetadata | None = None
     problems = []
+    scans = []
     for device, label in members:
+        own: PoolMetadata | None = None
+        generations = []
         geometry = label.geometry
         for slot in (0, 1):
             offset = geometry.meta_offset + slot * geometry.meta_slot_size
@@ -840,10 +891,74 @@ def newest_metadata(members: list[tuple[Device, DiskLabel]], pool_uuid: str) -> 
             except (FormatError, DeviceError) as error:
                 problems.append(f"{device.path} slot {slot}: {error}")
                 continue
-            if best is None or candidate.generation > best.generation:
-                best = candidate
+            generations.append(candidate.generation)
+            if own is None or candidate.generation > own.generation:
+                own = candidate
+        scan = SlotScan(generations)
+        if own is not None:
+            scan.opened_seq = own.opened_seq
+            for record in own.disks:
+                if record.disk_uuid == label.disk_uuid:
+                    scan.missed_since = record.missed_since
+            if best is None or own.generation > best.generation:
+                best = own
+        scans.append(scan)
     if best is None:
         raise FormatError("no valid copy of the pool metadata: " + "; ".join(problems))
     for problem in problems:
         log.info("ignored metadata copy: %s", problem)
-    return best
+    return best, scans
+
+
+def _check_identities(members: list[tuple[Device, DiskLabel]]) -> None:
+    """One device per disk identity: a byte copy of a member beside the original would
+    otherwise let whichever path came last speak for the disk."""
+    seen: dict[str, Device] = {}
+    for device, label in members:
+        twin = seen.get(label.disk_uuid)
+        if twin is not None:
+            raise BlockspaceError(
+                f"{twin.path} and {device.path} both carry disk {label.disk_id} of pool "
+                f"{label.pool_name!r} (disk uuid {label.disk_uuid}): one is a copy of the "
+                "other; give only the real disk"
+            )
+        seen[label.disk_uuid] = device
+
+
+def _take_out_stale(record: DiskRecord, scan: SlotScan, reason: str) -> None:
+    """Out of service until caught up. With readable metadata of its own it is "missing"
+    (the mount's resume re-admits it through readmit, resyncing what it may have missed
+    since the session it last took part in); without, "failed" (`disk online` rebuilds it
+    whole, since nothing tells what it holds)."""
+    since = max(1, scan.opened_seq - CLOCK_MARGIN) if scan.opened_seq else 1
+    if scan.missed_since:  # it had been away already then
+        since = min(since, scan.missed_since)
+    old = record.missed_since
+    record.missed_since = min(old, since) if old else since
+    if scan.newest is None:
+        record.state = "failed"
+        reason += ": `disk online` re-admits it, rebuilding every extent"
+    else:
+        record.state = "missing"
+        reason += ": it catches up at mount (or with `disk online`)"
+    record.state_reason = reason
+    record.state_since = time.time()
+    log.error("disk %d: %s", record.disk_id, reason)
+
+
+def stale_reason(scan: SlotScan, newest: int, sealed: bool) -> str | None:
+    """Why a member the metadata lists in service must not serve (None: it is fresh).
+
+    Each disk holds the generation of the last commit it took part in. One generation behind
+    is what a commit cut short by a crash leaves on the disks it had not reached yet (that
+    commit was never acknowledged, and they hold every write); once a generation is sealed
+    (written to both slots of every disk: at mount and at a clean stop) it reached them all,
+    and anything older on a disk in service is a restored copy or a disk that was away."""
+    mine = scan.newest
+    if mine == newest or (mine == newest - 1 and not sealed):
+        return None
+    if mine is None:
+        return (f"stale: no valid metadata copy on it, older than the pool's generation "
+                f"{newest} for all we know")
+    return (f"stale: its metadata is generation {mine}, older than the pool's {newest} "
+            "(a restored copy, or away during commits)")
