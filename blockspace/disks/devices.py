@@ -51,6 +51,7 @@ import outcome
 import trio
 
 from blockspace.disks import uring
+from blockspace.disks.locks import in_use_message
 from blockspace.errors import BlockspaceError, DeviceError, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -476,7 +477,7 @@ class FileDevice(Device):
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise in_use from None
+                    raise BlockspaceError(in_use_message(path, fd)) from None
             self._block_size = _logical_block_size(fd) if info.is_block else 1
         except BaseException:
             os.close(fd)

@@ -7,6 +7,8 @@ even if it comes back: its contents are stale.
 """
 
 import logging
+import os
+import stat
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 
 import trio
 
-from blockspace.disks.devices import Device
+from blockspace.disks.devices import Device, FileDevice
 from blockspace.errors import BlockspaceError, DeviceError, FormatError, InvalidInput, NoSpace
 from blockspace.geometry.allocator import Extent, ExtentAllocator
 from blockspace.geometry.erasure import (
@@ -121,6 +123,25 @@ class PoolDisk:
         return self.device is not None and self.record.state in ALLOCATABLE_STATES
 
 
+def make_private(device: Device) -> None:
+    """An image file holds volume data: mode 0600 before it becomes a member, so no other
+    user reads a volume through it (or locks it under the pool). A block device keeps the
+    permissions its device node was given."""
+    inner: object = device
+    for _ in range(4):  # through wrappers (fault injection, the crash tests' power rail)
+        if isinstance(inner, FileDevice) or not hasattr(inner, "inner"):
+            break
+        inner = inner.inner
+    if not isinstance(inner, FileDevice) or inner.is_block:
+        return
+    try:
+        if stat.S_IMODE(os.fstat(inner.fileno()).st_mode) != 0o600:
+            os.fchmod(inner.fileno(), 0o600)
+    except OSError as error:
+        raise DeviceError(f"{device.path}: cannot make it private (mode 0600): "
+                          f"{error.strerror}") from None
+
+
 def read_label(device: Device) -> DiskLabel | None:
     """The disk's label (primary, else backup); None if it carries no Blockspace label."""
     primary = device.read_sync(0, LABEL_SIZE)
@@ -214,6 +235,8 @@ class Pool:
             next_disk_id=len(devices),
         )
         image = encode_metadata(metadata, meta_slot_size)
+        for device in devices:
+            make_private(device)
         for disk, label in zip(disks.values(), labels, strict=True):
             assert disk.device is not None
             raw_label = encode_label(label)
@@ -499,6 +522,7 @@ class Pool:
         )
         label = DiskLabel(self.uuid, self.name, disk_uuid, disk_id, media, geometry,
                           created=time.time())
+        make_private(device)
         # No stale metadata or intent record of an earlier life may be read back from it.
         await device.zero(0, geometry.data_start)
         disk = PoolDisk(record, geometry, device, device.path)
@@ -557,8 +581,6 @@ class Pool:
         """A disk id from what a user typed: the id, or the disk's path."""
         if name.isdigit() and int(name) in self.disks:
             return int(name)
-        import os
-
         wanted = os.path.realpath(name)
         for disk_id, disk in self.disks.items():
             if os.path.realpath(disk.path) == wanted or disk.record.path_hint == name:

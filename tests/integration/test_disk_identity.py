@@ -1,28 +1,36 @@
-"""One identity per disk (issue 16 item 5).
+"""One identity per disk, and images only root can reach (issue 16 item 5, issue 17 item 4).
 
-A byte copy of a member beside the original (same disk UUID) is refused by `pool import`
-and at open, both paths named in a one-line error: before, whichever path came last
-silently spoke for the disk, and when it went away the other, stale one was served.
+* A byte copy of a member beside the original (same disk UUID) is refused by `pool import`
+  and at open, both paths named in a one-line error: before, whichever path came last
+  silently spoke for the disk, and when it went away the other, stale one was served.
+* Image files get mode 0600 at `pool create` and `disk add`, so no other user reads a
+  volume through them or blocks the pool with a lock of their own.
+* A lock another process holds on an image is reported with that process's pid.
 
 The CLI runs as a subprocess (`python -m blockspace --state-dir ...`); no mount is needed.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import trio
 
 from blockspace.disks.devices import FileDevice
+from blockspace.disks.locks import describe_holders, lock_holders
 from blockspace.errors import BlockspaceError
 from blockspace.pool.pool import Pool
 
-from .helpers import BlockspaceEnv, MiB
+from .helpers import BlockspaceEnv, MiB, system_python
 
 DISK = 96 * MiB
+NOBODY = 65534
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> str:
@@ -102,3 +110,120 @@ def test_open_refuses_two_devices_with_one_disk_identity(tmp_path: Path) -> None
                 device.close()
 
     trio.run(scenario)
+
+
+# ---- images only root can reach -----------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_images_become_0600_at_pool_create_and_disk_add(blockspace_env: BlockspaceEnv) -> None:
+    env = blockspace_env
+    images = env.make_images([DISK] * 4)
+    for image in images:
+        image.chmod(0o666)
+    env.create_pool("private", images[:3], slab_size="16M")
+    assert [mode(image) for image in images[:3]] == [0o600] * 3
+    assert mode(images[3]) == 0o666
+    env.cli("disk", "add", "private", str(images[3]))
+    assert mode(images[3]) == 0o600
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_another_user_can_neither_read_nor_lock_a_member(blockspace_env: BlockspaceEnv) -> None:
+    env = blockspace_env
+    images = env.make_images([DISK] * 3)
+    for image in images:
+        image.chmod(0o644)  # what `truncate` leaves under the usual umask
+    env.create_pool("private", images, slab_size="16M")
+    probe = ("import fcntl, sys\n"
+             "try:\n"
+             "    fcntl.flock(open(sys.argv[1], 'rb'), fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+             "except PermissionError:\n"
+             "    sys.exit(13)\n")
+    result = subprocess.run([system_python(), "-c", probe, str(images[0])], user=NOBODY,
+                            group=NOBODY, capture_output=True, text=True, check=False)
+    assert result.returncode == 13, result.stderr
+
+
+# ---- a lock held by another process ---------------------------------------------------------
+
+
+class LockHolder:
+    """Another process holding an exclusive flock on `path` until stopped."""
+
+    def __init__(self, path: Path) -> None:
+        code = ("import fcntl, sys\n"
+                "f = open(sys.argv[1], 'rb')\n"
+                "fcntl.flock(f, fcntl.LOCK_EX)\n"
+                "print('locked', flush=True)\n"
+                "sys.stdin.read()\n")
+        self.process = subprocess.Popen([sys.executable, "-c", code, str(path)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True)
+        assert self.process.stdout is not None
+        assert self.process.stdout.readline().strip() == "locked"
+
+    def stop(self) -> None:
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+        self.process.stdout.close()
+
+
+def test_a_lock_held_by_another_process_is_reported_with_its_pid(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as handle:
+        handle.truncate(8 * MiB)
+    holder = LockHolder(image)
+    try:
+        with pytest.raises(BlockspaceError) as caught:
+            FileDevice(str(image))
+        message = str(caught.value)
+        assert message.startswith(f"{image} is in use by another process (a mounted pool?): "
+                                  f"pid {holder.process.pid} (")
+        assert message.endswith(") holds its lock")
+    finally:
+        holder.stop()
+    FileDevice(str(image)).close()  # free again once it let go
+
+
+def test_the_cli_names_the_process_that_blocks_a_pool(blockspace_env: BlockspaceEnv) -> None:
+    env = blockspace_env
+    images = three_disk_pool(env)
+    holder = LockHolder(images[1])
+    try:
+        result = env.cli("pool", "status", "ident", check=False)
+        one_line_error(result, str(images[1]), f"pid {holder.process.pid}")
+    finally:
+        holder.stop()
+    assert env.status("ident")["health"] == "online"
+
+
+def test_lock_holders_reads_proc_locks(tmp_path: Path) -> None:
+    """The parser on the kernel's format: holders of this file only, never waiters, and no
+    pid 0 (a holder outside our pid namespace)."""
+    target = tmp_path / "f"
+    target.write_bytes(b"x")
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+        other = f"{dev}:{st.st_ino + 1}"
+        table = tmp_path / "locks"
+        table.write_text(
+            f"1: FLOCK  ADVISORY  WRITE 4321 {dev}:{st.st_ino} 0 EOF\n"
+            f"1: -> FLOCK  ADVISORY  WRITE 999 {dev}:{st.st_ino} 0 EOF\n"
+            f"2: POSIX  ADVISORY  READ 77 {other} 0 EOF\n"
+            f"3: OFDLCK ADVISORY  WRITE 0 {dev}:{st.st_ino} 0 EOF\n"
+            "garbage\n"
+        )
+        assert lock_holders(fd, proc_locks=str(table)) == [4321]
+        assert lock_holders(fd, proc_locks=str(tmp_path / "absent")) == []
+    finally:
+        os.close(fd)
+    assert describe_holders([os.getpid()]).startswith(f"pid {os.getpid()} (")
+    assert describe_holders([]) == ""
