@@ -965,7 +965,8 @@ def _take_out_stale(record: DiskRecord, scan: SlotScan, reason: str) -> None:
         reason += ": it catches up at mount (or with `disk online`)"
     record.state_reason = reason
     record.state_since = time.time()
-    log.error("disk %d: %s", record.disk_id, reason)
+    # A warning: `pool status` shows the reason (an offline command prints errors only).
+    log.warning("disk %d: %s", record.disk_id, reason)
 
 
 def stale_reason(scan: SlotScan, newest: int, sealed: bool) -> str | None:
