@@ -26,6 +26,7 @@ help:
 	@echo "make demo        setup, then build and mount a demo pool under ./demo"
 	@echo "make demo-clean  unmount and remove ./demo"
 	@echo "make vmlab       setup, then the kernel-fault scenario table in a qemu VM (docs/vmlab.md)"
+	@echo "make mutants     setup, then break each guarantee on purpose and check the tests catch it"
 
 setup:
 	@bash "$(REPO)/tools/setup-env.sh"
@@ -66,3 +67,12 @@ VMLAB_ARGS ?=
 vmlab: setup
 	@"$(REPO)/tools/vmlab" setup
 	@"$(REPO)/tools/vmlab" scenarios $(VMLAB_ARGS)
+
+# The mutation check (README "Mutation check"): each guarantee in tools/mutants.toml broken on
+# purpose in a scratch copy, one at a time, against the tests that must catch it. Before a
+# release, outside `make test`. Options: MUTANTS_ARGS="--only NAME,NAME", "--list", "--json".
+MUTANTS_ARGS ?=
+
+.PHONY: mutants
+mutants: setup
+	"$(REPO)/tools/mutants" $(MUTANTS_ARGS)
