@@ -19,9 +19,9 @@ from blockspace.errors import BlockspaceError, DeviceError, InvalidInput, NoSpac
 from blockspace.pool.pool import Pool
 from blockspace.repair.readmit import (
     RETURNING_STATES,
+    catch_up_disks,
     check_return_order,
     prepare,
-    resync_disks,
     returning_order,
 )
 from blockspace.repair.rebuild import (
@@ -196,7 +196,7 @@ class DiskManager:
 
     async def _start_resync(self, disk_ids: list[int]) -> dict[str, Any]:
         async def work(progress: RebuildProgress) -> None:
-            await resync_disks(self.pool, self.rebuilder.volumes(), disk_ids, progress)
+            await catch_up_disks(self.pool, self.rebuilder.volumes(), disk_ids, progress)
 
         self.rebuilder.finished = trio.Event()
         self.rebuilder.progress.state = "running"

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import trio
 
@@ -63,6 +64,7 @@ from blockspace.pool.intent import Key as IntentKey
 from blockspace.volume.concurrency import bind, run_all
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_SLAB_SIZE = 64 << 20
 DEFAULT_META_SLOT_SIZE = 4 << 20
@@ -421,17 +423,45 @@ class Pool:
             failed.append((disk.record.disk_id, error))
 
     async def disk_io(
-        self, disk: PoolDisk, what: str, op: Callable[[Device], Awaitable[None]]
-    ) -> None:
-        """Run `op` on the disk's device as it is now (a concurrent failure may take the
-        device away meanwhile), bounded by the I/O timeout. DeviceError on either."""
-        device = disk.device
+        self, disk: PoolDisk, what: str, op: Callable[[Device], Awaitable[T]], *,
+        device: Device | None = None, attempts: int = 1, shield: bool = False,
+        fail_on_timeout: bool = False,
+    ) -> T:
+        """Every device call's bound: run `op` on `device` (by default the disk's device as
+        it is now: a concurrent failure may have taken it away), each attempt within the I/O
+        timeout. A DeviceError is retried until `attempts` calls have failed, then raised;
+        no answer in time raises DeviceError at once. `shield`: the call is not cancelled
+        with its caller, only by the timeout. `fail_on_timeout`: a disk that does not answer
+        is taken out of service, durably, before the error is raised."""
+        disk_id = disk.record.disk_id
         if device is None:
-            raise DeviceError(f"disk {disk.record.disk_id} is out of service")
-        with trio.move_on_after(self.io_timeout) as scope:
-            await op(device)
-        if scope.cancelled_caught:
-            raise DeviceError(f"no answer to a {what} within {self.io_timeout:g}s")
+            device = disk.device
+        if device is None:
+            raise DeviceError(f"disk {disk_id} is out of service")
+        timeout = self.io_timeout
+        for attempt in range(attempts):
+            with trio.CancelScope(deadline=trio.current_time() + timeout, shield=shield) as scope:
+                try:
+                    return await op(device)
+                except DeviceError:
+                    if attempt + 1 == attempts:
+                        raise
+                    log.warning("disk %d: %s failed, retrying", disk_id, what)
+                    await trio.sleep(0.01 * (attempt + 1))
+                    continue
+            if scope.cancelled_caught:
+                reason = f"no answer to a {what} within {timeout:g}s"
+                if not fail_on_timeout:
+                    raise DeviceError(reason)
+                with trio.CancelScope(shield=shield):
+                    await self.mark_failed(disk_id, reason)
+                raise DeviceError(f"disk {disk_id}: {reason}")
+        raise AssertionError("unreachable")
+
+    def count_device_error(self, disk_id: int, kind: str) -> None:
+        """One more failed device request of `kind` ("read" or "write") on this disk, as
+        `pool status` reports them (checksum errors: `count_checksum_errors`)."""
+        self.disks[disk_id].errors[kind] += 1
 
     # ---- write-intent log -------------------------------------------------------------
 
@@ -680,7 +710,7 @@ class Pool:
             try:
                 await self.disk_io(disk, "zeroing of a new extent", op)
             except DeviceError as error:
-                disk.errors["write"] += 1
+                self.count_device_error(disk_id, "write")
                 await self.mark_failed(disk_id, str(error))
 
         jobs = []

@@ -19,11 +19,13 @@ import trio
 
 from blockspace.errors import BlockspaceError, DeviceError, NoSpace, Unrecoverable
 from blockspace.geometry.allocator import ExtentAllocator
-from blockspace.ondisk.checksums import CSUM_BLOCK, bad_blocks, entries_for
+from blockspace.ondisk.checksums import CSUM_BLOCK, bad_blocks
+from blockspace.volume.row_locks import column_rows
 
 if TYPE_CHECKING:
     from blockspace.pool.pool import Pool
-    from blockspace.volume.volume import Extents, Volume
+    from blockspace.volume.extent_io import Extents
+    from blockspace.volume.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +160,7 @@ def _choose(allocator: ExtentAllocator, exclude: Collection[int], prefer: int | 
 async def move_extent(volume: "Volume", move: Move, *, prefer: int | None = None) -> int:
     """Move one extent; returns bytes copied. Unrecoverable if its data cannot be had."""
     pool = volume.pool
-    slab_rows = volume._column_rows(move.slab, 0, pool.slab_size)
-    async with volume._row_locks.hold(slab_rows):
+    async with volume.row_locks.hold(column_rows(volume.spec, move.slab, 0, pool.slab_size)):
         extents = volume.record.slabs.get(move.slab)
         if extents is None or extents[move.position][0] != move.disk_id:
             return 0  # already moved (or the slab went away)
@@ -203,7 +204,9 @@ async def _copy_to(
     sent: list[bytes] = []  # the entries written, chunk by chunk
     for start in range(0, pool.slab_size, CHUNK):
         end = min(start + CHUNK, pool.slab_size)
-        data, entries = await _source(volume, extents, move, start, end)
+        # Verified, from the extent itself or from the rest of the slab.
+        data, entries = await volume.redundancy.extent_contents(move.slab, extents,
+                                                                move.position, start, end)
         await device.write(base + start, data)
         await pool.checksums.write(disk_id, extent, start // CSUM_BLOCK, entries)
         sent.append(entries)
@@ -218,32 +221,6 @@ async def _copy_to(
                                                      (end - start) // CSUM_BLOCK)
         if stored != sent[chunk] or bad_blocks(written, stored):
             raise DeviceError(f"verification of the copy on disk {disk_id} failed")
-
-
-async def _source(
-    volume: "Volume", extents: "Extents", move: Move, start: int, end: int
-) -> tuple[bytes, bytes]:
-    """The verified contents and checksum entries of extent bytes [start, end) at the
-    moving position. Mirror entries are kept (their write numbers tell copies apart)."""
-    spec = volume.spec
-    if spec.kind != "parity":
-        column = move.position // spec.copies
-        data, entries, _ = await volume.merge_copies(move.slab, extents, column, start, end)
-        return data, entries
-    parts = []
-    unit = spec.interleave
-    for row in range(start // unit, end // unit):
-        row_offset = row * unit
-        result = await volume._read_verified(extents, move.position, row_offset,
-                                             row_offset + unit)
-        if isinstance(result, bytes):
-            parts.append(result)
-            continue
-        index = (move.position - row) % spec.width
-        rebuilt = await volume._fragments(move.slab, extents, row, 0, unit, [index])
-        parts.append(rebuilt[index])
-    data = b"".join(parts)
-    return data, entries_for(data, volume.pool.next_seq())
 
 
 # ---- the background task ----------------------------------------------------------------

@@ -1,12 +1,9 @@
 """Scrub: read every allocated block, verify it, compare redundancy, repair what it can.
 
-For each slab, chunk by chunk under the row locks (so foreground writes never race it):
-- mirror/simple: every copy's blocks are checked against their checksums; copies that fail
-  (or differ from the first good copy) are rewritten from it; a block with no good copy is
-  unrecoverable and reported as a volume byte range.
-- parity: every fragment of every row is checked; bad fragments are rebuilt from the good
-  ones when at least k are good; then the parity is compared with the data and rewritten if
-  it does not match.
+For each slab, chunk by chunk under the row locks (so foreground writes never race it), the
+volume's redundancy checks the chunk (`Redundancy.check`, with the rule of each kind:
+mirror.py, parity.py) and repairs with the same routine a read's self-heal uses. A block
+no redundancy can vouch for is reported as a volume byte range.
 
 `Scrubber` runs this over a whole pool as a background task: rate-limited, pausable,
 cancellable, resumable from a cursor saved every few slabs.
@@ -20,12 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from blockspace.geometry.layouts import code_position, row_start
-from blockspace.ondisk.checksums import CSUM_BLOCK, block_ok, choose_blocks
-from blockspace.volume.volume import Fault
+from blockspace.volume.redundancy import Check
+from blockspace.volume.row_locks import column_rows
 
 if TYPE_CHECKING:
-    from blockspace.volume.volume import Extents, Volume
+    from blockspace.volume.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +45,26 @@ class ScrubReport:
         self.repaired_blocks += other.repaired_blocks
         self.unrecoverable.extend(other.unrecoverable)
 
+    def add_check(self, volume: "Volume", slab: int, check: Check) -> None:
+        """What a check of one chunk of `slab` found; its unrecoverable extent ranges as
+        volume byte ranges (adjacent ones joined)."""
+        self.bytes_checked += check.bytes_checked
+        self.blocks_checked += check.blocks_checked
+        self.checksum_errors += check.checksum_errors
+        self.mismatches += check.mismatches
+        self.repaired_blocks += check.repaired_blocks
+        for column, extent_offset, length in check.unrecoverable:
+            offset = _volume_offset(volume, slab, column, extent_offset)
+            self._add_unrecoverable(volume.name, offset, length)
+
+    def _add_unrecoverable(self, volume: str, offset: int, length: int) -> None:
+        if self.unrecoverable:
+            name, last_offset, last_length = self.unrecoverable[-1]
+            if name == volume and last_offset + last_length == offset:
+                self.unrecoverable[-1] = (name, last_offset, last_length + length)
+                return
+        self.unrecoverable.append((volume, offset, length))
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["unrecoverable"] = [
@@ -64,13 +80,10 @@ async def scrub_slab(volume: "Volume", slab: int, *, repair: bool = True) -> Scr
     slab_size = volume.pool.slab_size
     for start in range(0, slab_size, CHUNK):
         end = min(start + CHUNK, slab_size)
-        async with volume._row_locks.hold(volume._column_rows(slab, start, end)):
-            extents = volume._current_extents(slab)  # a move may have switched it
-            if volume.spec.kind == "parity":
-                await _scrub_parity(volume, slab, extents, start, end, repair, report)
-            else:
-                for column in range(volume.spec.columns):
-                    await _scrub_copies(volume, slab, extents, column, start, end, repair, report)
+        async with volume.row_locks.hold(column_rows(volume.spec, slab, start, end)):
+            extents = volume.io.current_extents(slab)  # a move may have switched it
+            check = await volume.redundancy.check(slab, extents, start, end, repair=repair)
+        report.add_check(volume, slab, check)
         await trio.lowlevel.checkpoint()
     return report
 
@@ -80,93 +93,6 @@ def _volume_offset(volume: "Volume", slab: int, column: int, extent_offset: int)
     unit = volume.spec.interleave
     row, within = divmod(extent_offset, unit)
     return slab * volume.slab_data_size + row * unit * volume.spec.columns + column * unit + within
-
-
-async def _scrub_copies(
-    volume: "Volume", slab: int, extents: "Extents", column: int, start: int, end: int,
-    repair: bool, report: ScrubReport,
-) -> None:
-    copies, unreadable = await volume.read_copies_raw(extents, column, start, end)
-    if not copies:
-        return
-    blocks = (end - start) // CSUM_BLOCK
-    report.blocks_checked += blocks * len(copies)
-    report.bytes_checked += (end - start) * len(copies)
-    choice = choose_blocks(copies)
-    report.checksum_errors += choice.checksum_errors
-    report.mismatches += choice.mismatches + choice.stale
-    for position, count in choice.failed.items():
-        await volume.pool.count_checksum_errors(extents[position][0], count)
-    for index in choice.unrecoverable:
-        offset = _volume_offset(volume, slab, column, start + index * CSUM_BLOCK)
-        _add_unrecoverable(report, volume.name, offset, CSUM_BLOCK)
-    lost = set(choice.unrecoverable)
-    for position in unreadable:
-        choice.repairs[position] = [i for i in range(blocks) if i not in lost]
-    if repair:
-        for position, indexes in sorted(choice.repairs.items()):
-            report.repaired_blocks += await volume._write_runs(
-                extents, position, start, sorted(set(indexes)), choice.data, choice.entries
-            )
-
-
-async def _scrub_parity(
-    volume: "Volume", slab: int, extents: "Extents", start: int, end: int,
-    repair: bool, report: ScrubReport,
-) -> None:
-    assert volume.codec is not None
-    spec = volume.spec
-    for row in range(start // spec.interleave, end // spec.interleave):
-        offset = row_start(spec, row)
-        span = (offset, offset + spec.interleave)
-        good: dict[int, bytes] = {}
-        bad: list[int] = []
-        for index in range(spec.width):
-            raw = await volume._read_raw(extents, code_position(spec, row, index), *span)
-            if isinstance(raw, Fault):
-                continue
-            data, entries = raw
-            report.blocks_checked += spec.interleave // CSUM_BLOCK
-            report.bytes_checked += spec.interleave
-            if all(
-                block_ok(data[i : i + CSUM_BLOCK], entries[i // CSUM_BLOCK * 16 :][:16])
-                for i in range(0, len(data), CSUM_BLOCK)
-            ):
-                good[index] = data
-            else:
-                bad.append(index)
-                report.checksum_errors += 1
-                await volume.pool.count_checksum_errors(
-                    extents[code_position(spec, row, index)][0], 1)
-        if len(good) < spec.columns:
-            for index in bad:
-                if index < spec.columns:
-                    where = _volume_offset(volume, slab, index, offset)
-                    _add_unrecoverable(report, volume.name, where, spec.interleave)
-            continue
-        full = volume.codec.reconstruct(good, list(range(spec.width)))
-        parity = volume.codec.encode([full[i] for i in range(spec.columns)])
-        for i in range(spec.parity):
-            index = spec.columns + i
-            if index in good and good[index] != parity[i]:
-                report.mismatches += 1
-                bad.append(index)
-            full[index] = parity[i]
-        if repair:
-            for index in bad:
-                position = code_position(spec, row, index)
-                if await volume._write_verified(extents, position, offset, full[index],
-                                                seq=volume.pool.next_seq()):
-                    report.repaired_blocks += spec.interleave // CSUM_BLOCK
-
-
-def _add_unrecoverable(report: ScrubReport, volume: str, offset: int, length: int) -> None:
-    if report.unrecoverable:
-        name, last_offset, last_length = report.unrecoverable[-1]
-        if name == volume and last_offset + last_length == offset:
-            report.unrecoverable[-1] = (name, last_offset, last_length + length)
-            return
-    report.unrecoverable.append((volume, offset, length))
 
 
 # ---- the background task ----------------------------------------------------------------

@@ -76,7 +76,7 @@ async def probe_disks(pool: "Pool", failures: dict[int, int]) -> list[int]:
             log.warning("disk %d: probe failed (%d in a row): %s", disk_id,
                         failures[disk_id], error)
             if failures[disk_id] >= PROBE_FAILURES and disk.usable:
-                disk.errors["read"] += 1
+                pool.count_device_error(disk_id, "read")
                 await pool.mark_failed(disk_id, f"does not answer reads: {error}")
                 failed.append(disk_id)
         else:

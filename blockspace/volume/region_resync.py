@@ -1,4 +1,5 @@
-"""Resync after an unclean stop: make one dirty region consistent again.
+"""Region resync after an unclean stop: make each region the write-intent log left dirty
+consistent again. (Not to be confused with a returning disk's catch-up, repair/readmit.py.)
 
 Only regions the write-intent log left dirty are visited. There, a write may have reached
 some columns and not others, or its data and not its checksum. Block-device semantics allow
@@ -12,93 +13,84 @@ either the old or the new contents of an unacknowledged write, never garbage, so
   (its missing column depends on the parity being right): it is left as is and logged.
 - simple: checksums are rewritten to match the data.
 
+Each kind's rule is its `Redundancy.make_consistent` (mirror.py, parity.py); this module
+keeps the account of what is still dirty and resyncs a region under its row locks.
+
 The cost of trusting data inside a dirty region: a block that also rotted on the disk in
 that same region is accepted. Outside dirty regions, checksums keep their full force.
-The caller holds the row locks of the region.
 """
 
 import logging
-from typing import TYPE_CHECKING
 
-from blockspace.geometry.layouts import code_position, row_start
-from blockspace.ondisk.checksums import (
-    CSUM_BLOCK,
-    ENTRY_SIZE,
-    bad_blocks,
-    choose_blocks,
-    entries_for,
-    entry_at,
-    entry_seq,
-)
-
-if TYPE_CHECKING:
-    from blockspace.volume.volume import Extents, Volume
+from blockspace.geometry.layouts import LayoutSpec
+from blockspace.pool.intent import region_size
+from blockspace.volume.extent_io import ExtentIO
+from blockspace.volume.redundancy import Redundancy
+from blockspace.volume.row_locks import RowLocks, column_rows, slab_rows
 
 log = logging.getLogger(__name__)
 
-
-async def resync_region(volume: "Volume", extents: "Extents", start: int, end: int) -> int:
-    """Make extent bytes [start, end) of one slab consistent; returns blocks rewritten."""
-    if volume.spec.kind == "parity":
-        return await _resync_parity(volume, extents, start, end)
-    rewritten = 0
-    for column in range(volume.spec.columns):
-        rewritten += await _resync_copies(volume, extents, column, start, end)
-    return rewritten
+Region = tuple[int, int]  # (slab, region)
 
 
-async def _resync_copies(
-    volume: "Volume", extents: "Extents", column: int, start: int, end: int
-) -> int:
-    copies, _ = await volume.read_copies_raw(extents, column, start, end)
-    if not copies:
-        return 0
-    choice = choose_blocks(copies)
-    # A block no copy verifies was torn between data and checksum: its data (old or new,
-    # both legal for a write never acknowledged) is kept and given a matching checksum.
-    first = copies[min(copies)]
-    for index in choice.unrecoverable:
-        lo, hi = index * CSUM_BLOCK, (index + 1) * CSUM_BLOCK
-        seq = max(entry_seq(entry_at(entries, index)) for _, entries in copies.values())
-        choice.data[lo:hi] = first[0][lo:hi]
-        choice.entries[index * ENTRY_SIZE : (index + 1) * ENTRY_SIZE] = entries_for(
-            first[0][lo:hi], seq
-        )
-        for position in copies:
-            choice.repairs.setdefault(position, []).append(index)
-    rewritten = 0
-    for position, indexes in sorted(choice.repairs.items()):
-        rewritten += await volume._write_runs(
-            extents, position, start, sorted(set(indexes)), choice.data, choice.entries
-        )
-    return rewritten
+def regions_touched(spec: LayoutSpec, size: int, slab: int, start: int, end: int) -> set[int]:
+    """Intent regions of `size` extent bytes that a range [start, end) of a slab's volume
+    data touches."""
+    unit = spec.interleave
+    return {row * unit // size for _, row in slab_rows(spec, slab, start, end)}
 
 
-async def _resync_parity(volume: "Volume", extents: "Extents", start: int, end: int) -> int:
-    assert volume.codec is not None
-    spec = volume.spec
-    rewritten = 0
-    for row in range(start // spec.interleave, end // spec.interleave):
-        offset = row_start(spec, row)
-        span = (offset, offset + spec.interleave)
-        fragments: list[tuple[bytes, bytes] | None] = []
-        for index in range(spec.width):
-            raw = await volume._read_raw(extents, code_position(spec, row, index), *span)
-            fragments.append(raw if isinstance(raw, tuple) else None)
-        if any(raw is None for raw in fragments):
-            log.warning(
-                "volume %s: row %d of a dirty region has a disk missing; parity not recomputed "
-                "(write hole possible there)", volume.name, row,
-            )
-            continue
-        data = [raw[0] for raw in fragments[: spec.columns] if raw is not None]
-        seq = volume.pool.next_seq()
-        parity = volume.codec.encode(data)
-        for index, fragment in enumerate(fragments):
-            assert fragment is not None
-            wanted = data[index] if index < spec.columns else parity[index - spec.columns]
-            if fragment[0] != wanted or bad_blocks(fragment[0], fragment[1]):
-                position = code_position(spec, row, index)
-                await volume._write_verified(extents, position, offset, wanted, seq=seq)
-                rewritten += spec.interleave // CSUM_BLOCK
-    return rewritten
+class RegionResync:
+    """The dirty regions of one volume, until each is resynced (`pending`: the set itself
+    is kept, never replaced, so the cached read path can look at it directly)."""
+
+    def __init__(
+        self, io: ExtentIO, key: int, spec: LayoutSpec, locks: RowLocks, redundancy: Redundancy
+    ) -> None:
+        self.io = io
+        self.pool = io.pool
+        self.key = key
+        self.spec = spec
+        self.locks = locks
+        self.redundancy = redundancy
+        # Write-intent regions, in extent bytes: a whole number of rows.
+        self.region_size = region_size(spec.interleave)
+        self.pending: set[Region] = {(s, r) for k, s, r in self.pool.recovering if k == key}
+
+    def regions(self, slab: int, start: int, end: int) -> set[int]:
+        """Intent regions a range [start, end) of a slab's volume data touches."""
+        return regions_touched(self.spec, self.region_size, slab, start, end)
+
+    async def resync_all(self) -> int:
+        """Resync every region the last unclean stop left dirty; returns regions done."""
+        done = 0
+        for slab, region in sorted(self.pending):
+            await self.resync_region(slab, region)
+            done += 1
+        return done
+
+    async def resync_region(self, slab: int, region: int) -> None:
+        start = region * self.region_size
+        end = min(start + self.region_size, self.pool.slab_size)
+        async with self.locks.hold(column_rows(self.spec, slab, start, end)):
+            if (slab, region) not in self.pending:
+                return  # another task got here first
+            extents = self.io.record.slabs.get(slab)
+            if extents is not None:
+                blocks = await self.redundancy.make_consistent(extents, start, end)
+                if blocks:
+                    log.info("volume %s: resynced slab %d region %d (%d blocks rewritten)",
+                             self.io.name, slab, region, blocks)
+            self.pending.discard((slab, region))
+            key = (self.key, slab, region)
+            self.pool.recovering.discard(key)
+            if self.pool.intent is not None:
+                self.pool.intent.release(key)
+
+    async def before_io(self, slab: int, start: int, end: int) -> None:
+        """I/O into a region still awaiting resync waits for it: nothing inconsistent is
+        ever read or used for a parity read-modify-write."""
+        if self.pending:
+            for region in self.regions(slab, start, end):
+                if (slab, region) in self.pending:
+                    await self.resync_region(slab, region)

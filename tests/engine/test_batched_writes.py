@@ -1,4 +1,4 @@
-"""A volume write's extent writes go out as one io_uring batch (Volume._write_extents):
+"""A volume write's extent writes go out as one io_uring batch (ExtentIO.write_extents):
 the happy path, a disk that fails its write, a disk that never answers, and a refused
 batch. On pools of real image files, since memory disks never take the ring."""
 

@@ -11,7 +11,8 @@ from blockspace.geometry.layouts import LayoutSpec
 from blockspace.pool.pool import Pool
 from blockspace.repair.scrub import scrub_slab
 from blockspace.testing.memory_device import MemoryDevice
-from blockspace.volume.volume import Fault, Volume
+from blockspace.volume.extent_io import Fault
+from blockspace.volume.volume import Volume
 
 MiB = 1 << 20
 MIRROR = LayoutSpec("mirror", 1, copies=2, interleave=16384)
@@ -267,16 +268,16 @@ def test_a_cancelled_write_leaves_the_checksum_cache_and_the_disk_agreeing(
         volume = Volume(pool, await pool.create_volume("v", 4 * MiB, MIRROR, "fixed"))
         await volume.write(0, b"\1" * (4 * MiB))
         extents = volume.record.slabs[0]
-        assert await volume._read_checked(extents, 0, 0, 65536)  # its entries now cached
+        assert await volume.io.read_checked(extents, 0, 0, 65536)  # its entries now cached
         devices[0].set_spec(FaultSpec(latency=0.2))
         with trio.move_on_after(0.05):
-            await volume._write_verified(extents, 0, 0, b"\2" * 65536, seq=pool.next_seq())
+            await volume.io.write_verified(extents, 0, 0, b"\2" * 65536, seq=pool.next_seq())
         devices[0].set_spec(FaultSpec())
-        result = await volume._read_checked(extents, 0, 0, 65536)
+        result = await volume.io.read_checked(extents, 0, 0, 65536)
         assert not isinstance(result, Fault), "the cache and the disk disagree"
         pool.close()
         reopened = await Pool.open([FileDevice(p) for p in paths], expect_uuid=pool.uuid)
-        result = await Volume(reopened, reopened.volume("v"))._read_checked(extents, 0, 0, 65536)
+        result = await Volume(reopened, reopened.volume("v")).io.read_checked(extents, 0, 0, 65536)
         assert not isinstance(result, Fault), "the disk's data and entries disagree"
         reopened.close()
 

@@ -24,7 +24,7 @@ from blockspace.admin.registry import Registry
 from blockspace.disks.devices import FileDevice
 from blockspace.geometry.layouts import LayoutSpec
 from blockspace.pool.pool import Pool
-from blockspace.repair.readmit import prepare, resync_disk
+from blockspace.repair.readmit import catch_up_disk, prepare
 from blockspace.repair.rebuild import RebuildProgress
 from blockspace.repair.scrub import ScrubReport, scrub_slab
 from blockspace.volume.volume import Volume
@@ -150,7 +150,7 @@ def test_a_member_put_back_from_an_older_copy_never_serves_until_caught_up(
             assert device is not None
             await prepare(pool, 2, device)
             assert pool.disks[2].record.state == "resyncing"
-            await resync_disk(pool, {"v": volume}, 2, RebuildProgress(state="running"))
+            await catch_up_disk(pool, {"v": volume}, 2, RebuildProgress(state="running"))
             assert pool.disks[2].record.state == "online"
             report = await scrub_all(volume)
             assert (report.checksum_errors, report.mismatches) == (0, 0), report

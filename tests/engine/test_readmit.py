@@ -1,4 +1,4 @@
-"""A disk that comes back after failing is re-admitted and resynced by what it missed."""
+"""A disk that comes back after failing is re-admitted and caught up by what it missed."""
 
 import random
 
@@ -8,10 +8,11 @@ import trio
 from blockspace.errors import InvalidInput, Unrecoverable
 from blockspace.geometry.layouts import LayoutSpec
 from blockspace.pool.pool import Pool
-from blockspace.repair.readmit import fresh_extents, prepare, resync_disk, rows_written_since
+from blockspace.repair.readmit import catch_up_disk, fresh_extents, prepare
 from blockspace.repair.rebuild import RebuildProgress
 from blockspace.repair.scrub import scrub_slab
 from blockspace.testing.memory_device import MemoryDevice
+from blockspace.volume.parity import rows_written_since
 from blockspace.volume.volume import Volume
 
 MiB = 1 << 20
@@ -47,7 +48,7 @@ async def check_whole(pool: Pool, volume: Volume, model: bytearray) -> None:
 
 
 @pytest.mark.parametrize("spec", [MIRROR, PARITY], ids=["mirror-2", "parity-1"])
-def test_a_returning_disk_is_resynced_by_what_it_missed(spec: LayoutSpec) -> None:
+def test_a_returning_disk_is_caught_up_by_what_it_missed(spec: LayoutSpec) -> None:
     async def scenario() -> None:
         pool, volume, devices, model = await make(spec)
         devices[1].failed = True
@@ -61,7 +62,7 @@ def test_a_returning_disk_is_resynced_by_what_it_missed(spec: LayoutSpec) -> Non
         assert pending == 3
         assert pool.disks[1].record.state == "resyncing"
         progress = RebuildProgress(state="running")
-        await resync_disk(pool, {"v": volume}, 1, progress)
+        await catch_up_disk(pool, {"v": volume}, 1, progress)
         record = pool.disks[1].record
         assert (record.state, record.missed_since) == ("online", 0)
         assert pool.resyncing == set()
@@ -80,7 +81,7 @@ def test_a_returning_disk_is_resynced_by_what_it_missed(spec: LayoutSpec) -> Non
 
 
 @pytest.mark.parametrize("spec", [MIRROR, PARITY], ids=["mirror-2", "parity-1"])
-def test_writes_during_the_resync_and_a_restart_in_the_middle_lose_nothing(
+def test_writes_during_the_catch_up_and_a_restart_in_the_middle_lose_nothing(
     spec: LayoutSpec,
 ) -> None:
     async def scenario() -> None:
@@ -107,7 +108,7 @@ def test_writes_during_the_resync_and_a_restart_in_the_middle_lose_nothing(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer)
-            nursery.start_soon(resync_disk, pool, {"v": volume}, 1,
+            nursery.start_soon(catch_up_disk, pool, {"v": volume}, 1,
                                RebuildProgress(state="running"))
         assert pool.disks[1].record.state == "online"
         for device in devices:
@@ -118,7 +119,7 @@ def test_writes_during_the_resync_and_a_restart_in_the_middle_lose_nothing(
 
 
 @pytest.mark.parametrize("spec", [MIRROR, PARITY], ids=["mirror-2", "parity-1"])
-def test_the_write_that_finds_the_disk_dead_is_resynced_too(spec: LayoutSpec) -> None:
+def test_the_write_that_finds_the_disk_dead_is_caught_up_too(spec: LayoutSpec) -> None:
     """The disk is failed by the write that hits it, so that write is the oldest in flight
     and its number is the disk's `missed_since` (found as zeros in the scenario suite:
     parity rows whose only write carried exactly that number were trusted as they were)."""
@@ -132,7 +133,7 @@ def test_the_write_that_finds_the_disk_dead_is_resynced_too(spec: LayoutSpec) ->
         assert record.missed_since > 0
         devices[1].failed = False
         await prepare(pool, 1, devices[1])
-        await resync_disk(pool, {"v": volume}, 1, RebuildProgress(state="running"))
+        await catch_up_disk(pool, {"v": volume}, 1, RebuildProgress(state="running"))
         assert pool.disks[1].record.state == "online"
         for other in range(spec.width):  # any one other disk may go now
             if other == 1:
@@ -219,7 +220,7 @@ def test_disks_lost_beyond_the_tolerance_come_back_last_out_first() -> None:
         for disk_id in order:
             await prepare(pool, disk_id, devices[disk_id])
         for disk_id in order:
-            await resync_disk(pool, {"v": volume}, disk_id, RebuildProgress())
+            await catch_up_disk(pool, {"v": volume}, disk_id, RebuildProgress())
         assert {d.record.state for d in pool.disks.values()} == {"online"}
         await check_whole(pool, volume, model)
 
@@ -231,7 +232,7 @@ def test_a_torn_write_beyond_the_tolerance_does_not_poison_the_returning_columns
     the survivor only (it fails: never acknowledged). When both come back, the row must not
     be rebuilt from the survivor's torn column: the returning column reads back either the
     old or the new data, never a mix of the two (seen as zeros in the scenario suite)."""
-    from blockspace.repair.readmit import resync_disks, returning_order
+    from blockspace.repair.readmit import catch_up_disks, returning_order
 
     async def scenario() -> None:
         devices = [MemoryDevice(16 * MiB, path=f"mem{i}") for i in range(4)]
@@ -254,7 +255,7 @@ def test_a_torn_write_beyond_the_tolerance_does_not_poison_the_returning_columns
         order = returning_order(pool, dead)
         for disk_id in order:
             await prepare(pool, disk_id, devices[disk_id])
-        await resync_disks(pool, {"v": volume}, order, RebuildProgress())
+        await catch_up_disks(pool, {"v": volume}, order, RebuildProgress())
         half = PARITY.interleave
         got = await volume.read(0, row)
         assert got[:half] in (old[:half], new[:half])

@@ -18,7 +18,8 @@ from blockspace.errors import InvalidInput, NoSpace, Unrecoverable
 from blockspace.geometry.layouts import LayoutSpec, code_position, data_positions, row_start
 from blockspace.pool.pool import Pool
 from blockspace.testing.memory_device import MemoryDevice
-from blockspace.volume.volume import BLOCK, Volume
+from blockspace.volume.pieces import BLOCK
+from blockspace.volume.volume import Volume
 
 MiB = 1 << 20
 SLAB = 1 * MiB

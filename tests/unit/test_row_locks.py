@@ -5,7 +5,7 @@ import pytest
 import trio
 import trio.testing
 
-from blockspace.volume.volume import RowLocks
+from blockspace.volume.row_locks import RowLocks
 
 
 def test_holders_of_a_common_row_take_turns_and_others_do_not_wait() -> None:
