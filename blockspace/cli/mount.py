@@ -14,6 +14,7 @@ from blockspace.cli.output import console, emit
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.pool.pool import DEFAULT_IO_TIMEOUT
 from blockspace.service import control
+from blockspace.service.nbd import default_socket_path, parse_address
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -32,13 +33,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not os.path.exists("/dev/fuse"):
         raise BlockspaceError("/dev/fuse is missing (modprobe fuse)")
     registry.ensure()
+    nbd = ""  # --nbd: where the NBD export listens (its default next to the control socket)
+    if args.nbd is not None:
+        nbd = str(parse_address(args.nbd or str(default_socket_path(registry.run_dir,
+                                                                    args.pool))))
     log_file = args.log_file or str(registry.log_path(args.pool))
     uid, gid = args.owner
     options = daemon.MountOptions(
         pool=args.pool, mountpoint=mountpoint, uid=uid, gid=gid,
         allow_other=not args.no_allow_other, log_file=log_file,
         allow_fault_injection=args.allow_fault_injection,
-        io_timeout=args.io_timeout or DEFAULT_IO_TIMEOUT,
+        io_timeout=args.io_timeout or DEFAULT_IO_TIMEOUT, nbd=nbd,
     )
     if args.foreground:
         daemon.setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
@@ -53,6 +58,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         command.insert(-2, "--allow-fault-injection")
     if args.io_timeout is not None:
         command.insert(-2, f"--io-timeout={args.io_timeout}")
+    if nbd:
+        command.insert(-2, f"--nbd={nbd}")
     # posix_spawn, not Popen: the daemon outlives this process, and a Popen object left
     # running would warn when it is collected.
     os.set_inheritable(write_fd, True)
@@ -72,8 +79,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         message = answer.removeprefix("error: ") or f"the daemon exited (see {log_file})"
         raise BlockspaceError(f"mount failed: {message}")
     info = {"pool": args.pool, "mountpoint": mountpoint, "pid": pid, "log": log_file}
+    if nbd:
+        info["nbd"] = nbd
     emit(args, info, lambda i: console.print(
-        f"pool {i['pool']} mounted at {i['mountpoint']} (daemon pid {i['pid']}, log {i['log']})"))
+        f"pool {i['pool']} mounted at {i['mountpoint']} (daemon pid {i['pid']}, log {i['log']})"
+        + (f"; NBD export at {i['nbd']}" if "nbd" in i else "")))
     return OK
 
 
@@ -115,6 +125,9 @@ def add_commands(commands: Any, common: Parser) -> None:
                    help="fail a disk that does not answer an I/O within this time (default 30)")
     p.add_argument("--allow-fault-injection", action="store_true",
                    help="testing only: let `blockspace fault` make this mount's disks fail")
+    p.add_argument("--nbd", nargs="?", const="", metavar="SOCKET",
+                   help="also export the volumes over NBD, on a Unix socket (0600; default "
+                        "STATE_DIR/run/POOL.nbd.sock) or tcp:HOST:PORT (no authentication)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
     p = commands.add_parser("unmount", aliases=["umount"], parents=[common],

@@ -30,6 +30,7 @@ from blockspace.service.bringup import bring_up, resync_in_background
 from blockspace.service.fault_requests import handle_fault_request
 from blockspace.service.fuse_ops import VolumeFS
 from blockspace.service.malloc_tuning import tune_malloc
+from blockspace.service.nbd import NbdServer, parse_address
 from blockspace.tiering.admin import check_growable
 from blockspace.tiering.admin import overview as tier_overview
 from blockspace.tiering.service import TierService
@@ -49,6 +50,7 @@ class MountOptions:
     log_file: str = ""
     allow_fault_injection: bool = False
     io_timeout: float = 30.0
+    nbd: str = ""  # where the NBD export listens (a socket path or tcp:HOST:PORT); "" none
 
 
 class Daemon:
@@ -68,6 +70,7 @@ class Daemon:
         self._nursery: trio.Nursery | None = None
         self.disks: DiskManager | None = None
         self.tiers: TierService | None = None
+        self.nbd: NbdServer | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         entry = self.registry.get(self.options.pool)
@@ -99,6 +102,10 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 socket_path = self.registry.socket_path(self.options.pool)
                 await nursery.start(control.serve, socket_path, self.handle)
+                if self.options.nbd:  # the same volumes as the files, by name
+                    self.nbd = NbdServer(tiers.served)
+                    await nursery.start(self.nbd.serve, parse_address(self.options.nbd),
+                                        (self.options.uid, self.options.gid))
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(watch_disks, pool)
                 assert pool.intent is not None
@@ -223,6 +230,8 @@ class Daemon:
             if self.disks is not None:
                 status["rebuild"] = self.disks.rebuilder.progress.to_dict()
             status["tiers"] = tier_overview(pool)
+            if self.nbd is not None:
+                status["nbd"] = self.nbd.statistics().to_dict()
             return status
         if op.startswith("tier_"):
             assert self.tiers is not None
@@ -253,6 +262,11 @@ class Daemon:
         if op == "volume_delete":
             name = str(request["name"])
             pool.volume(name)
+            if self.nbd is not None and self.nbd.is_open(name):
+                raise BlockspaceError(
+                    f"volume {name!r} is exported over NBD to a connected client "
+                    "(disconnect it first: nbd-client -d, or end the qemu using it)"
+                )
             if self.fs.is_open(name):
                 raise BlockspaceError(
                     f"volume {name!r} is open (detach its loop device first: losetup -d)"
@@ -266,7 +280,8 @@ class Daemon:
             return {"name": record.name, "size": record.size}
         if op == "unmount":
             served = self.tiers.served() if self.tiers is not None else self.volumes
-            busy = [name for name in served if self.fs.is_open(name)]
+            busy = [name for name in served if self.fs.is_open(name)
+                    or (self.nbd is not None and self.nbd.is_open(name))]
             if busy and not request.get("force"):
                 raise BlockspaceError(
                     f"volume {busy[0]!r} is in use (detach its loop device first, "

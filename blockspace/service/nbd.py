@@ -324,7 +324,7 @@ class NbdServer:
     # ---- listening ----------------------------------------------------------------------
 
     async def serve(
-        self, address: ListenAddress, *, owner: tuple[int, int] | None = None,
+        self, address: ListenAddress, owner: tuple[int, int] | None = None, *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on `address` (a Unix socket is made 0600, and given to `owner`, a
