@@ -14,6 +14,7 @@ APT_PACKAGES=(
     fuse3 libfuse3-dev pkg-config gcc python3-venv python3-dev
     e2fsprogs xfsprogs fio liberasurecode-dev libisal-dev util-linux
     qemu-system-x86 qemu-system-common busybox-static kmod dmsetup nbdkit
+    qemu-utils libnbd-bin nbd-client
 )
 
 say() { printf 'setup: %s\n' "$*"; }

@@ -342,6 +342,39 @@ def test_qemu_img_converts_an_image_onto_the_export(tmp_path: Path) -> None:
     trio.run(main)
 
 
+def test_fio_verifies_random_writes_at_queue_depth_16(tmp_path: Path) -> None:
+    """fio's nbd engine (libnbd) keeps 16 requests in flight and checks every block it wrote."""
+    fio = need("fio")
+
+    async def main() -> None:
+        async with exported(tmp_path) as env:
+            output = await run(
+                fio, "--name=verify", "--ioengine=nbd", f"--uri={env.uri()}",
+                "--rw=randwrite", "--bs=4k", "--size=8M", "--iodepth=16", "--verify=crc32c",
+                "--do_verify=1", "--verify_fatal=1", "--output-format=json")
+            job = json.loads(output[output.index("{"):])["jobs"][0]
+            assert job["error"] == 0
+            assert job["write"]["io_bytes"] == 8 * MiB
+            assert job["read"]["io_bytes"] == 8 * MiB  # the verify pass read it all back
+            assert env.server.statistics().errors == 0
+
+    trio.run(main)
+
+
+def test_nbd_client_negotiates_and_lists(tmp_path: Path) -> None:
+    """The kernel client's userspace half (nbd-client); attaching needs the nbd module, which
+    the VM lab has and this machine's kernel does not."""
+    nbd_client = need("nbd-client")
+
+    async def main() -> None:
+        async with exported(tmp_path, volumes=(("vol", VOLUME_SIZE, PARITY),
+                                               ("second", 4 * MiB, MIRROR))) as env:
+            output = await run(nbd_client, "-u", "-l", str(env.socket))
+            assert output.split()[-2:] == ["second", "vol"]
+
+    trio.run(main)
+
+
 def test_a_read_only_export_refuses_writes_and_serves_reads(tmp_path: Path) -> None:
     qemu_io, nbdinfo = need("qemu-io"), need("nbdinfo")
 
@@ -391,6 +424,20 @@ def test_the_unix_socket_is_0600_and_goes_away_with_the_server(tmp_path: Path) -
             assert env.server.address == str(env.socket)
             path = env.socket
         assert not path.exists()
+
+    trio.run(main)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a socket away needs root")
+def test_the_socket_goes_to_the_owner_named(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with exported(tmp_path) as env:
+            path = tmp_path / "owned.sock"
+            server = NbdServer(lambda: env.served)
+            await env.nursery.start(server.serve, UnixAddress(path), (65534, 65533))
+            info = os.stat(path)
+            assert (info.st_uid, info.st_gid) == (65534, 65533)
+            assert stat.S_IMODE(info.st_mode) == 0o600
 
     trio.run(main)
 
