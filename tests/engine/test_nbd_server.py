@@ -466,6 +466,15 @@ def test_a_stale_socket_is_replaced_and_anything_else_refused(tmp_path: Path) ->
             with pytest.raises(BlockspaceError, match="cannot listen on"):
                 await NbdServer(lambda: env.served).serve(
                     UnixAddress(tmp_path / "no" / "such" / "dir.sock"))
+            with pytest.raises(BlockspaceError, match="cannot use .* for the NBD socket"):
+                await NbdServer(lambda: env.served).serve(UnixAddress(precious / "x.sock"))
+            # A TCP port already taken.
+            first = NbdServer(lambda: env.served)
+            await env.nursery.start(first.serve, TcpAddress("127.0.0.1", 0))
+            taken = parse_address(first.address)
+            assert isinstance(taken, TcpAddress)
+            with pytest.raises(BlockspaceError, match="cannot listen on tcp:127.0.0.1"):
+                await NbdServer(lambda: env.served).serve(taken)
 
     trio.run(main)
 
