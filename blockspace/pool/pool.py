@@ -882,8 +882,12 @@ class Pool:
         raise InvalidInput(f"no volume {name!r} in pool {self.name!r}")
 
     async def flush(self) -> None:
-        """fdatasync every usable disk."""
-        await run_all([bind(self._flush_one, disk) for disk in self.disks.values() if disk.usable])
+        """fdatasync every usable disk. With none left, writes acknowledged into the disks'
+        caches can never become durable: that flush fails, it does not succeed vacuously."""
+        usable = [disk for disk in self.disks.values() if disk.usable]
+        if not usable:
+            raise DeviceError("no disk in service to flush: acknowledged writes may be lost")
+        await run_all([bind(self._flush_one, disk) for disk in usable])
 
     async def _flush_one(self, disk: PoolDisk) -> None:
         async def flush(device: Device) -> None:

@@ -142,3 +142,35 @@ def test_volume_flush_fdatasyncs_every_disk(
                 dev.close()
 
     trio.run(main)
+
+
+def test_a_flush_with_no_disk_left_in_service_is_never_acknowledged(
+    tmp_path: Path, recorder: SyncRecorder
+) -> None:
+    """Writes were acknowledged into the disks' page caches; then every disk left service
+    (the watchdog, a failed write elsewhere). Nothing can make those writes durable any more,
+    so an fsync must fail (EIO), not succeed by flushing no disk at all."""
+    paths = [image(tmp_path, f"disk{i}.img", 24 * MiB) for i in range(2)]
+
+    async def main() -> None:
+        devices = [FileDevice(path) for path in paths]
+        try:
+            pool = await Pool.create("t", devices, media=["hdd"] * 2, slab_size=MiB,
+                                     meta_slot_size=64 << 10)
+            record = await pool.create_volume("v", MiB, LayoutSpec("mirror", 1, copies=2),
+                                              "thin")
+            volume = Volume(pool, record)
+            await volume.write(0, os.urandom(64 * 1024))
+            await pool.mark_failed(0, "test: gone")
+            with pytest.raises(DeviceError):  # no disk can record the second failure
+                await pool.mark_failed(1, "test: gone")
+            assert not any(disk.usable for disk in pool.disks.values())
+            recorder.calls.clear()
+            with pytest.raises(DeviceError, match="no disk in service"):
+                await volume.flush()
+            assert recorder.calls == []
+        finally:
+            for dev in devices:
+                dev.close()
+
+    trio.run(main)

@@ -351,7 +351,8 @@ def test_fio_verifies_random_writes_at_queue_depth_16(tmp_path: Path) -> None:
             output = await run(
                 fio, "--name=verify", "--ioengine=nbd", f"--uri={env.uri()}",
                 "--rw=randwrite", "--bs=4k", "--size=8M", "--iodepth=16", "--verify=crc32c",
-                "--do_verify=1", "--verify_fatal=1", "--output-format=json")
+                "--do_verify=1", "--verify_fatal=1", "--verify_state_save=0",
+                "--output-format=json")
             job = json.loads(output[output.index("{"):])["jobs"][0]
             assert job["error"] == 0
             assert job["write"]["io_bytes"] == 8 * MiB
