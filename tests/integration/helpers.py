@@ -25,6 +25,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from blockspace.cli import main as cli
+
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
@@ -494,3 +498,38 @@ class BlockspaceEnv:
 
     def _cleanup_disk_loops(self, problems: list[str]) -> None:
         self._detach(self.disk_loops, problems)
+
+
+class InProcessCLI:
+    """`blockspace` run in this process (python start-up costs seconds on a busy machine),
+    except `mount`; the mount daemons are separate processes, as they always are."""
+
+    def __init__(self, env: BlockspaceEnv, capsys: pytest.CaptureFixture[str]) -> None:
+        self.env = env
+        self.capsys = capsys
+
+    def __call__(self, *args: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        code = cli.main(["--state-dir", str(self.env.state_dir), *args])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def json(self, *args: str) -> Any:
+        code, out, err = self("--json", *args)
+        assert code == 0, err
+        return json.loads(out)
+
+    def mount(self, *flags: str) -> tuple[Path, int]:
+        mountpoint = self.env.root / "pool-tank"
+        mountpoint.mkdir(exist_ok=True)
+        self.env.fuse_mounts.append(mountpoint)  # the env's teardown unmounts it if we fail
+        # A process of its own: `mount` leaves the daemon's Popen and log file to its exit.
+        info = self.env.cli_json("mount", "tank", str(mountpoint), *flags)
+        self.env.daemons.append(int(info["pid"]))
+        return mountpoint, int(info["pid"])
+
+    def unmount(self, mountpoint: Path, pid: int) -> None:
+        code, _, err = self("unmount", str(mountpoint), "--force")
+        assert code == 0, err
+        assert wait_exited(pid, 30)
+        self.env.fuse_mounts.remove(mountpoint)

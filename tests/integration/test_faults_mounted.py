@@ -3,54 +3,14 @@ a dead disk brought back online and resynced."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-from pathlib import Path
-from typing import Any
 
 import pytest
 
-from blockspace.cli import main as cli
-
-from .helpers import BlockspaceEnv, MiB, missing_prerequisites, wait_exited
+from .helpers import BlockspaceEnv, InProcessCLI, MiB, missing_prerequisites
 
 MISSING = missing_prerequisites()
-
-
-class _CLI:
-    """`blockspace` run in this process (python start-up costs seconds on a busy machine),
-    except `mount`; the mount daemons are separate processes, as they always are."""
-
-    def __init__(self, env: BlockspaceEnv, capsys: pytest.CaptureFixture[str]) -> None:
-        self.env = env
-        self.capsys = capsys
-
-    def __call__(self, *args: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = cli.main(["--state-dir", str(self.env.state_dir), *args])
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def json(self, *args: str) -> Any:
-        code, out, err = self("--json", *args)
-        assert code == 0, err
-        return json.loads(out)
-
-    def mount(self, *flags: str) -> tuple[Path, int]:
-        mountpoint = self.env.root / "pool-tank"
-        mountpoint.mkdir(exist_ok=True)
-        self.env.fuse_mounts.append(mountpoint)  # the env's teardown unmounts it if we fail
-        # A process of its own: `mount` leaves the daemon's Popen and log file to its exit.
-        info = self.env.cli_json("mount", "tank", str(mountpoint), *flags)
-        self.env.daemons.append(int(info["pid"]))
-        return mountpoint, int(info["pid"])
-
-    def unmount(self, mountpoint: Path, pid: int) -> None:
-        code, _, err = self("unmount", str(mountpoint), "--force")
-        assert code == 0, err
-        assert wait_exited(pid, 30)
-        self.env.fuse_mounts.remove(mountpoint)
 
 
 @pytest.mark.integration
@@ -59,7 +19,7 @@ def test_fault_cli_on_a_real_mount(
     blockspace_env: BlockspaceEnv, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = blockspace_env
-    bs = _CLI(env, capsys)
+    bs = InProcessCLI(env, capsys)
     images = env.make_images([256 * MiB, 256 * MiB])
     bs.json("pool", "create", "tank", *map(str, images), "--slab-size", "32M")
     bs.json("volume", "create", "tank", "vol0", "--size", "64M", "--resiliency", "mirror",
@@ -133,7 +93,7 @@ def test_a_dead_disk_brought_back_online_is_resynced_on_a_real_mount(
     dies and every byte still reads back, from the returned disk. A disk added while
     mounted takes injected faults as well."""
     env = blockspace_env
-    bs = _CLI(env, capsys)
+    bs = InProcessCLI(env, capsys)
     images = env.make_images([128 * MiB, 128 * MiB, 128 * MiB])
     bs.json("pool", "create", "tank", str(images[0]), str(images[1]), "--slab-size", "16M")
     bs.json("volume", "create", "tank", "vol0", "--size", "96M", "--resiliency", "mirror")

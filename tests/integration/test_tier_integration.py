@@ -6,7 +6,6 @@ a pass of moves while writes race it."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import signal
@@ -14,13 +13,12 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from blockspace.cli import main as cli
 from integration.helpers import (
     BlockspaceEnv,
+    InProcessCLI,
     KiB,
     MiB,
     check_filesystem,
@@ -40,40 +38,7 @@ pytestmark = [
 UNIT = 256 * KiB
 
 
-class CLI:
-    """`blockspace` in this process (fast), except `mount`: daemons are processes."""
-
-    def __init__(self, env: BlockspaceEnv, capsys: pytest.CaptureFixture[str]) -> None:
-        self.env = env
-        self.capsys = capsys
-
-    def __call__(self, *args: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = cli.main(["--state-dir", str(self.env.state_dir), *args])
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def json(self, *args: str) -> Any:
-        code, out, err = self("--json", *args)
-        assert code == 0, err
-        return json.loads(out)
-
-    def mount(self, *flags: str) -> tuple[Path, int]:
-        mountpoint = self.env.root / "pool-tank"
-        mountpoint.mkdir(exist_ok=True)
-        self.env.fuse_mounts.append(mountpoint)
-        info = self.env.cli_json("mount", "tank", str(mountpoint), *flags)
-        self.env.daemons.append(int(info["pid"]))
-        return mountpoint, int(info["pid"])
-
-    def unmount(self, mountpoint: Path, pid: int) -> None:
-        code, _, err = self("unmount", str(mountpoint), "--force")
-        assert code == 0, err
-        assert wait_exited(pid, 30)
-        self.env.fuse_mounts.remove(mountpoint)
-
-
-def make_tiered_pool(env: BlockspaceEnv, bs: CLI) -> None:
+def make_tiered_pool(env: BlockspaceEnv, bs: InProcessCLI) -> None:
     images = env.make_images([96 * MiB] * 5)
     bs.json("pool", "create", "tank", str(images[0]), str(images[1]), "--media", "ssd",
             "--slab-size", "8M")
@@ -95,7 +60,7 @@ def test_media_is_detected_for_block_devices(
     blockspace_env: BlockspaceEnv, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = blockspace_env
-    bs = CLI(env, capsys)
+    bs = InProcessCLI(env, capsys)
     image = env.make_images([64 * MiB])[0]
     loop = env.attach_loop(image, pool_disk=True)
     rotational = Path(f"/sys/block/{os.path.basename(loop)}/queue/rotational").read_text()
@@ -110,7 +75,7 @@ def test_tiered_volume_on_a_real_mount(
     blockspace_env: BlockspaceEnv, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = blockspace_env
-    bs = CLI(env, capsys)
+    bs = InProcessCLI(env, capsys)
     make_tiered_pool(env, bs)
     code, _, err = bs("volume", "create", "tank", "bad", "--tier", "ssd:8M:mirror-3",
                       "--tier", "hdd:8M:parity-1")
@@ -193,7 +158,7 @@ def test_sigkill_in_the_middle_of_moves_keeps_every_acknowledged_byte(
     blockspace_env: BlockspaceEnv, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = blockspace_env
-    bs = CLI(env, capsys)
+    bs = InProcessCLI(env, capsys)
     make_tiered_pool(env, bs)
     rng = random.Random(11)
     model = bytearray(rng.randbytes(32 * MiB))
@@ -284,7 +249,7 @@ def test_ext4_on_a_tiered_volume(
     blockspace_env: BlockspaceEnv, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env = blockspace_env
-    bs = CLI(env, capsys)
+    bs = InProcessCLI(env, capsys)
     make_tiered_pool(env, bs)
     mountpoint, pid = bs.mount()
     loop = env.attach_loop(mountpoint / "fast")
