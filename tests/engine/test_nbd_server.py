@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from blockspace.disks.devices import FileDevice
 from blockspace.disks.faults import FaultSpec, FaultyDevice
@@ -543,8 +544,10 @@ def test_requests_in_flight_per_connection_are_bounded(tmp_path: Path) -> None:
             client = await RawClient.go(env.socket)
             for handle in range(4):
                 await client.request(wire.CMD_READ, handle * 4096, 4096, handle=handle)
-            await trio.sleep(0.2)
-            assert started == [0, 4096]  # the other two wait, unread, in the socket
+            # Every task of the server now waits (on the gate, or for a slot): had a third
+            # request been taken, it would have started by now.
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert sorted(started) == [0, 4096]  # the other two wait, unread, in the socket
             gate.set()
             handles = {(await client.reply(4096))[1] for _ in range(4)}
             assert handles == {0, 1, 2, 3}
