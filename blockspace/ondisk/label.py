@@ -22,6 +22,7 @@ from typing import Any
 import xxhash
 
 from blockspace.errors import FormatError, InvalidInput
+from blockspace.ondisk.framing import check_format_version, decode_json_body
 from blockspace.units import format_size
 
 FORMAT_VERSION = 1
@@ -221,29 +222,6 @@ def check_uuid(what: str, value: object) -> str:
     return value
 
 
-def reject_constant(name: str) -> Any:
-    """`parse_constant` hook for json.loads: NaN and Infinity are not JSON."""
-    raise ValueError(f"{name} is not allowed")
-
-
-def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """`object_pairs_hook` for json.loads: a repeated key is a crafted document."""
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-def loads_strict(text: str) -> Any:
-    """json.loads that refuses duplicate keys and NaN/Infinity; all failures are ValueError."""
-    try:
-        return json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=reject_constant)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
-
-
 def _int_field(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
     value = body[key]
     if not _is_int(value):
@@ -383,13 +361,7 @@ def decode_label(raw: BytesLike) -> DiskLabel | None:
     magic, version, body_len, checksum = _HEADER.unpack_from(raw)
     if magic != LABEL_MAGIC:
         return None
-    if version > FORMAT_VERSION:
-        raise FormatError(
-            f"label format version {version} is newer than this Blockspace supports "
-            f"({FORMAT_VERSION})"
-        )
-    if version != FORMAT_VERSION:
-        raise FormatError(f"label format version {version} is not supported")
+    check_format_version(version, FORMAT_VERSION, "label")
     if not 2 <= body_len <= MAX_BODY_LEN:
         raise FormatError(f"disk label body length {body_len} out of bounds")
     body = raw[HEADER_SIZE : HEADER_SIZE + body_len]
@@ -397,15 +369,7 @@ def decode_label(raw: BytesLike) -> DiskLabel | None:
         raise FormatError("disk label checksum mismatch")
     if raw[HEADER_SIZE + body_len :].strip(b"\0"):
         raise FormatError("disk label padding is not zero")
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FormatError("disk label body is not valid UTF-8") from None
-    try:
-        document = loads_strict(text)
-    except ValueError as exc:
-        raise FormatError(f"disk label body is not valid JSON: {str(exc)[:80]}") from None
-    return _label_from_body(document)
+    return _label_from_body(decode_json_body(body, "disk label body"))
 
 
 def pick_label(primary: BytesLike, backup: BytesLike) -> DiskLabel | None:

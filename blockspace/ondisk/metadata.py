@@ -23,6 +23,7 @@ from typing import Any
 import xxhash
 
 from blockspace.errors import FormatError, InvalidInput, NoSpace
+from blockspace.ondisk.framing import check_format_version, decode_json_body
 from blockspace.ondisk.label import (
     BLOCK,
     GIB,
@@ -37,7 +38,6 @@ from blockspace.ondisk.label import (
     BytesLike,
     check_uuid,
     compute_geometry,
-    loads_strict,
     timestamp,
     validate_name,
 )
@@ -699,13 +699,7 @@ def decode_metadata(raw: BytesLike, pool_uuid: str | None = None) -> PoolMetadat
     magic, version, flags, generation, payload_len, checksum, uuid_bytes = _HEADER.unpack_from(raw)
     if magic != META_MAGIC:
         raise FormatError("no pool metadata here (bad magic)")
-    if version > META_VERSION:
-        raise FormatError(
-            f"metadata format version {version} is newer than this Blockspace supports "
-            f"({META_VERSION})"
-        )
-    if version != META_VERSION:
-        raise FormatError(f"metadata format version {version} is not supported")
+    check_format_version(version, META_VERSION, "metadata")
     if flags != 0:
         raise FormatError(f"pool metadata has unknown flags {flags:#x}")
     if raw[_HEADER.size - 8 : _HEADER.size].strip(b"\0"):
@@ -722,14 +716,7 @@ def decode_metadata(raw: BytesLike, pool_uuid: str | None = None) -> PoolMetadat
     if xxhash.xxh3_64_intdigest(payload) != checksum:
         raise FormatError("pool metadata checksum mismatch")
     document = _decompress(payload, _json_cap(len(raw)))
-    try:
-        text = document.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FormatError("pool metadata is not valid UTF-8") from None
-    try:
-        parsed = loads_strict(text)
-    except ValueError as exc:
-        raise FormatError(f"pool metadata is not valid JSON: {str(exc)[:80]}") from None
+    parsed = decode_json_body(document, "pool metadata")
     md = _from_document(parsed)
     if md.generation != generation:
         raise FormatError(
