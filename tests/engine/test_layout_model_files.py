@@ -24,7 +24,7 @@ from blockspace.disks.faults import FaultSpec, FaultyDevice
 from blockspace.pool.pool import Pool
 from blockspace.volume.volume import Volume
 
-from .test_volume import DISK, LAYOUTS, SLAB, MiB, read_op, write_op
+from .test_volume import DISK, LAYOUTS, SLAB, MiB, model_step, read_op, write_op
 
 DISKS = 5
 
@@ -90,16 +90,7 @@ def test_layout_matches_bytearray_model_on_image_files(
                                           "thin")
         volume = Volume(pool, record)
         model = bytearray(volume.size)
-
-        async def apply(kind: str, offset: int, length: int, data_seed: int) -> None:
-            offset %= volume.size
-            length = min(length, volume.size - offset)
-            if kind == "w":
-                data = random.Random(data_seed).randbytes(length)
-                await volume.write(offset, data)
-                model[offset : offset + length] = data
-            else:
-                assert await volume.read(offset, length) == model[offset : offset + length]
+        apply = model_step(volume, model)
 
         try:
             for op in ops:

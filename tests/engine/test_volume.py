@@ -6,6 +6,7 @@ failed, and the volume must still read exactly what the model holds (and keep wr
 
 import os
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,26 @@ write_op = st.tuples(st.just("w"), st.integers(0, 10**9), st.integers(1, 150_000
 read_op = st.tuples(st.just("r"), st.integers(0, 10**9), st.integers(1, 150_000), st.integers())
 
 
+ModelStep = Callable[[str, int, int, int], Awaitable[None]]
+
+
+def model_step(volume: Volume, model: bytearray) -> ModelStep:
+    """One op of the model tests: a write applied to the volume and the model alike, or a read
+    that must match the model. Offsets and lengths are folded into the volume."""
+
+    async def apply(kind: str, offset: int, length: int, data_seed: int) -> None:
+        offset %= volume.size
+        length = min(length, volume.size - offset)
+        if kind == "w":
+            data = random.Random(data_seed).randbytes(length)
+            await volume.write(offset, data)
+            model[offset : offset + length] = data
+        else:
+            assert await volume.read(offset, length) == model[offset : offset + length]
+
+    return apply
+
+
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
@@ -77,16 +98,7 @@ def test_layout_matches_bytearray_model(
         pool, volume, devices = await make_volume(spec)
         model = bytearray(volume.size)
         rng = random.Random(seed)
-
-        async def apply(kind: str, offset: int, length: int, data_seed: int) -> None:
-            offset %= volume.size
-            length = min(length, volume.size - offset)
-            if kind == "w":
-                data = random.Random(data_seed).randbytes(length)
-                await volume.write(offset, data)
-                model[offset : offset + length] = data
-            else:
-                assert await volume.read(offset, length) == model[offset : offset + length]
+        apply = model_step(volume, model)
 
         for op in ops:
             await apply(*op)

@@ -25,6 +25,8 @@ from blockspace.volume.region_resync import regions_touched
 from blockspace.volume.row_locks import column_rows, slab_rows
 from blockspace.volume.volume import slab_ranges
 
+from .test_layouts import where
+
 SPECS = [
     LayoutSpec("simple", 1, interleave=4096),
     LayoutSpec("simple", 4, interleave=8192),
@@ -33,13 +35,6 @@ SPECS = [
     LayoutSpec("parity", 3, parity=1, interleave=4096),
     LayoutSpec("parity", 2, parity=2, interleave=16384),
 ]
-
-
-def where(spec: LayoutSpec, position: int) -> tuple[int, int]:
-    """(data column, offset in that column's extent) of slab byte `position`."""
-    row, within = divmod(position, spec.interleave * spec.columns)
-    column, unit_offset = divmod(within, spec.interleave)
-    return column, row * spec.interleave + unit_offset
 
 
 @given(spec=st.sampled_from(SPECS), offset=st.integers(0, 100_000),
