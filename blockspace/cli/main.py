@@ -7,11 +7,13 @@ One module per command group: cli/pool.py, volume.py, disk.py, scrub.py, mount.p
 faults.py, tiers.py; what they print goes through cli/output.py."""
 
 import argparse
+import json
 import logging
 import sys
 import traceback
 from collections.abc import Sequence
 
+from blockspace import __version__
 from blockspace.cli import disk, faults, mount, pool, scrub, tiers, volume
 from blockspace.cli.common import INTERNAL_ERROR, Parser, UsageError
 from blockspace.cli.output import error_line
@@ -32,6 +34,7 @@ def build_parser() -> Parser:
                     epilog="Exit codes: 0 done, 1 failed, 2 bad input (nothing changed), "
                            "3 data at risk, 4 not mounted, 5 nothing to act on, "
                            "70 internal error.")
+    parser.add_argument("--version", action="version", version=f"blockspace {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     pool.add_commands(commands, common)
     volume.add_commands(commands, common)
@@ -55,9 +58,20 @@ def user_error(error: BaseException) -> BlockspaceError | None:
     return None
 
 
+def fail(message: str, exit_code: int, json_mode: bool) -> int:
+    """A failed command's one line on stderr; with --json also an object on stdout, so a
+    script reading stdout learns why without parsing the line."""
+    error_line(message)
+    if json_mode:
+        print(json.dumps({"error": message, "exit_code": exit_code}, sort_keys=True))
+    return exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     verbose = False
+    # Known before parsing, so that a usage error too is answered in JSON.
+    json_mode = "--json" in (sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
         args.json = getattr(args, "json", False)
@@ -74,17 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         error = user_error(caught)
         if isinstance(error, UsageError):
-            error_line(str(error))
-            return error.exit_code
+            return fail(str(error), error.exit_code, json_mode)
         if error is not None:
-            error_line(f"blockspace: error: {error}")
-            return error.exit_code
+            return fail(f"blockspace: error: {error}", error.exit_code, json_mode)
         if isinstance(caught, OSError):  # the state directory, a socket, a device file
-            error_line(f"blockspace: error: {caught}")
-            return 1
+            return fail(f"blockspace: error: {caught}", 1, json_mode)
         # A bug. Still one line (and the contract tests fail on it); -v shows where.
         if verbose:
             traceback.print_exception(caught, file=sys.stderr)
-        error_line(f"blockspace: internal error: {type(caught).__name__}: {caught} "
-                   "(a bug; run with -v for the traceback)")
-        return INTERNAL_ERROR
+        return fail(f"blockspace: internal error: {type(caught).__name__}: {caught} "
+                    "(a bug; run with -v for the traceback)", INTERNAL_ERROR, json_mode)

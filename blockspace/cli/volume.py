@@ -34,6 +34,26 @@ def find(args: argparse.Namespace, name: str) -> dict[str, Any]:
     raise InvalidInput(f"no volume {name!r} in pool {args.pool!r}")
 
 
+# Every output names a layout "mirror-2" or "parity-1": the same names are accepted here.
+RESILIENCY_NAMES = {"simple": ("simple", None, None), "mirror": ("mirror", None, None),
+                    "parity": ("parity", None, None),
+                    "mirror-2": ("mirror", 2, None), "mirror-3": ("mirror", 3, None),
+                    "parity-1": ("parity", None, 1), "parity-2": ("parity", None, 2)}
+
+
+def resiliency_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """--resiliency (a kind, or a kind with its count as `pool status` prints it) with
+    --copies and --parity: the kind and counts for the request, refusing a contradiction."""
+    kind, copies, parity = RESILIENCY_NAMES[args.resiliency or "mirror"]
+    for option, named, given in (("--copies", copies, args.copies),
+                                 ("--parity", parity, args.parity)):
+        if named is not None and given is not None and given != named:
+            raise UsageError(f"blockspace volume create: error: --resiliency "
+                             f"{args.resiliency} contradicts {option} {given}")
+    return {"resiliency": kind, "copies": args.copies if copies is None else copies,
+            "parity": args.parity if parity is None else parity}
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     validate_name("volume", args.name)
     interleave = parse_size(args.interleave) if args.interleave else None
@@ -47,8 +67,7 @@ def cmd_create(args: argparse.Namespace) -> int:
                              "--tier hdd:...)")
         size = volume_size(args.size, "--size")
         change(
-            args, "volume_create", name=args.name, size=size,
-            resiliency=args.resiliency or "mirror", copies=args.copies, parity=args.parity,
+            args, "volume_create", name=args.name, size=size, **resiliency_fields(args),
             columns=args.columns, interleave=interleave, provisioning=args.provisioning,
         )
     volume = find(args, args.name)
@@ -96,8 +115,8 @@ def add_commands(commands: Any, common: Parser) -> None:
     p.add_argument("pool")
     p.add_argument("name")
     p.add_argument("--size", help="e.g. 20G (required unless tiered)")
-    p.add_argument("--resiliency", choices=["simple", "mirror", "parity"],
-                   help="default mirror")
+    p.add_argument("--resiliency", choices=list(RESILIENCY_NAMES),
+                   help="default mirror (mirror-2); mirror-3, parity-1, parity-2 name the count")
     p.add_argument("--copies", type=int, help="mirror: 2 (default) or 3")
     p.add_argument("--parity", type=int, help="parity: 1 (default) or 2")
     p.add_argument("--columns", type=int, help="data columns per slab")

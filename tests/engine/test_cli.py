@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from blockspace import __version__
 from blockspace.units import format_size
 
 MiB = 1 << 20
@@ -66,12 +67,16 @@ def ok_json(state: Path, *args: str, cwd: Path) -> Any:
     return ok(state, *args, "--json", cwd=cwd).json()
 
 
-def assert_one_line_error(result: Result, rc: int, *expected: str) -> None:
-    """A clean user error: exit code `rc`, nothing on stdout, one line on stderr that says
-    it is an error and contains each of `expected`."""
+def assert_one_line_error(result: Result, rc: int, *expected: str, json_mode: bool = False) -> None:
+    """A clean user error: exit code `rc`, one line on stderr that says it is an error and
+    contains each of `expected`; on stdout nothing, or with --json that line and the code
+    as an object."""
     assert "Traceback" not in result.err, result.err
     assert result.rc == rc, (result.rc, result.err)
-    assert result.out == ""
+    if json_mode:
+        assert result.json() == {"error": result.err.rstrip("\n"), "exit_code": rc}
+    else:
+        assert result.out == ""
     lines = result.err.splitlines()
     assert len(lines) == 1, result.err
     line = lines[0]
@@ -213,7 +218,7 @@ BAD_INPUT = [
     case("slab-not-power-of-two", [*NEW, "free0.img", "--slab-size", "3M"],
          2, "invalid slab size 3M: use a power of two between 1M and 4G"),
     case("slab-not-a-size", [*NEW, "free0.img", "--slab-size", "abc"],
-         2, "invalid size 'abc' (expected e.g. 512M, 20G, 1T)"),
+         2, "invalid size 'abc' (expected e.g. 512M, 20G, 1T, 1TB)"),
     case("slab-zero", [*NEW, "free0.img", "--slab-size", "0"],
          2, "invalid slab size 0B: use a power of two"),
     case("metadata-size-not-4k", [*NEW, "free0.img", "--slab-size", "16M",
@@ -253,6 +258,15 @@ BAD_INPUT = [
     case("simple-4-columns-on-3-disks", ["volume", "create", "pool", "v", "--size", "1G",
                                          "--resiliency", "simple", "--columns", "4"],
          2, "simple (4 col) needs at least 4 disks, the pool has 3"),
+    case("mirror-3-by-name-on-2-disks", ["volume", "create", "two", "v", "--size", "1G",
+                                         "--resiliency", "mirror-3"],
+         2, "mirror-3 needs at least 3 disks, the pool has 2"),
+    case("resiliency-name-contradicts-copies", ["volume", "create", "pool", "v", "--size", "1G",
+                                                "--resiliency", "mirror-3", "--copies", "2"],
+         2, "--resiliency mirror-3 contradicts --copies 2"),
+    case("resiliency-name-contradicts-parity", ["volume", "create", "pool", "v", "--size", "1G",
+                                                "--resiliency", "parity-1", "--parity", "2"],
+         2, "--resiliency parity-1 contradicts --parity 2"),
     case("copies-4", ["volume", "create", "pool", "v", "--size", "1G", "--copies", "4"],
          2, "mirror needs --copies 2 or 3, not 4"),
     case("parity-3", ["volume", "create", "pool", "v", "--size", "1G", "--resiliency", "parity",
@@ -266,7 +280,7 @@ BAD_INPUT = [
          2, "interleave must be a power of two from 4K to the slab size, not 3072"),
     # volume sizes
     case("size-unknown-unit", ["volume", "create", "pool", "v", "--size", "12Q"],
-         2, "invalid size '12Q' (expected e.g. 512M, 20G, 1T)"),
+         2, "invalid size '12Q' (expected e.g. 512M, 20G, 1T, 1TB)"),
     case("size-negative", ["volume", "create", "pool", "v", "--size", "-1"],
          2, "invalid size '-1'"),
     case("size-zero", ["volume", "create", "pool", "v", "--size", "0"],
@@ -330,7 +344,7 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(
 ) -> None:
     before = snapshot(world.root)
     result = world.run(*args)
-    assert_one_line_error(result, rc, *expected)
+    assert_one_line_error(result, rc, *expected, json_mode="--json" in args)
     assert snapshot(world.root) == before
 
 
@@ -370,6 +384,20 @@ def test_read_only_commands_and_option_positions(world: World) -> None:
     assert "thin" in table
     assert "fixed" in table
     assert snapshot(world.root) == before
+
+
+def test_version_and_resiliency_names(world: World) -> None:
+    """--version answers without a command; a volume created as "parity-1" or "mirror-3" is
+    listed under the name it was created with; a usage error with --json is an object too."""
+    version = ok(world.state, "--version", cwd=world.root).out
+    assert version == f"blockspace {__version__}\n"
+    for name in ("mirror-3", "parity-1"):
+        created = ok_json(world.state, "volume", "create", "pool", f"by-{name}", "--size", "64M",
+                          "--resiliency", name, cwd=world.root)
+        assert created["resiliency"].split(" ")[0] == name  # parity adds "(2+1)"
+        ok(world.state, "volume", "delete", "pool", f"by-{name}", cwd=world.root)
+    usage = world.run("--json", "pool", "list", "--bogus")
+    assert_one_line_error(usage, 2, "unrecognized arguments: --bogus", json_mode=True)
 
 
 def test_help(tmp_path: Path) -> None:

@@ -302,7 +302,11 @@ def test_bad_input_is_one_line_the_documented_code_and_changes_nothing(
     assert "Traceback" not in result.stderr, result.stderr
     assert "internal error" not in result.stderr, result.stderr
     assert result.returncode == bad.code(mode), (result.returncode, result.stderr)
-    assert result.stdout == ""
+    if "--json" in result.args:  # the line and the code as an object on stdout as well
+        assert json.loads(result.stdout) == {"error": result.stderr.rstrip("\n"),
+                                             "exit_code": result.returncode}
+    else:
+        assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
     assert re.match(r"^blockspace( [a-z]+)*: error: ", lines[0]), lines[0]
