@@ -61,6 +61,7 @@ from blockspace.pool.intent import (
     volume_key,
 )
 from blockspace.pool.intent import Key as IntentKey
+from blockspace.units import format_size
 from blockspace.volume.concurrency import bind, run_all
 
 log = logging.getLogger(__name__)
@@ -795,7 +796,8 @@ class Pool:
         if size <= 0 or size % BLOCK:
             raise InvalidInput(f"volume size must be a positive multiple of 4K, not {size}")
         if size > MAX_VOLUME_SIZE:
-            raise InvalidInput(f"volume size {size} is larger than the {MAX_VOLUME_SIZE} allowed")
+            raise InvalidInput(f"volume size {format_size(size)} is larger than the "
+                               f"{format_size(MAX_VOLUME_SIZE)} allowed")
         spec.validate(self.slab_size, len(self.usable_disk_ids()))
         record = VolumeRecord(
             name=name,
@@ -808,7 +810,7 @@ class Pool:
         )
         if provisioning == "fixed":
             needed = self.slab_count(record)
-            self._check_fits(spec, needed, f"fixed volume of {size} bytes")
+            self._check_fits(spec, needed, f"fixed volume of {format_size(size)}")
             self.metadata.volumes.append(record)
             try:
                 await self.allocate_slabs(record, list(range(needed)))
@@ -854,7 +856,8 @@ class Pool:
         volume = self.volume(name)
         if new_size % BLOCK or new_size <= volume.size or new_size > MAX_VOLUME_SIZE:
             raise InvalidInput(
-                f"new size must be a multiple of 4K larger than the current {volume.size}"
+                "new size must be a multiple of 4K larger than the current "
+                f"{format_size(volume.size)}"
             )
         old_size = volume.size
         old_slabs = self.slab_count(volume)

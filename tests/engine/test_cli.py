@@ -310,7 +310,7 @@ BAD_INPUT = [
     case("grow-unknown-volume", ["volume", "grow", "pool", "nope", "--size", "2G"],
          2, "no volume 'nope' in pool 'pool'"),
     case("grow-to-smaller", ["volume", "grow", "pool", "thin", "--size", "512M"],
-         2, "new size must be a multiple of 4K larger than the current 1073741824"),
+         2, "new size must be a multiple of 4K larger than the current 1G"),
     case("grow-bad-size", ["volume", "grow", "pool", "thin", "--size", "lots"],
          2, "invalid size 'lots'"),
     case("grow-fixed-beyond-free-space", ["volume", "grow", "pool", "fixed", "--size", "10G"],
@@ -356,7 +356,8 @@ def test_fixed_volume_larger_than_free_space_changes_nothing(world: World) -> No
     result = world.run("volume", "create", "pool", "huge", "--size", str(fits + SLAB),
                        "--provisioning", "fixed")
     assert_one_line_error(
-        result, 1, f"not enough free space for the fixed volume of {fits + SLAB} bytes: ",
+        result, 1,
+        f"not enough free space for the fixed volume of {format_size(fits + SLAB)}: ",
         f"mirror-2 can still place {format_size(fits)}, {format_size(fits + SLAB)} needed",
     )
     assert snapshot(world.root) == before
