@@ -6,6 +6,7 @@ Each function opens what it needs and closes it again; progress goes to a callba
 progress bar), so nothing here prints."""
 
 import os
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +76,64 @@ def find_pool(paths: Sequence[str]) -> FoundPool:
         raise InvalidInput(f"the disks belong to several pools: {names}; import one at a time")
     pool_uuid, (label_name, members) = next(iter(found.items()))
     return FoundPool(pool_uuid, label_name, members)
+
+
+def scan_directory(directory: str) -> tuple[list[FoundPool], list[str]]:
+    """The pools whose members are in `directory` (its regular files and block devices, not
+    its subdirectories), and the entries skipped: not a Blockspace disk, a damaged label, a
+    second path to a disk already found, unreadable. InvalidInput if it is no directory."""
+    if not os.path.isdir(directory):
+        raise InvalidInput(f"{directory}: not a directory")
+    found: dict[str, FoundPool] = {}
+    skipped: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+        path = entry.path
+        try:
+            mode = os.stat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                continue
+            identity = disk_identity(path)
+            if identity in seen:
+                skipped.append(f"{path}: a second path to a disk already found")
+                continue
+            device = FileDevice(path, writable=False, workers=1)
+            try:
+                label = read_label(device)
+            finally:
+                device.close()
+        except (OSError, FormatError, InvalidInput) as error:
+            skipped.append(f"{path}: {error}")
+            continue
+        if label is None:
+            skipped.append(f"{path}: not a Blockspace disk")
+            continue
+        seen.add(identity)
+        pool = found.setdefault(label.pool_uuid,
+                                FoundPool(label.pool_uuid, label.pool_name, []))
+        pool.paths.append(os.path.abspath(path))
+    return list(found.values()), skipped
+
+
+def pick_found_pool(pools: list[FoundPool], wanted: str | None, directory: str) -> FoundPool:
+    """The pool `pool import -d DIR [POOL]` means: the one named (label name or uuid), or
+    the only one found; InvalidInput naming the choices otherwise."""
+    choices = ", ".join(f"{p.label_name} ({p.uuid})" for p in pools) or "none"
+    if wanted is not None:
+        matches = [p for p in pools if wanted in (p.label_name, p.uuid)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise InvalidInput(f"no pool {wanted!r} among the disks in {directory} "
+                               f"(found: {choices})")
+        raise InvalidInput(f"several pools named {wanted!r} in {directory}: {choices}; "
+                           "name one by its uuid")
+    if len(pools) == 1:
+        return pools[0]
+    if not pools:
+        raise InvalidInput(f"no Blockspace disks in {directory}")
+    raise InvalidInput(f"the disks in {directory} belong to several pools: {choices}; "
+                       "name the one to import")
 
 
 async def check_found_pool(found: FoundPool, name: str) -> dict[str, Any]:

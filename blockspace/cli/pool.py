@@ -13,7 +13,14 @@ from blockspace.admin import offline
 from blockspace.admin.pools import check_new_disks
 from blockspace.admin.registry import PoolEntry
 from blockspace.cli import disk
-from blockspace.cli.common import DATA_AT_RISK, OK, Parser, mounted_socket, registry_of
+from blockspace.cli.common import (
+    DATA_AT_RISK,
+    OK,
+    Parser,
+    UsageError,
+    mounted_socket,
+    registry_of,
+)
 from blockspace.cli.output import console, emit, table
 from blockspace.cli.tiers import annotate_status
 from blockspace.errors import InvalidInput
@@ -146,7 +153,18 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     registry = registry_of(args)
-    found = offline.find_pool(args.disks)
+    skipped: list[str] = []
+    if args.directory is not None:
+        if len(args.disks) > 1:
+            raise UsageError("blockspace pool import: error: with -d DIR, give at most one "
+                             "pool name or uuid, not disks")
+        pools, skipped = offline.scan_directory(args.directory)
+        found = offline.pick_found_pool(pools, args.disks[0] if args.disks else None,
+                                        args.directory)
+    elif not args.disks:
+        raise UsageError("blockspace pool import: error: give the pool's disks, or -d DIR")
+    else:
+        found = offline.find_pool(args.disks)
     name = args.name or found.label_name
     validate_name("pool", name)
     existing = registry.pools().get(name)
@@ -157,9 +175,16 @@ def cmd_import(args: argparse.Namespace) -> int:
     status = trio.run(offline.check_found_pool, found, name)  # one that does not open: refused
     status["name"] = name
     registry.add(PoolEntry(name, found.uuid, found.paths))
-    emit(args, status, lambda s: console.print(
-        f"imported pool [bold]{name}[/] ({found.uuid}) with {len(found.paths)} disks, "
-        f"health {s['health']}"))
+    if args.directory is not None:
+        status["skipped"] = skipped
+
+    def human(s: dict[str, Any]) -> None:
+        console.print(f"imported pool [bold]{name}[/] ({found.uuid}) with "
+                      f"{len(found.paths)} disks, health {s['health']}")
+        if skipped and args.verbose:
+            console.print("skipped: " + "; ".join(skipped), markup=False)
+
+    emit(args, status, human)
     return OK
 
 
@@ -195,8 +220,14 @@ def add_commands(commands: Any, common: Parser) -> None:
     p.set_defaults(func=cmd_status)
     p = pool.add_parser("list", parents=[common], help="registered pools")
     p.set_defaults(func=cmd_list)
-    p = pool.add_parser("import", parents=[common], help="register a pool found on disks")
-    p.add_argument("disks", nargs="+", metavar="DISK")
+    p = pool.add_parser("import", parents=[common], help="register a pool found on disks",
+                        description="Register the pool whose member disks are given, or, "
+                                    "with -d DIR, the pool found among the files and block "
+                                    "devices in DIR (others are skipped; name the pool when "
+                                    "DIR holds several).")
+    p.add_argument("disks", nargs="*", metavar="DISK|POOL")
+    p.add_argument("-d", "--directory", metavar="DIR",
+                   help="scan DIR for member disks, skipping everything else")
     p.add_argument("--name", help="register under this name instead of the labelled one")
     p.set_defaults(func=cmd_import)
     p = pool.add_parser("export", parents=[common], help="forget a pool (disks untouched)")

@@ -326,6 +326,18 @@ BAD_INPUT = [
          2, "another pool is registered as 'two'; import with --name NEW"),
     case("import-bad-name", ["pool", "import", "p0.img", "--name", "a/b"],
          2, "invalid pool name 'a/b'"),
+    case("import-nothing", ["pool", "import"], 2, "give the pool's disks, or -d DIR"),
+    case("import-dir-not-a-dir", ["pool", "import", "-d", "p0.img"],
+         2, "p0.img: not a directory"),
+    case("import-dir-without-members", ["pool", "import", "-d", "adir"],
+         2, "no Blockspace disks in adir"),
+    case("import-dir-of-two-pools", ["pool", "import", "-d", "."],
+         2, "the disks in . belong to several pools: ", "pool (", "two (",
+         "name the one to import"),
+    case("import-dir-unknown-pool", ["pool", "import", "-d", ".", "nope"],
+         2, "no pool 'nope' among the disks in . (found: "),
+    case("import-dir-and-disks", ["pool", "import", "-d", ".", "p0.img", "p1.img"],
+         2, "with -d DIR, give at most one pool name or uuid, not disks"),
     # mount / unmount (validation only: nothing here reaches FUSE)
     case("unmount-not-mounted-dir", ["unmount", "adir"], 4, f"adir {UNKNOWN}"),
     case("unmount-not-mounted-pool", ["umount", "pool"], 4, f"pool {UNKNOWN}"),
@@ -399,6 +411,22 @@ def test_version_and_resiliency_names(world: World) -> None:
         ok(world.state, "volume", "delete", "pool", f"by-{name}", cwd=world.root)
     usage = world.run("--json", "pool", "list", "--bogus")
     assert_one_line_error(usage, 2, "unrecognized arguments: --bogus", json_mode=True)
+
+
+def test_import_scans_a_directory_and_skips_non_members(world: World, tmp_path: Path) -> None:
+    """`pool import -d DIR POOL` finds the pool's members among blank disks, other pools'
+    disks, a directory and second paths, and says what it skipped (--json)."""
+    state = tmp_path / "state"
+    imported = ok_json(state, "pool", "import", "-d", str(world.root), "two", cwd=world.root)
+    assert imported["name"] == "two"
+    assert sorted(Path(d["path"]).name for d in imported["disks"]) == ["t0.img", "t1.img"]
+    skipped = "\n".join(imported["skipped"])
+    for name in ("free0.img", "free0.link", "free1.img", "free1.hard", "small.img"):
+        assert f"{world.root / name}: not a Blockspace disk" in skipped
+    by_uuid = ok_json(state, "pool", "import", "-d", str(world.root), imported["uuid"],
+                      cwd=world.root)  # again, by uuid: the same registration
+    assert (by_uuid["name"], by_uuid["uuid"]) == ("two", imported["uuid"])
+    assert [p["name"] for p in ok_json(state, "pool", "list", cwd=world.root)] == ["two"]
 
 
 def test_help(tmp_path: Path) -> None:
