@@ -1,0 +1,25 @@
+"""`blockspace completion bash|zsh`: a shell completion script generated from the parser
+itself (shtab), so it never falls behind the commands. Install it, e.g.
+`blockspace completion bash > /etc/bash_completion.d/blockspace`."""
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import shtab
+
+from blockspace.cli.common import OK, Parser
+
+SHELLS = ("bash", "zsh")
+
+
+def add_commands(commands: Any, common: Parser, build_parser: Callable[[], Parser]) -> None:
+    p = commands.add_parser("completion", parents=[common],
+                            help="print a shell completion script")
+    p.add_argument("shell", choices=SHELLS)
+
+    def cmd_completion(args: argparse.Namespace) -> int:
+        print(shtab.complete(build_parser(), shell=args.shell), end="")
+        return OK
+
+    p.set_defaults(func=cmd_completion)
