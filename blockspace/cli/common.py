@@ -100,9 +100,10 @@ def volume_size(text: str, what: str) -> int:
     return size
 
 
-def rate(text: str | None) -> int:
-    """A --rate bandwidth limit in bytes per second; none (or 0) means unlimited."""
-    return parse_size(text) if text else 0
+def rate(text: str | None, default: int = 0) -> int:
+    """A --rate bandwidth limit in bytes per second, 0 meaning unlimited; without the option,
+    `default` (the configuration file's)."""
+    return parse_size(text) if text is not None else default
 
 
 def owner(text: str) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from typing import Any
 import trio
 
 from blockspace.admin import offline
+from blockspace.admin.config import load_config
 from blockspace.cli.common import FAILED, OK, Parser, pool_socket, rate
 from blockspace.cli.output import console, emit, progress_bar
 from blockspace.service import control
@@ -34,7 +35,7 @@ def cmd_disk(args: argparse.Namespace) -> int:
 
 def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """The daemon's request for the command line (every value checked)."""
-    limit = rate(getattr(args, "rate", None))
+    limit = rate(getattr(args, "rate", None), load_config().rebuild_rate)
     command = args.disk_command if args.command == "disk" else args.pool_command
     if command == "add":
         paths = [os.path.abspath(p) for p in args.disks]

@@ -14,7 +14,17 @@ import traceback
 from collections.abc import Sequence
 
 from blockspace import __version__
-from blockspace.cli import completion, disk, faults, mount, pool, scrub, tiers, volume
+from blockspace.cli import (
+    completion,
+    configuration,
+    disk,
+    faults,
+    mount,
+    pool,
+    scrub,
+    tiers,
+    volume,
+)
 from blockspace.cli.common import INTERNAL_ERROR, Parser, UsageError
 from blockspace.cli.output import error_line
 from blockspace.errors import BlockspaceError
@@ -43,6 +53,7 @@ def build_parser() -> Parser:
     mount.add_commands(commands, common)
     faults.add_commands(commands, common)
     tiers.add_commands(commands, common)
+    configuration.add_commands(commands, common)
     completion.add_commands(commands, common, build_parser)
     return parser
 

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blockspace.admin.config import load_config
 from blockspace.cli.common import OK, NotMounted, Parser, owner, registry_of, seconds
 from blockspace.cli.output import console, emit
 from blockspace.errors import BlockspaceError, InvalidInput
-from blockspace.pool.pool import DEFAULT_IO_TIMEOUT
 from blockspace.service import control
 from blockspace.service.nbd import default_socket_path, parse_address
 
@@ -38,12 +38,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
         nbd = str(parse_address(args.nbd or str(default_socket_path(registry.run_dir,
                                                                     args.pool))))
     log_file = args.log_file or str(registry.log_path(args.pool))
+    io_timeout = args.io_timeout if args.io_timeout is not None else load_config().io_timeout
     uid, gid = args.owner
     options = daemon.MountOptions(
         pool=args.pool, mountpoint=mountpoint, uid=uid, gid=gid,
         allow_other=not args.no_allow_other, log_file=log_file,
         allow_fault_injection=args.allow_fault_injection,
-        io_timeout=args.io_timeout or DEFAULT_IO_TIMEOUT, nbd=nbd,
+        io_timeout=io_timeout, nbd=nbd,
     )
     if args.foreground:
         daemon.setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
@@ -56,8 +57,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         command.insert(-2, "--no-allow-other")
     if args.allow_fault_injection:
         command.insert(-2, "--allow-fault-injection")
-    if args.io_timeout is not None:
-        command.insert(-2, f"--io-timeout={args.io_timeout}")
+    command.insert(-2, f"--io-timeout={io_timeout}")
     if nbd:
         command.insert(-2, f"--nbd={nbd}")
     # posix_spawn, not Popen: the daemon outlives this process, and a Popen object left
@@ -122,7 +122,8 @@ def add_commands(commands: Any, common: Parser) -> None:
     p.add_argument("--no-allow-other", action="store_true",
                    help="only the mounting user may access the files (losetup needs root)")
     p.add_argument("--io-timeout", type=seconds(0.1, 3600), metavar="SECONDS",
-                   help="fail a disk that does not answer an I/O within this time (default 30)")
+                   help="fail a disk that does not answer an I/O within this time (default: "
+                        "daemon.io_timeout of the config file, else 30)")
     p.add_argument("--allow-fault-injection", action="store_true",
                    help="testing only: let `blockspace fault` make this mount's disks fail")
     p.add_argument("--nbd", nargs="?", const="", metavar="SOCKET",

@@ -13,6 +13,7 @@ from typing import Any
 import trio
 
 from blockspace.admin import offline
+from blockspace.admin.config import load_config
 from blockspace.cli.common import (
     DATA_AT_RISK,
     OK,
@@ -36,7 +37,7 @@ ACTS_ON = {
 
 def cmd_scrub(args: argparse.Namespace) -> int:
     action = args.action or "start"
-    limit = rate(args.rate)
+    limit = rate(args.rate, load_config().scrub_rate)
     registry, socket_path = pool_socket(args)
     if socket_path is None:
         if action != "start":

@@ -630,3 +630,21 @@ def test_damaged_labels(tmp_path: Path) -> None:
     assert_one_line_error(result, 2, "l0.img carries a damaged Blockspace label",
                           "use --force to overwrite it")
     assert snapshot(tmp_path) == before
+
+
+def test_the_config_file_sets_defaults_and_a_bad_one_is_refused(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`config show` reports the file in $BLOCKSPACE_CONFIG; a command that reads a default
+    from a file with a typo refuses with one line and does nothing."""
+    config = tmp_path / "blockspace.toml"
+    config.write_text('[scrub]\nrate = "64M"\n[daemon]\nio_timeout = 7\n')
+    monkeypatch.setenv("BLOCKSPACE_CONFIG", str(config))
+    shown = ok_json(world.state, "config", "show", cwd=world.root)
+    assert (shown["scrub_rate"], shown["io_timeout"], shown["source"]) == (
+        64 << 20, 7.0, str(config))
+    config.write_text("[scrub]\nrat = \"64M\"\n")
+    before = snapshot(world.root)
+    assert_one_line_error(world.run("scrub", "pool"), 2,
+                          f"{config}: unknown key scrub.rat (known: rate)")
+    assert snapshot(world.root) == before
