@@ -11,7 +11,7 @@ from typing import Any
 import trio
 
 from blockspace.admin import offline
-from blockspace.cli.common import FAILED, OK, Parser, pool_socket, rate
+from blockspace.cli.common import FAILED, OK, Parser, lease_options, pool_socket, rate
 from blockspace.cli.output import console, emit, progress_bar
 from blockspace.service import control
 from blockspace.units import format_size
@@ -26,7 +26,8 @@ def cmd_disk(args: argparse.Namespace) -> int:
             result = wait_for_rebuild(args, socket_path)
     else:
         with progress_bar(args, "rebuild") as update:
-            result = trio.run(offline.disk_job, registry, args.pool, op, fields, update)
+            result = trio.run(offline.disk_job, registry, args.pool, op, fields, update,
+                              lease_options(args))
     emit(args, result, print_result)
     failed = isinstance(result, dict) and result.get("state") == "failed"
     return FAILED if failed else OK
