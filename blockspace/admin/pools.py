@@ -14,6 +14,7 @@ import trio
 
 from blockspace.admin.registry import Registry
 from blockspace.disks.devices import Device, FileDevice, probe
+from blockspace.disks.gate import GatedDevice, WriteGate
 from blockspace.errors import BlockspaceError, DeviceError, FormatError, InvalidInput
 from blockspace.geometry.allocator import max_slabs
 from blockspace.geometry.layouts import KINDS, LayoutSpec, default_layout
@@ -88,12 +89,14 @@ def _check_not_member(path: str, force: bool) -> None:
         device.close()
 
 
-def open_devices(paths: Sequence[str]) -> list[Device]:
-    """Open whichever of `paths` exist; absent ones are the pool's missing disks."""
+def open_devices(paths: Sequence[str], gate: WriteGate | None = None) -> list[Device]:
+    """Open whichever of `paths` exist; absent ones are the pool's missing disks. With a
+    `gate`, behind it (the first write waits for the writer lease to be written)."""
     devices: list[Device] = []
     for path in paths:
         try:
-            devices.append(FileDevice(path))
+            device = FileDevice(path)
+            devices.append(device if gate is None else GatedDevice(device, gate))
         except InvalidInput as error:
             log.warning("disk not available: %s", error)
         except DeviceError as error:
@@ -123,7 +126,8 @@ async def opened_disks(
     pool is this process's to write: its host locks and lease are taken before the caller
     runs (DiskInUse naming the holder otherwise), beaten while it runs and released after;
     without, nothing may be written (read-only work: status)."""
-    devices = open_devices(paths)
+    gate = WriteGate() if writer is not None else None
+    devices = open_devices(paths, gate)
     try:
         if not devices:
             raise BlockspaceError(f"none of the disks of pool {name!r} can be opened")
@@ -136,8 +140,10 @@ async def opened_disks(
         if writer is None:
             yield pool
             return
+        assert gate is not None
         lease = WriterLease(pool, writer)
-        await lease.acquire()
+        await lease.acquire(defer=True)  # written before the command's first write
+        gate.hook = lease.write_first
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lease.beat)  # a long job (a rebuild) keeps it alive

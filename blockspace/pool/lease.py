@@ -21,6 +21,7 @@ import trio
 import xxhash
 
 from blockspace.disks.devices import Device
+from blockspace.disks.gate import GatedDevice
 from blockspace.disks.hostlock import DiskInUse, HostLock
 from blockspace.errors import BlockspaceError, DeviceError, FormatError
 from blockspace.ondisk.label import LEASE_SIZE, check_uuid
@@ -168,6 +169,7 @@ class WriterLease:
         self.locks: dict[str, HostLock] = {}  # disk uuid -> its host lock
         self.counter = 0
         self.held = False
+        self.pending = False  # taken, not yet written (`acquire(defer=True)`)
         self.lost: str | None = None
         self.last_beat = 0.0
 
@@ -181,9 +183,11 @@ class WriterLease:
                 uuid, what=f"pool {self.pool.name!r} disk {disk.record.disk_id}",
                 device_path=disk.path, directory=self.lock_dir)
 
-    async def acquire(self) -> None:
+    async def acquire(self, *, defer: bool = False) -> None:
         """Take the host locks and the lease, or raise DiskInUse saying who holds them.
-        Nothing of the pool is written before this returns."""
+        Nothing of the pool is written before this returns. With `defer` the lease is
+        written by `write_first` (before the first write of the caller: a command that
+        ends up writing nothing leaves the disks untouched)."""
         try:
             self._lock_members()
             readings = await read_readings(self.pool, self.me)
@@ -206,19 +210,28 @@ class WriterLease:
                 log.warning("pool %s: lease taken by --force", self.pool.name)
             self.counter = max((r.lease.counter for r in readings if r.lease is not None),
                                default=0)
-            await self._write_all("held")
-            self.held = True
+            self.pending = True
+            if not defer:
+                await self.write_first()
         except BaseException:
             self.close()
             raise
         log.info("pool %s: writer lease taken (%s)", self.pool.name, decision.reason)
+
+    async def write_first(self) -> None:
+        """Write the lease taken by `acquire`, once: from now on it is beaten."""
+        if self.pending:
+            self.pending = False
+            await self._write_all("held")
+            self.held = True
 
     async def _write_all(self, state: str) -> None:
         """Write the lease (the next beat) to every member, durably; a disk that cannot take
         it is logged (its failures are the I/O path's to judge)."""
         self.counter += 1
         self.last_beat = time.time()
-        for disk, device in _members(self.pool):
+        for disk, member in _members(self.pool):
+            device = member.inner if isinstance(member, GatedDevice) else member
             lease = Lease(self.pool.uuid, disk.record.disk_uuid, self.me, self.counter,
                           self.last_beat, state)
             try:
@@ -251,15 +264,16 @@ class WriterLease:
 
     async def beat(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                    ) -> None:
-        """Beat every `interval` seconds until cancelled."""
+        """Beat every `interval` seconds (once the lease is written) until cancelled."""
         task_status.started()
-        while self.held:
+        while True:
             await trio.sleep(self.interval)
             await self.beat_once()
 
     async def release(self) -> None:
         """Clean stop: the lease says released (unless it was lost), the host locks go."""
         try:
+            self.pending = False  # never written: nothing to release on the disks
             if self.held:
                 self.held = False
                 await self._write_all("released")
