@@ -1,0 +1,104 @@
+"""One writer per pool, whatever path reaches its disks (issue 16 item 6 and its finding "A
+second daemon can open the same disks through another path").
+
+Before: with the pool mounted from its image files, the same images attached with losetup,
+imported under another state directory and mounted again were accepted; both daemons
+allocated the same extents and acknowledged writes were lost. The per-file flock does not
+see a loop device; the host lock by disk UUID and the on-disk lease do.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+from .helpers import BlockspaceEnv, MiB, is_mounted, mounts, wait_exited
+
+DISK = 96 * MiB
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> str:
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_second_daemon_through_loop_devices_is_refused_until_the_first_is_dead(
+    blockspace_env: BlockspaceEnv,
+) -> None:
+    env = blockspace_env
+    images = env.make_images([DISK] * 3)
+    env.create_pool("tank", images, slab_size="16M")
+    env.create_volume("tank", "v", "32M", "mirror")
+    _, first_pid = env.mount_pool("tank")
+
+    loops = [env.attach_loop(image, pool_disk=True) for image in images]
+    other = env.root / "other-state"
+    second_mount = env.root / "second"
+    second_mount.mkdir()
+    second_pid: int | None = None
+    try:
+        # Reading is allowed: import (it only opens the pool once) and offline status,
+        # which shows who writes the pool.
+        env.cli_json("pool", "import", *loops, state_dir=other)
+        status = env.cli_json("pool", "status", "tank", state_dir=other)
+        assert status["lease"]["state"] == "held"
+        assert status["lease"]["pid"] == first_pid
+        assert status["lease"]["running"] is True
+        human = env.cli("pool", "status", "tank", state_dir=other).stdout
+        assert "writer lease: held by host " in human
+        assert f"pid {first_pid} (running)" in human
+
+        # Writing is refused, naming the holder and the path it holds the disk by.
+        env.fuse_mounts.append(second_mount)
+        result = env.cli("mount", "tank", str(second_mount), check=False, state_dir=other)
+        line = one_line_error(result, "in use by another writer on this host",
+                              f"pid {first_pid}", f"through {images[0]}")
+        assert line.startswith("blockspace: error: mount failed: pool 'tank' disk 0")
+        assert not is_mounted(second_mount)
+        result = env.cli("volume", "create", "tank", "w", "--size", "16M", "--resiliency",
+                         "mirror", check=False, state_dir=other)
+        one_line_error(result, "pool 'tank' disk 0", f"pid {first_pid}",
+                       f"through {images[0]}")
+        result = env.cli("scrub", "tank", check=False, state_dir=other)
+        one_line_error(result, "in use by another writer", f"pid {first_pid}")
+        volumes = [v["name"] for v in env.status("tank")["volumes"]]
+        assert volumes == ["v"]  # nothing was created behind the daemon's back
+
+        # The first daemon dies without a word: its lease names a dead pid of this host,
+        # taken at once.
+        env.kill_daemon(first_pid)
+        env.fusermount_lazy(env.root / "pool-tank")
+        info = env.cli_json("mount", "tank", str(second_mount), state_dir=other)
+        second_pid = int(info["pid"])
+        env.daemons.append(second_pid)
+        assert mounts().get(str(second_mount)) == "fuse.blockspace"
+        status = env.cli_json("pool", "status", "tank", state_dir=other)
+        assert status["lease"]["state"] == "held"
+        assert status["lease"]["pid"] == second_pid
+        assert [v["name"] for v in status["volumes"]] == ["v"]
+    finally:
+        if second_pid is not None and is_mounted(second_mount):
+            env.cli("unmount", str(second_mount), state_dir=other)
+            assert wait_exited(second_pid, 30)
+            env.fuse_mounts.remove(second_mount)
+        for loop in loops:
+            env.detach_loop(loop)
+    # Released at the clean stop: the images open again from the first registry.
+    status = env.status("tank")
+    assert status["lease"]["state"] == "released"
+
+
+def test_offline_status_of_a_released_pool(blockspace_env: BlockspaceEnv) -> None:
+    env = blockspace_env
+    images = env.make_images([DISK] * 2)
+    env.create_pool("tank", images, slab_size="16M")
+    assert env.status("tank")["lease"]["state"] == "none"  # nothing has written it yet
+    mountpoint, pid = env.mount_pool("tank")
+    env.unmount_pool(mountpoint, pid)
+    status = env.status("tank")
+    assert status["lease"]["state"] == "released"
+    assert "writer lease: released" in env.cli("pool", "status", "tank").stdout
