@@ -15,6 +15,7 @@ import trio
 from blockspace.admin.registry import Registry
 from blockspace.disks.devices import Device, FileDevice, probe
 from blockspace.disks.gate import GatedDevice, WriteGate
+from blockspace.disks.hostlock import HostLock
 from blockspace.errors import BlockspaceError, DeviceError, FormatError, InvalidInput
 from blockspace.geometry.allocator import max_slabs
 from blockspace.geometry.layouts import KINDS, LayoutSpec, default_layout
@@ -85,6 +86,9 @@ def _check_not_member(path: str, force: bool) -> None:
                 f"{path} already belongs to pool {label.pool_name!r} ({label.pool_uuid}); "
                 "use --force to overwrite it"
             )
+        if label is not None:  # --force overwrites a member, never one a writer holds
+            HostLock.acquire(label.disk_uuid, what=f"{path} (pool {label.pool_name!r} disk "
+                             f"{label.disk_id})", device_path=path).release()
     finally:
         device.close()
 

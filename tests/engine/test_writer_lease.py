@@ -5,7 +5,9 @@ watched, beaten, released and lost, and the truncated member that is never onlin
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,8 @@ import trio
 
 from blockspace.admin.pools import opened_disks, pool_status
 from blockspace.disks.devices import FileDevice
-from blockspace.disks.hostlock import DiskInUse
+from blockspace.disks.hostlock import DiskInUse, HostLock
+from blockspace.errors import BlockspaceError
 from blockspace.ondisk.label import LEASE_SIZE
 from blockspace.ondisk.lease import Holder, Lease, decode_lease, encode_lease
 from blockspace.pool.lease import (
@@ -341,3 +344,30 @@ def test_a_truncated_member_is_not_online_and_says_why(tmp_path: Path) -> None:
             close(reopened)
 
     trio.run(scenario)
+
+
+def test_the_host_lock_lives_in_a_private_directory(tmp_path: Path) -> None:
+    directory = tmp_path / "run" / "locks"
+    uuid = "5c0e8d4c-3a2f-4e1d-9c8b-7a6f5e4d3c2b"
+    lock = HostLock.acquire(uuid, what="pool 'tank' disk 0", device_path="/dev/loop9",
+                            directory=str(directory))
+    try:
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        path = directory / f"{uuid}.lock"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert json.loads(path.read_text()) == {"pid": os.getpid(), "path": "/dev/loop9"}
+        with pytest.raises(DiskInUse) as caught:
+            HostLock.acquire(uuid, what="pool 'tank' disk 0", device_path="/x",
+                             directory=str(directory))
+        assert str(caught.value) == (
+            f"pool 'tank' disk 0 (disk uuid {uuid}) is in use by another writer on this host: "
+            f"this process (pid {os.getpid()}) holds it through /dev/loop9")
+    finally:
+        lock.release()
+    assert not lock.held
+    HostLock.acquire(uuid, what="x", device_path="/x", directory=str(directory)).release()
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(BlockspaceError, match="cannot create its lock in"):
+        HostLock.acquire(uuid, what="pool 'tank' disk 0", device_path="/x",
+                         directory=str(blocked / "locks"))

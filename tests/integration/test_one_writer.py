@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import subprocess
 
+from blockspace.ondisk.label import LABEL_SIZE, LEASE_SIZE, decode_label
+from blockspace.ondisk.lease import Holder, Lease, decode_lease, encode_lease
+
 from .helpers import BlockspaceEnv, MiB, is_mounted, mounts, wait_exited
 
 DISK = 96 * MiB
+OTHER_HOST = Holder("bbbb2222", "beta", "1c8e5d4c-3a2f-4e1d-9c8b-7a6f5e4d3c2b", 77, 5)
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> str:
@@ -65,6 +69,12 @@ def test_a_second_daemon_through_loop_devices_is_refused_until_the_first_is_dead
                        f"through {images[0]}")
         result = env.cli("scrub", "tank", check=False, state_dir=other)
         one_line_error(result, "in use by another writer", f"pid {first_pid}")
+        # Nor may `pool create --force` relabel a member a writer holds.
+        result = env.cli("pool", "create", "new", loops[1], "--force", check=False,
+                         state_dir=other)
+        line = one_line_error(result, f"{loops[1]} (pool 'tank' disk 1)", f"pid {first_pid}",
+                              f"through {images[1]}")
+        assert "in use by another writer on this host" in line
         volumes = [v["name"] for v in env.status("tank")["volumes"]]
         assert volumes == ["v"]  # nothing was created behind the daemon's back
 
@@ -102,3 +112,33 @@ def test_offline_status_of_a_released_pool(blockspace_env: BlockspaceEnv) -> Non
     status = env.status("tank")
     assert status["lease"]["state"] == "released"
     assert "writer lease: released" in env.cli("pool", "status", "tank").stdout
+
+
+def test_a_daemon_whose_lease_is_taken_over_stops_at_once(blockspace_env: BlockspaceEnv) -> None:
+    """`mount --force` on another host took the pool: the daemon here sees a lease that is
+    not its own at its next beat and exits without writing another byte (status 75)."""
+    env = blockspace_env
+    images = env.make_images([DISK] * 2)
+    env.create_pool("tank", images, slab_size="16M")
+    mountpoint, pid = env.mount_pool("tank")
+    status = env.status("tank")
+    for image, disk in zip(images, status["disks"], strict=True):
+        with open(image, "r+b") as handle:
+            label = decode_label(handle.read(LABEL_SIZE))
+            assert label is not None
+            stolen = Lease(status["uuid"], disk["uuid"], OTHER_HOST, 10**6, 1.0, "held")
+            handle.seek(label.geometry.lease_offset)
+            handle.write(encode_lease(stolen))
+    assert wait_exited(pid, 30), "the daemon kept running on a pool taken over"
+    log = env.daemon_log("tank")
+    assert "taken over by host beta" in log
+    assert "stopping at once, without a final flush" in log
+    env.fusermount_lazy(mountpoint)
+    for image in images:  # nothing of ours went over the new holder's lease
+        with open(image, "rb") as handle:
+            label = decode_label(handle.read(LABEL_SIZE))
+            assert label is not None
+            handle.seek(label.geometry.lease_offset)
+            lease = decode_lease(handle.read(LEASE_SIZE), status["uuid"], label.disk_uuid)
+            assert lease is not None
+            assert lease.holder == OTHER_HOST
