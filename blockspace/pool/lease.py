@@ -113,10 +113,15 @@ async def read_readings(pool: Pool, me: Holder) -> list[Reading]:
     readings = []
     for disk, device in _members(pool):
         disk_id = disk.record.disk_id
+        raw = b""
         try:
-            raw = await device.read(disk.geometry.lease_offset, LEASE_SIZE)
+            with trio.move_on_after(pool.io_timeout):  # a hung disk must not stall a beat
+                raw = await device.read(disk.geometry.lease_offset, LEASE_SIZE)
         except DeviceError as error:
             readings.append(Reading(disk_id, None, damage=f"read error: {error}"))
+            continue
+        if not raw:
+            readings.append(Reading(disk_id, None, damage="no answer to the lease read"))
             continue
         digest = xxhash.xxh3_64_intdigest(raw)
         try:

@@ -17,6 +17,7 @@ import trio
 
 from blockspace.admin.pools import opened_disks, pool_status
 from blockspace.disks.devices import FileDevice
+from blockspace.disks.faults import FaultSpec, FaultyDevice
 from blockspace.disks.hostlock import DiskInUse, HostLock
 from blockspace.errors import BlockspaceError
 from blockspace.ondisk.label import LEASE_SIZE
@@ -27,6 +28,7 @@ from blockspace.pool.lease import (
     WriterLease,
     lease_summary,
     process_start,
+    read_readings,
     this_holder,
 )
 from blockspace.pool.pool import Pool
@@ -371,3 +373,40 @@ def test_the_host_lock_lives_in_a_private_directory(tmp_path: Path) -> None:
     with pytest.raises(BlockspaceError, match="cannot create its lock in"):
         HostLock.acquire(uuid, what="pool 'tank' disk 0", device_path="/x",
                          directory=str(blocked / "locks"))
+
+
+def test_a_disk_that_does_not_answer_or_fails_the_lease_read_is_watched(
+    tmp_path: Path,
+) -> None:
+    """A lease that cannot be read is nobody's for sure: it is watched like another host's
+    (and taken when it stays as it was), and a hung disk does not hang the writer."""
+    paths, _ = make_pool(tmp_path)
+
+    async def scenario() -> None:
+        pool = await Pool.open([FaultyDevice(FileDevice(str(p))) for p in paths])
+        try:
+            pool.io_timeout = 0.2
+            hung = pool.disks[0].device
+            failing = pool.disks[1].device
+            assert isinstance(hung, FaultyDevice)
+            assert isinstance(failing, FaultyDevice)
+            hung.set_spec(FaultSpec(latency=3600))
+            failing.set_spec(FaultSpec(read_error=1.0))
+            me = this_holder()
+            with trio.fail_after(30):
+                readings = await read_readings(pool, me)
+            assert readings[0].damage == "no answer to the lease read"
+            assert readings[1].damage is not None
+            assert readings[1].damage.startswith("read error: ")
+            heard: list[str] = []
+            lease = WriterLease(pool, LeaseOptions(notify=heard.append), timeout=0.1)
+            failing.set_spec(FaultSpec())
+            hung.set_spec(FaultSpec(read_error=1.0))
+            await lease.acquire()  # unreadable twice alike: taken after the wait
+            assert heard
+            assert "disk 0: its lease is unreadable (read error: " in heard[0]
+            await lease.release()
+        finally:
+            pool.close()
+
+    trio.run(scenario)
