@@ -30,13 +30,14 @@ STATES = ("held", "released")
 MAX_PID = 1 << 22  # the kernel's PID_MAX_LIMIT
 MAX_COUNTER = (1 << 63) - 1
 MAX_PID_START = (1 << 63) - 1  # clock ticks since boot (/proc/PID/stat field 22)
+MAX_WAIT = 3600.0  # the longest a lease may ask a taker to watch it (more: --force)
 
 _HEADER = struct.Struct("<8sIIQ")
 _MAX_BODY = LEASE_SIZE - _HEADER.size
 _HOST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 _HOST_NAME_RE = re.compile(r"[\x21-\x7e]{1,255}", re.ASCII)  # printable, no spaces
 _KEYS = frozenset({"pool_uuid", "disk_uuid", "host_id", "host_name", "boot_id", "pid",
-                   "pid_start", "counter", "time", "state"})
+                   "pid_start", "counter", "time", "state", "wait"})
 
 BytesLike = bytes | bytearray | memoryview
 
@@ -67,6 +68,10 @@ class Lease:
     counter: int  # the heartbeat: +1 at every beat
     time: float  # the holder's wall clock at that beat (shown, never compared across hosts)
     state: str  # "held" or "released"
+    # How long a taker must see the counter stand still before the holder counts as dead:
+    # the holder's own bound on the gap between two beats (its beat interval and I/O
+    # timeout), as ZFS records its multihost interval.
+    wait: float = 15.0
 
     @property
     def held(self) -> bool:
@@ -78,7 +83,7 @@ def _body(lease: Lease) -> dict[str, Any]:
     return {"pool_uuid": lease.pool_uuid, "disk_uuid": lease.disk_uuid, "host_id": h.host_id,
             "host_name": h.host_name, "boot_id": h.boot_id, "pid": h.pid,
             "pid_start": h.pid_start, "counter": lease.counter, "time": lease.time,
-            "state": lease.state}
+            "state": lease.state, "wait": lease.wait}
 
 
 def _int(body: dict[str, Any], key: str, lo: int, hi: int) -> int:
@@ -93,6 +98,14 @@ def _text(body: dict[str, Any], key: str, pattern: re.Pattern[str]) -> str:
     if not isinstance(value, str) or pattern.fullmatch(value) is None:
         raise FormatError(f"lease field {key} is not valid: {value!r:.40}")
     return value
+
+
+def _seconds(body: dict[str, Any], key: str) -> float:
+    value = body[key]
+    if type(value) not in (int, float) or not 0 <= value <= MAX_WAIT:
+        raise FormatError(f"lease field {key} is not a number of seconds in range: "
+                          f"{value!r:.40}")
+    return float(value)
 
 
 def _from_body(body: object) -> Lease:
@@ -119,6 +132,7 @@ def _from_body(body: object) -> Lease:
         counter=_int(body, "counter", 0, MAX_COUNTER),
         time=timestamp("lease time", body["time"]),
         state=state,
+        wait=_seconds(body, "wait"),
     )
 
 

@@ -25,9 +25,9 @@ from blockspace.disks.gate import GatedDevice
 from blockspace.disks.hostlock import DiskInUse, HostLock
 from blockspace.errors import BlockspaceError, DeviceError, FormatError
 from blockspace.ondisk.label import LEASE_SIZE, check_uuid
-from blockspace.ondisk.lease import Holder, Lease, decode_lease, encode_lease
+from blockspace.ondisk.lease import MAX_WAIT, Holder, Lease, decode_lease, encode_lease
 from blockspace.pool.pool import Pool, PoolDisk
-from blockspace.pool.takeover import Reading, after_wait, first_look
+from blockspace.pool.takeover import Reading, after_wait, first_look, watch_time
 
 log = logging.getLogger(__name__)
 
@@ -109,29 +109,37 @@ def _members(pool: Pool) -> list[tuple[PoolDisk, Device]]:
 
 
 async def read_readings(pool: Pool, me: Holder) -> list[Reading]:
-    """The lease block of every member this process has open."""
-    readings = []
-    for disk, device in _members(pool):
-        disk_id = disk.record.disk_id
-        raw = b""
-        try:
-            with trio.move_on_after(pool.io_timeout):  # a hung disk must not stall a beat
-                raw = await device.read(disk.geometry.lease_offset, LEASE_SIZE)
-        except DeviceError as error:
-            readings.append(Reading(disk_id, None, damage=f"read error: {error}"))
-            continue
-        if not raw:
-            readings.append(Reading(disk_id, None, damage="no answer to the lease read"))
-            continue
-        digest = xxhash.xxh3_64_intdigest(raw)
-        try:
-            lease = decode_lease(raw, pool.uuid, disk.record.disk_uuid)
-        except FormatError as error:
-            readings.append(Reading(disk_id, None, damage=str(error), digest=digest))
-            continue
-        alive = lease is not None and holder_alive(lease.holder, me)
-        readings.append(Reading(disk_id, lease, digest=digest, alive=alive))
-    return readings
+    """The lease block of every member this process has open, read concurrently (a hung
+    disk costs one I/O timeout, not one per disk)."""
+    members = _members(pool)
+    readings: list[Reading | None] = [None] * len(members)
+
+    async def read_one(index: int, disk: PoolDisk, device: Device) -> None:
+        readings[index] = await _read_one(pool, disk, device, me)
+
+    async with trio.open_nursery() as nursery:
+        for index, (disk, device) in enumerate(members):
+            nursery.start_soon(read_one, index, disk, device)
+    return [r for r in readings if r is not None]
+
+
+async def _read_one(pool: Pool, disk: PoolDisk, device: Device, me: Holder) -> Reading:
+    disk_id = disk.record.disk_id
+    raw = b""
+    try:
+        with trio.move_on_after(pool.io_timeout):  # a hung disk must not stall a beat
+            raw = await device.read(disk.geometry.lease_offset, LEASE_SIZE)
+    except DeviceError as error:
+        return Reading(disk_id, None, damage=f"read error: {error}")
+    if not raw:
+        return Reading(disk_id, None, damage="no answer to the lease read")
+    digest = xxhash.xxh3_64_intdigest(raw)
+    try:
+        lease = decode_lease(raw, pool.uuid, disk.record.disk_uuid)
+    except FormatError as error:
+        return Reading(disk_id, None, damage=str(error), digest=digest)
+    alive = lease is not None and holder_alive(lease.holder, me)
+    return Reading(disk_id, lease, digest=digest, alive=alive)
 
 
 def summary(readings: list[Reading]) -> dict[str, Any]:
@@ -198,14 +206,15 @@ class WriterLease:
             readings = await read_readings(self.pool, self.me)
             decision = first_look(readings, self.me, force=self.options.force)
             if decision.verdict == "wait":
+                watch = watch_time(readings, self.me, self.timeout)
                 message = (f"pool {self.pool.name!r}: {decision.reason}; waiting "
-                           f"{self.timeout:g}s to see whether it is still beating (if that "
+                           f"{watch:g}s to see whether it is still beating (if that "
                            "host is known to be dead, --force takes it at once)")
                 log.warning("%s", message)
                 self.options.notify(message)
-                await trio.sleep(self.timeout)
+                await trio.sleep(watch)
                 later = await read_readings(self.pool, self.me)
-                decision = after_wait(readings, later, self.me, waited=self.timeout,
+                decision = after_wait(readings, later, self.me, waited=watch,
                                       force=self.options.force)
                 readings = later
             if decision.verdict != "take":
@@ -235,16 +244,24 @@ class WriterLease:
         it is logged (its failures are the I/O path's to judge)."""
         self.counter += 1
         self.last_beat = time.time()
-        for disk, member in _members(self.pool):
+        # Beats can be this far apart (one waits for the slowest disk, up to the I/O
+        # timeout); a taker watches at least that long, with a margin of two beats.
+        wait = min(MAX_WAIT, max(self.timeout, 3 * self.interval + self.pool.io_timeout))
+
+        async def write_one(disk: PoolDisk, member: Device) -> None:
             device = member.inner if isinstance(member, GatedDevice) else member
             lease = Lease(self.pool.uuid, disk.record.disk_uuid, self.me, self.counter,
-                          self.last_beat, state)
+                          self.last_beat, state, wait)
             try:
                 with trio.move_on_after(self.pool.io_timeout):
                     await device.write(disk.geometry.lease_offset, encode_lease(lease))
                     await device.flush()
             except DeviceError as error:
                 log.warning("disk %d: lease not written: %s", disk.record.disk_id, error)
+
+        async with trio.open_nursery() as nursery:  # one slow disk does not delay the rest
+            for disk, member in _members(self.pool):
+                nursery.start_soon(write_one, disk, member)
 
     async def beat_once(self) -> None:
         """One heartbeat: first make sure nobody took the pool over (then stop: LeaseLost,

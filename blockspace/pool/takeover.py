@@ -68,6 +68,14 @@ def judge(reading: Reading, me: Holder, *, force: bool = False) -> Decision:
     return Decision("wait", f"{disk}: its lease is held by {holder.describe()}")
 
 
+def watch_time(readings: list[Reading], me: Holder, minimum: float) -> float:
+    """How long to watch before `after_wait`: our take-over timeout, or longer where a
+    holder says its beats may be further apart (a long I/O timeout)."""
+    asked = [r.lease.wait for r in readings
+             if r.lease is not None and r.lease.held and not r.lease.holder.same_host(me)]
+    return max([minimum, *asked])
+
+
 def _worst(decisions: list[Decision]) -> Decision:
     if not decisions:
         return Decision("take", "no disk to hold a lease")

@@ -75,11 +75,12 @@ def lease_on(pool: Pool, disk_id: int) -> Lease | None:
     return decode_lease(raw, pool.uuid, disk.record.disk_uuid)
 
 
-async def plant(pool: Pool, holder: Holder, counter: int, state: str = "held") -> None:
+async def plant(pool: Pool, holder: Holder, counter: int, state: str = "held",
+                wait: float = 0.1) -> None:
     """What another writer leaves on every disk."""
     for disk in pool.disks.values():
         assert disk.device is not None
-        record = Lease(pool.uuid, disk.record.disk_uuid, holder, counter, 1.0, state)
+        record = Lease(pool.uuid, disk.record.disk_uuid, holder, counter, 1.0, state, wait)
         await disk.device.write(disk.geometry.lease_offset, encode_lease(record))
 
 
@@ -208,6 +209,32 @@ def test_another_hosts_stale_lease_is_taken_after_the_timeout(tmp_path: Path) ->
             assert taken.counter == 42  # the counter goes on from the old holder's
             assert heard
             assert "host beta" in heard[0]
+            await lease.release()
+        finally:
+            close(pool)
+
+    trio.run(scenario)
+
+
+def test_a_holder_that_asks_for_a_longer_watch_gets_it(tmp_path: Path) -> None:
+    """Beats of a holder with a long I/O timeout can be far apart: it records how long a
+    taker must watch, and a taker with a shorter timeout of its own waits that long."""
+    paths, _ = make_pool(tmp_path)
+    heard: list[str] = []
+
+    async def scenario() -> None:
+        pool = await open_pool(paths)
+        try:
+            await plant(pool, OTHER_HOST, 5, wait=0.6)
+            lease = WriterLease(pool, LeaseOptions(notify=heard.append), timeout=0.1)
+            start = trio.current_time()
+            await lease.acquire()
+            assert trio.current_time() - start >= 0.6
+            assert "waiting 0.6s" in heard[0]
+            written = lease_on(pool, 0)
+            assert written is not None
+            # Ours asks for our beat interval three times plus the I/O timeout.
+            assert written.wait == 3 * lease.interval + pool.io_timeout
             await lease.release()
         finally:
             close(pool)

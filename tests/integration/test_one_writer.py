@@ -126,7 +126,7 @@ def test_a_daemon_whose_lease_is_taken_over_stops_at_once(blockspace_env: Blocks
         with open(image, "r+b") as handle:
             label = decode_label(handle.read(LABEL_SIZE))
             assert label is not None
-            stolen = Lease(status["uuid"], disk["uuid"], OTHER_HOST, 10**6, 1.0, "held")
+            stolen = Lease(status["uuid"], disk["uuid"], OTHER_HOST, 10**6, 1.0, "held", 1.0)
             handle.seek(label.geometry.lease_offset)
             handle.write(encode_lease(stolen))
     assert wait_exited(pid, 30), "the daemon kept running on a pool taken over"

@@ -20,7 +20,7 @@ from blockspace.ondisk.label import (
     size_problem,
 )
 from blockspace.ondisk.lease import LEASE_MAGIC, Holder, Lease, decode_lease, encode_lease
-from blockspace.pool.takeover import Reading, after_wait, first_look, judge
+from blockspace.pool.takeover import Reading, after_wait, first_look, judge, watch_time
 
 MIB = 1 << 20
 POOL = "3f2b6c1e-8a4d-4c6b-9f1e-2d3c4b5a6978"
@@ -103,7 +103,8 @@ def test_sealed_helper_matches_the_encoder() -> None:
     ("boot_id", "nope"), ("pid", 0), ("pid", -1), ("pid", 1 << 22 + 1), ("pid", True),
     ("pid", 1.5), ("pid_start", -1), ("pid_start", 1 << 63), ("counter", -1),
     ("counter", 1 << 63), ("counter", "9"), ("time", -1), ("time", 1e300), ("time", True),
-    ("state", "HELD"), ("state", None),
+    ("state", "HELD"), ("state", None), ("wait", -1), ("wait", 3601), ("wait", True),
+    ("wait", "15"),
 ])
 def test_every_field_is_checked(key: str, value: object) -> None:
     forged = body()
@@ -220,3 +221,15 @@ def test_the_pool_takes_the_worst_verdict_of_its_disks() -> None:
     assert decision.verdict == "refuse"
     assert decision.reason.startswith("disk 2:")
     assert first_look([], ME).verdict == "take"
+
+
+def test_the_watch_lasts_as_long_as_the_slowest_holder_asks() -> None:
+    """A holder whose beats may be further apart (a long I/O timeout) says so in its lease;
+    a taker watches at least that long, never less than its own timeout."""
+    slow = dataclasses.replace(lease(), wait=120.0)
+    quick = dataclasses.replace(lease(), wait=1.0)
+    assert watch_time([reading(slow), reading(quick, disk_id=1)], ME, 15) == 120
+    assert watch_time([reading(quick)], ME, 15) == 15
+    released = dataclasses.replace(slow, state="released")
+    ours = dataclasses.replace(slow, holder=dataclasses.replace(ME, pid=5))
+    assert watch_time([reading(released), reading(ours), reading(None)], ME, 15) == 15
