@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable
@@ -61,10 +62,14 @@ def process_start(pid: int) -> int | None:
 
 def this_holder() -> Holder:
     """This process as a lease holder: /etc/machine-id (else the host name) for the host."""
-    name = (socket.gethostname() or "localhost").replace(" ", "_")[:255]
+    # Shown to people only: printable ASCII, whatever the host calls itself.
+    name = "".join(c if "!" <= c <= "~" else "_" for c in socket.gethostname())[:255]
+    name = name or "localhost"
     machine = _read_text("/etc/machine-id")
-    host_id = machine[:64] if machine.isalnum() else "".join(
-        c if c.isalnum() or c in "._-" else "_" for c in name)[:64]
+    if re.fullmatch(r"[0-9a-f]{32}", machine) is not None:
+        host_id = machine
+    else:  # no machine id (a minimal container): the host name, in lease-id characters
+        host_id = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:64]
     try:
         boot_id = check_uuid("boot id", _read_text("/proc/sys/kernel/random/boot_id"))
     except FormatError:

@@ -437,3 +437,21 @@ def test_a_disk_that_does_not_answer_or_fails_the_lease_read_is_watched(
             pool.close()
 
     trio.run(scenario)
+
+
+@pytest.mark.parametrize("machine_id", [True, False])
+def test_any_host_name_makes_a_valid_lease(
+    monkeypatch: pytest.MonkeyPatch, machine_id: bool
+) -> None:
+    if not machine_id:  # a container without /etc/machine-id: the host name is the id
+        monkeypatch.setattr("blockspace.pool.lease._read_text",
+                            lambda path: "" if path == "/etc/machine-id" else
+                            Path(path).read_text().strip())
+    for name in ("", "héte ünïcode", "a" * 300, "ok-host.example"):
+        monkeypatch.setattr("socket.gethostname", lambda name=name: name)
+        holder = this_holder()
+        assert holder.host_name
+        record = Lease("3f2b6c1e-8a4d-4c6b-9f1e-2d3c4b5a6978",
+                       "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d", holder, 1, 1.0, "held")
+        raw = encode_lease(record)
+        assert decode_lease(raw, record.pool_uuid, record.disk_uuid) == record
