@@ -9,15 +9,31 @@ see a loop device; the host lock by disk UUID and the on-disk lease do.
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
+from pathlib import Path
+from typing import Any
 
 from blockspace.ondisk.label import LABEL_SIZE, LEASE_SIZE, decode_label
 from blockspace.ondisk.lease import Holder, Lease, decode_lease, encode_lease
+from blockspace.pool.lease import TAKEOVER_TIMEOUT
 
 from .helpers import BlockspaceEnv, MiB, is_mounted, mounts, wait_exited
 
 DISK = 96 * MiB
 OTHER_HOST = Holder("bbbb2222", "beta", "1c8e5d4c-3a2f-4e1d-9c8b-7a6f5e4d3c2b", 77, 5)
+
+
+def plant_lease(images: list[Path], status: dict[str, Any], counter: int) -> None:
+    """What a writer on host beta leaves on every disk (its lease asks for a short watch)."""
+    for image, disk in zip(images, status["disks"], strict=True):
+        with open(image, "r+b") as handle:
+            label = decode_label(handle.read(LABEL_SIZE))
+            assert label is not None
+            lease = Lease(status["uuid"], disk["uuid"], OTHER_HOST, counter, 1.0, "held", 1.0)
+            handle.seek(label.geometry.lease_offset)
+            handle.write(encode_lease(lease))
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> str:
@@ -122,13 +138,7 @@ def test_a_daemon_whose_lease_is_taken_over_stops_at_once(blockspace_env: Blocks
     env.create_pool("tank", images, slab_size="16M")
     mountpoint, pid = env.mount_pool("tank")
     status = env.status("tank")
-    for image, disk in zip(images, status["disks"], strict=True):
-        with open(image, "r+b") as handle:
-            label = decode_label(handle.read(LABEL_SIZE))
-            assert label is not None
-            stolen = Lease(status["uuid"], disk["uuid"], OTHER_HOST, 10**6, 1.0, "held", 1.0)
-            handle.seek(label.geometry.lease_offset)
-            handle.write(encode_lease(stolen))
+    plant_lease(images, status, 10**6)
     assert wait_exited(pid, 30), "the daemon kept running on a pool taken over"
     log = env.daemon_log("tank")
     assert "taken over by host beta" in log
@@ -142,3 +152,45 @@ def test_a_daemon_whose_lease_is_taken_over_stops_at_once(blockspace_env: Blocks
             lease = decode_lease(handle.read(LEASE_SIZE), status["uuid"], label.disk_uuid)
             assert lease is not None
             assert lease.holder == OTHER_HOST
+
+
+def test_mount_waits_for_another_hosts_lease_or_takes_it_with_force(
+    blockspace_env: BlockspaceEnv,
+) -> None:
+    """A pool last written by host beta (its daemon gone with the host): `mount` says it is
+    watching the lease, then takes it since it did not move; `mount --force` takes it at
+    once. Offline status shows beta as the holder meanwhile."""
+    env = blockspace_env
+    images = env.make_images([DISK] * 2)
+    env.create_pool("tank", images, slab_size="16M")
+    status = env.status("tank")
+    plant_lease(images, status, 5)
+    shown = env.status("tank")["lease"]
+    assert shown["state"] == "held"
+    assert (shown["host"], shown["pid"], shown["running"]) == ("beta", 77, False)
+
+    mountpoint = env.root / "pool-tank"
+    mountpoint.mkdir()
+    env.fuse_mounts.append(mountpoint)
+    start = time.monotonic()
+    result = env.cli("--json", "mount", "tank", str(mountpoint), "--force")
+    assert time.monotonic() - start < TAKEOVER_TIMEOUT  # no watch
+    assert "waiting" not in result.stderr
+    pid = int(json.loads(result.stdout)["pid"])
+    env.daemons.append(pid)
+    assert env.status("tank")["lease"]["pid"] == pid
+    env.unmount_pool(mountpoint, pid)
+
+    plant_lease(images, status, 6)
+    env.fuse_mounts.append(mountpoint)
+    start = time.monotonic()
+    result = env.cli("--json", "mount", "tank", str(mountpoint))
+    assert time.monotonic() - start >= TAKEOVER_TIMEOUT
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("blockspace: pool 'tank': disk 0: its lease is held by host beta")
+    assert f"waiting {TAKEOVER_TIMEOUT:g}s to see whether it is still beating" in lines[0]
+    pid = int(json.loads(result.stdout)["pid"])
+    env.daemons.append(pid)
+    assert env.status("tank")["lease"]["pid"] == pid
+    env.unmount_pool(mountpoint, pid)
