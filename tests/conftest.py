@@ -6,11 +6,34 @@ mkfs, kill -9) and `tools` (the bench, scenario, VM-lab and mutation harnesses).
 `blockspace_env` is the integration tier's scratch area: everything it mounts, attaches or
 starts is taken down again after the test, pass or fail."""
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from integration.helpers import BlockspaceEnv
+
+from blockspace.disks.hostlock import LOCK_DIR_ENV
+
+
+@pytest.fixture(autouse=True, scope="session")
+def host_lock_dir() -> Iterator[str]:
+    """The host locks of the disks the tests make (blockspace/disks/hostlock.py) go to a
+    scratch directory, not /run/blockspace/locks; the daemons and CLIs the tests start
+    inherit it, so they all see the same locks, as the processes of one host do."""
+    directory = tempfile.mkdtemp(prefix="blockspace-locks-")
+    previous = os.environ.get(LOCK_DIR_ENV)
+    os.environ[LOCK_DIR_ENV] = directory
+    try:
+        yield directory
+    finally:
+        if previous is None:
+            os.environ.pop(LOCK_DIR_ENV, None)
+        else:
+            os.environ[LOCK_DIR_ENV] = previous
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from blockspace.admin.registry import Registry
 from blockspace.disks.devices import FileDevice, probe
 from blockspace.errors import FormatError, InvalidInput
 from blockspace.geometry.layouts import default_layout
+from blockspace.pool.lease import LeaseOptions, lease_summary
 from blockspace.pool.pool import Pool, read_label
 
 Progress = Callable[[dict[str, Any]], None]
@@ -146,18 +147,22 @@ async def status(registry: Registry, name: str) -> dict[str, Any]:
     """`pool status` of an unmounted pool: the last scrub from the state directory, tiers."""
     from blockspace.tiering.admin import overview
 
-    async with opened_pool(registry, name) as pool:
+    async with opened_pool(registry, name) as pool:  # read-only: takes no lease, shows it
         scrub = registry.scrub_state(name)
         if scrub is not None:
             scrub.pop("cursor", None)
-        return pool_status(pool, scrub=scrub) | {"tiers": overview(pool)}
+        return pool_status(pool, scrub=scrub, lease=await lease_summary(pool)) | {
+            "tiers": overview(pool)}
 
 
-async def change_volume(registry: Registry, name: str, op: str, fields: dict[str, Any]) -> None:
+async def change_volume(
+    registry: Registry, name: str, op: str, fields: dict[str, Any],
+    lease: LeaseOptions | None = None,
+) -> None:
     """volume_create / volume_delete / volume_grow with the fields of the daemon's request."""
     from blockspace.tiering import admin as tier_admin
 
-    async with opened_pool(registry, name) as pool:
+    async with opened_pool(registry, name, writer=lease or LeaseOptions()) as pool:
         if op == "volume_create" and fields.get("tiers"):
             await tier_admin.create_tiered(
                 pool, fields["name"], [tier_admin.parse_tier(t) for t in fields["tiers"]],
@@ -181,14 +186,16 @@ async def change_volume(registry: Registry, name: str, op: str, fields: dict[str
 
 
 async def disk_job(
-    registry: Registry, name: str, op: str, fields: dict[str, Any], progress: Progress
+    registry: Registry, name: str, op: str, fields: dict[str, Any], progress: Progress,
+    lease: LeaseOptions | None = None,
 ) -> dict[str, Any]:
     """A disk request (the daemon's disk_* / pool_repair / pool_rebalance) run to the end:
     `{"added": ids}` for disk_add, else the rebuild's final progress."""
     from blockspace.admin.manage import DiskManager
     from blockspace.volume.volume import Volume
 
-    async with opened_pool(registry, name) as pool, trio.open_nursery() as nursery:
+    async with opened_pool(registry, name, writer=lease or LeaseOptions()) as pool, \
+            trio.open_nursery() as nursery:
         volumes = {v.name: Volume(pool, v) for v in pool.metadata.volumes}
         manager = DiskManager(pool, lambda: volumes, registry, name, nursery)
         manager.rate_limit = int(fields.get("rate") or 0)
@@ -217,13 +224,14 @@ async def disk_job(
 
 
 async def scrub(
-    registry: Registry, name: str, volume: str | None, rate: int, progress: Progress
+    registry: Registry, name: str, volume: str | None, rate: int, progress: Progress,
+    lease: LeaseOptions | None = None,
 ) -> dict[str, Any]:
     """Scrub an unmounted pool (or one volume of it) to the end; the final progress."""
     from blockspace.repair.scrub import Scrubber
     from blockspace.volume.volume import Volume
 
-    async with opened_pool(registry, name) as pool:
+    async with opened_pool(registry, name, writer=lease or LeaseOptions()) as pool:
         volumes = {v.name: Volume(pool, v) for v in pool.metadata.volumes}
         if volume is not None and volume not in volumes:
             raise InvalidInput(f"no volume {volume!r} in pool {name!r}")
@@ -269,12 +277,12 @@ async def tier_status(registry: Registry, name: str, volume: str | None) -> list
 
 async def tier_pins(
     registry: Registry, name: str, volume: str, offset: int, length: int | None,
-    tier: str | None,
+    tier: str | None, lease: LeaseOptions | None = None,
 ) -> Any:
     """Pin a range to `tier`, or unpin it (tier None); the volume's tier status after."""
     from blockspace.tiering import admin as tier_admin
 
-    async with opened_pool(registry, name) as pool:
+    async with opened_pool(registry, name, writer=lease or LeaseOptions()) as pool:
         if tier is not None:
             await tier_admin.pin(pool, volume, offset, length, tier)
         else:

@@ -10,13 +10,19 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import trio
+
 from blockspace.admin.registry import Registry
 from blockspace.disks.devices import Device, FileDevice, probe
+from blockspace.disks.gate import GatedDevice, WriteGate
+from blockspace.disks.hostlock import HostLock
 from blockspace.errors import BlockspaceError, DeviceError, FormatError, InvalidInput
 from blockspace.geometry.allocator import max_slabs
 from blockspace.geometry.layouts import KINDS, LayoutSpec, default_layout
 from blockspace.ondisk.label import MEDIA, compute_geometry
+from blockspace.pool.lease import LeaseOptions, WriterLease
 from blockspace.pool.pool import Pool, read_label
+from blockspace.volume.concurrency import leaves
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +86,21 @@ def _check_not_member(path: str, force: bool) -> None:
                 f"{path} already belongs to pool {label.pool_name!r} ({label.pool_uuid}); "
                 "use --force to overwrite it"
             )
+        if label is not None:  # --force overwrites a member, never one a writer holds
+            HostLock.acquire(label.disk_uuid, what=f"{path} (pool {label.pool_name!r} disk "
+                             f"{label.disk_id})", device_path=path).release()
     finally:
         device.close()
 
 
-def open_devices(paths: Sequence[str]) -> list[Device]:
-    """Open whichever of `paths` exist; absent ones are the pool's missing disks."""
+def open_devices(paths: Sequence[str], gate: WriteGate | None = None) -> list[Device]:
+    """Open whichever of `paths` exist; absent ones are the pool's missing disks. With a
+    `gate`, behind it (the first write waits for the writer lease to be written)."""
     devices: list[Device] = []
     for path in paths:
         try:
-            devices.append(FileDevice(path))
+            device = FileDevice(path)
+            devices.append(device if gate is None else GatedDevice(device, gate))
         except InvalidInput as error:
             log.warning("disk not available: %s", error)
         except DeviceError as error:
@@ -98,20 +109,29 @@ def open_devices(paths: Sequence[str]) -> list[Device]:
 
 
 @asynccontextmanager
-async def opened_pool(registry: Registry, name: str) -> AsyncIterator[Pool]:
-    """Open a registered, unmounted pool for offline work."""
+async def opened_pool(
+    registry: Registry, name: str, *, writer: LeaseOptions | None = None
+) -> AsyncIterator[Pool]:
+    """Open a registered, unmounted pool for offline work: for writing (the writer lease
+    taken, see `opened_disks`) unless `writer` is None."""
     entry = registry.get(name)
     mount = registry.mount_info(name)
     if mount is not None:
         raise BlockspaceError(f"pool {name!r} is mounted at {mount.mountpoint} (pid {mount.pid})")
-    async with opened_disks(entry.disks, entry.uuid, name) as pool:
+    async with opened_disks(entry.disks, entry.uuid, name, writer=writer) as pool:
         yield pool
 
 
 @asynccontextmanager
-async def opened_disks(paths: Sequence[str], pool_uuid: str, name: str) -> AsyncIterator[Pool]:
-    """Open the pool `pool_uuid` from whichever of `paths` are present."""
-    devices = open_devices(paths)
+async def opened_disks(
+    paths: Sequence[str], pool_uuid: str, name: str, *, writer: LeaseOptions | None = None
+) -> AsyncIterator[Pool]:
+    """Open the pool `pool_uuid` from whichever of `paths` are present. With `writer` the
+    pool is this process's to write: its host locks and lease are taken before the caller
+    runs (DiskInUse naming the holder otherwise), beaten while it runs and released after;
+    without, nothing may be written (read-only work: status)."""
+    gate = WriteGate() if writer is not None else None
+    devices = open_devices(paths, gate)
     try:
         if not devices:
             raise BlockspaceError(f"none of the disks of pool {name!r} can be opened")
@@ -121,7 +141,28 @@ async def opened_disks(paths: Sequence[str], pool_uuid: str, name: str) -> Async
             device.close()
         raise
     try:
-        yield pool
+        if writer is None:
+            yield pool
+            return
+        assert gate is not None
+        lease = WriterLease(pool, writer)
+        await lease.acquire(defer=True)  # written before the command's first write
+        gate.hook = lease.write_first
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lease.beat)  # a long job (a rebuild) keeps it alive
+                try:
+                    yield pool
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the caller's own error, not wrapped by us
+            found = leaves(group)
+            if len(found) == 1:
+                raise found[0] from None
+            raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await lease.release()
     finally:
         pool.close()
         for device in devices:
@@ -162,7 +203,8 @@ def usable_capacity(pool: Pool) -> dict[str, int | None]:
 
 
 def pool_status(
-    pool: Pool, mountpoint: str | None = None, scrub: dict[str, Any] | None = None
+    pool: Pool, mountpoint: str | None = None, scrub: dict[str, Any] | None = None, *,
+    lease: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     free_map = pool.allocator.free_map()
     disks: list[dict[str, Any]] = []
@@ -229,4 +271,5 @@ def pool_status(
         "disks": disks,
         "volumes": volumes,
         "scrub": scrub,
+        "lease": lease,  # who writes the pool (blockspace/pool/lease.py summary), if known
     }

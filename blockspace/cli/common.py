@@ -13,12 +13,14 @@ Exit codes (README "Exit codes"); every command follows them:
 """
 
 import argparse
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from blockspace.admin.registry import Registry, state_dir
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.ondisk.metadata import MAX_VOLUME_SIZE
+from blockspace.pool.lease import LeaseOptions
 from blockspace.units import format_size, parse_size
 
 OK = 0
@@ -68,6 +70,16 @@ def mounted_socket(registry: Registry, pool: str) -> Path | None:
     """The control socket of `pool`'s daemon, or None when the pool is not mounted."""
     info = registry.mount_info(pool)
     return Path(info.socket) if info is not None else None
+
+
+def waiting(message: str) -> None:
+    """A command waiting for another host's lease says so (stderr: not part of the output)."""
+    print(f"blockspace: {message}", file=sys.stderr, flush=True)
+
+
+def lease_options(args: argparse.Namespace) -> LeaseOptions:
+    """How an offline command that writes takes the writer lease (`--force-lease`)."""
+    return LeaseOptions(force=bool(getattr(args, "force_lease", False)), notify=waiting)
 
 
 def pool_socket(args: argparse.Namespace) -> tuple[Registry, Path | None]:

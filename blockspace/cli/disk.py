@@ -12,7 +12,7 @@ import trio
 
 from blockspace.admin import offline
 from blockspace.admin.config import load_config
-from blockspace.cli.common import FAILED, OK, Parser, pool_socket, rate
+from blockspace.cli.common import FAILED, OK, Parser, lease_options, pool_socket, rate
 from blockspace.cli.output import console, emit, progress_bar
 from blockspace.service import control
 from blockspace.units import format_size
@@ -27,7 +27,8 @@ def cmd_disk(args: argparse.Namespace) -> int:
             result = wait_for_rebuild(args, socket_path)
     else:
         with progress_bar(args, "rebuild") as update:
-            result = trio.run(offline.disk_job, registry, args.pool, op, fields, update)
+            result = trio.run(offline.disk_job, registry, args.pool, op, fields, update,
+                              lease_options(args))
     emit(args, result, print_result)
     failed = isinstance(result, dict) and result.get("state") == "failed"
     return FAILED if failed else OK

@@ -38,6 +38,9 @@ def build_parser() -> Parser:
                         help="registry directory (default $BLOCKSPACE_STATE_DIR or "
                              "/var/lib/blockspace)")
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    common.add_argument("--force-lease", action="store_true", default=argparse.SUPPRESS,
+                        help="a command that writes an unmounted pool takes its writer lease "
+                             "even if another host holds it: only for a host known dead")
 
     parser = Parser(prog="blockspace", parents=[common],
                     description="Pooled storage: mirror and parity volumes served as files.",

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from blockspace.admin.config import load_config
-from blockspace.cli.common import OK, NotMounted, Parser, owner, registry_of, seconds
+from blockspace.cli.common import OK, NotMounted, Parser, owner, registry_of, seconds, waiting
 from blockspace.cli.output import console, emit
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.service import control
@@ -45,6 +45,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         allow_other=not args.no_allow_other, log_file=log_file,
         allow_fault_injection=args.allow_fault_injection,
         io_timeout=io_timeout, nbd=nbd,
+        force=args.force or bool(getattr(args, "force_lease", False)),
     )
     if args.foreground:
         daemon.setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
@@ -60,6 +61,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     command.insert(-2, f"--io-timeout={io_timeout}")
     if nbd:
         command.insert(-2, f"--nbd={nbd}")
+    if options.force:
+        command.insert(-2, "--force")
     # posix_spawn, not Popen: the daemon outlives this process, and a Popen object left
     # running would warn when it is collected.
     os.set_inheritable(write_fd, True)
@@ -74,6 +77,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     os.close(write_fd)
     with os.fdopen(read_fd) as ready:
         answer = ready.readline().strip()
+        while answer.startswith("wait: "):  # another host's lease: the daemon watches it
+            waiting(answer.removeprefix("wait: "))
+            answer = ready.readline().strip()
     if answer != "ok":
         os.waitpid(pid, 0)
         message = answer.removeprefix("error: ") or f"the daemon exited (see {log_file})"
@@ -129,6 +135,9 @@ def add_commands(commands: Any, common: Parser) -> None:
     p.add_argument("--nbd", nargs="?", const="", metavar="SOCKET",
                    help="also export the volumes over NBD, on a Unix socket (0600; default "
                         "STATE_DIR/run/POOL.nbd.sock) or tcp:HOST:PORT (no authentication)")
+    p.add_argument("--force", action="store_true",
+                   help="take the pool's writer lease even if another host holds it: only "
+                        "for a host known to be dead (README \"One writer per pool\")")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
     p = commands.add_parser("unmount", aliases=["umount"], parents=[common],

@@ -99,6 +99,9 @@ def print_status(s: dict[str, Any]) -> None:
             since = d.get("state_since") or 0
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
             console.print(f"disk {d['id']} {d['state']} since {when}: {d['state_reason']}")
+    lease_line = describe_lease(s.get("lease"))
+    if lease_line:
+        console.print(lease_line)
     rebuild = s.get("rebuild")
     if rebuild and rebuild.get("state") == "running":
         eta = rebuild.get("eta_seconds")
@@ -129,6 +132,23 @@ def print_status(s: dict[str, Any]) -> None:
         [(kind, format_size(size) if size is not None else "too few disks")
          for kind, size in s["usable"].items()],
         title="fits in free space"))
+
+
+def describe_lease(lease: dict[str, Any] | None) -> str:
+    """The writer lease in one line (README "One writer per pool")."""
+    if not lease:
+        return ""
+    state = lease.get("state")
+    if state == "held":
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(lease.get("time") or 0))
+        running = " (running)" if lease.get("running") else ""
+        return (f"writer lease: held by host {lease.get('host')}, pid {lease.get('pid')}"
+                f"{running}, heartbeat {lease.get('counter')} at {when}")
+    if state == "lost":
+        return f"writer lease: LOST: {lease.get('reason')}"
+    damaged = lease.get("damaged") or []
+    extra = f"; unreadable on disks {damaged}" if damaged else ""
+    return f"writer lease: {'released' if state == 'released' else 'none'}{extra}"
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from blockspace.cli.common import (
     NothingToDo,
     NotMounted,
     Parser,
+    lease_options,
     pool_socket,
     rate,
 )
@@ -47,7 +48,8 @@ def cmd_scrub(args: argparse.Namespace) -> int:
                 "last one)"
             )
         with progress_bar(args, "scrub") as update:
-            progress = trio.run(offline.scrub, registry, args.pool, args.volume, limit, update)
+            progress = trio.run(offline.scrub, registry, args.pool, args.volume, limit, update,
+                                  lease_options(args))
     elif action == "start":
         progress = control.request(socket_path, "scrub_start", volume=args.volume, rate=limit)
         if args.wait:

@@ -16,7 +16,7 @@ from typing import Any
 import trio
 
 from blockspace.admin import offline
-from blockspace.cli.common import FAILED, OK, NotMounted, Parser, pool_socket
+from blockspace.cli.common import FAILED, OK, NotMounted, Parser, lease_options, pool_socket
 from blockspace.cli.output import console, emit
 from blockspace.errors import InvalidInput
 from blockspace.service import control
@@ -142,7 +142,7 @@ def _pin_command(args: argparse.Namespace, op: str) -> int:
     else:
         tier = args.tier if op == "tier_pin" else None
         status = trio.run(offline.tier_pins, registry, args.pool, args.volume, offset, length,
-                          tier)
+                          tier, lease_options(args))
     emit(args, status, lambda s: console.print(
         f"pins of {s['name']}: " + (", ".join(
             f"{format_size(p['offset'])}+{format_size(p['length'])} on {p['tier']}"

@@ -7,7 +7,7 @@ from typing import Any
 import trio
 
 from blockspace.admin import offline
-from blockspace.cli.common import OK, Parser, UsageError, pool_socket, volume_size
+from blockspace.cli.common import OK, Parser, UsageError, lease_options, pool_socket, volume_size
 from blockspace.cli.output import console, emit, table
 from blockspace.cli.pool import status_of
 from blockspace.cli.tiers import add_volume_options, create_fields
@@ -23,7 +23,7 @@ def change(args: argparse.Namespace, op: str, **fields: Any) -> None:
     if socket_path is not None:
         control.request(socket_path, op, **fields)
     else:
-        trio.run(offline.change_volume, registry, args.pool, op, fields)
+        trio.run(offline.change_volume, registry, args.pool, op, fields, lease_options(args))
 
 
 def find(args: argparse.Namespace, name: str) -> dict[str, Any]:

@@ -43,6 +43,11 @@ MAX_TIMESTAMP = float(1 << 40)  # seconds since the epoch; ~34,000 years
 DATA_ALIGN = MIB
 CHECKSUM_BYTES_PER_BLOCK = 16
 INTENT_SLOT_SIZE = 64 * 1024  # write-intent log: two slots after the metadata slots
+# The writer's lease (blockspace/ondisk/lease.py): one block right after the intent slots, in
+# the padding up to `data_start`. That padding is never empty: the intent slots end on a 4 KiB
+# boundary that is never a MiB boundary (it would need a slot size of 2 KiB modulo 4 KiB), so
+# every label, old or new, has room for it without moving `data_start`.
+LEASE_SIZE = 4096
 
 BytesLike = bytes | bytearray | memoryview
 
@@ -97,6 +102,7 @@ class DiskGeometry:
     extent_stride: int
     extent_count: int
     backup_label_offset: int
+    lease_offset: int
 
     def _check_extent(self, extent: int) -> None:
         if not _is_int(extent):
@@ -178,6 +184,9 @@ def compute_geometry(disk_size: int, slab_size: int, meta_slot_size: int) -> Dis
     meta_offset = LABEL_SIZE
     intent_end = meta_offset + 2 * meta_slot_size + 2 * INTENT_SLOT_SIZE
     data_start = align_up(intent_end, DATA_ALIGN)
+    # Cannot happen for a slot size that passed the checks above (see LEASE_SIZE); kept so a
+    # change of those constants cannot silently put the lease over the first extent.
+    assert data_start - intent_end >= LEASE_SIZE, "no room for the lease block"
     extent_stride = _extent_stride(slab_size)
     minimum = data_start + extent_stride + LABEL_SIZE
     if disk_size < minimum:
@@ -196,7 +205,18 @@ def compute_geometry(disk_size: int, slab_size: int, meta_slot_size: int) -> Dis
         extent_stride=extent_stride,
         extent_count=extent_count,
         backup_label_offset=usable_end,
+        lease_offset=intent_end,
     )
+
+
+def size_problem(geometry: DiskGeometry, device_size: int) -> str | None:
+    """Why a device cannot be the disk its label describes (None: it can). A device shorter
+    than its label (a member truncated, or a smaller device carrying a copy of its label)
+    would fail, or read zeros, at the first extent past its end: it never serves."""
+    if device_size < geometry.disk_size:
+        return (f"device is {device_size} bytes, label says {geometry.disk_size}: "
+                "truncated, or a copy of the label on a smaller device")
+    return None
 
 
 def validate_name(kind: str, name: str) -> str:

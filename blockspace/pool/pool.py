@@ -41,6 +41,7 @@ from blockspace.ondisk.label import (
     decode_label,
     encode_label,
     pick_label,
+    size_problem,
     validate_name,
 )
 from blockspace.ondisk.metadata import (
@@ -301,6 +302,13 @@ class Pool:
                 disks[record.disk_id] = PoolDisk(record, geometry, None, record.path_hint)
                 continue
             device, label, scan = found
+            short = size_problem(label.geometry, device.size)
+            if short is not None:  # never served: its end is gone (or was never there)
+                if record.state in USABLE_STATES:
+                    _take_out_short(record, short)
+                    stale.append(record.disk_id)
+                disks[record.disk_id] = PoolDisk(record, label.geometry, None, device.path)
+                continue
             if record.state in USABLE_STATES:
                 reason = stale_reason(scan, newest, sealed)
                 if reason is not None:
@@ -1004,6 +1012,17 @@ def _take_out_stale(record: DiskRecord, scan: SlotScan, reason: str) -> None:
     record.state_since = time.time()
     # A warning: `pool status` shows the reason (an offline command prints errors only).
     log.warning("disk %d: %s", record.disk_id, reason)
+
+
+def _take_out_short(record: DiskRecord, reason: str) -> None:
+    """A device shorter than its label: failed, since what lay past its end is lost (or it
+    is a copy of a label on a device that never held the disk)."""
+    record.state = "failed"
+    record.missed_since = 1  # it may lack any write ever made: a catch-up redoes them all
+    record.state_reason = (f"{reason}; `disk replace` it, or restore its size and "
+                           "`disk online` it (every extent is rebuilt)")
+    record.state_since = time.time()
+    log.warning("disk %d: %s", record.disk_id, record.state_reason)
 
 
 def stale_reason(scan: SlotScan, newest: int, sealed: bool) -> str | None:

@@ -8,7 +8,7 @@ simulation (blockspace/testing/crashsim.py), so a crash test remounts exactly th
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from blockspace.disks.devices import Device
 from blockspace.errors import BlockspaceError
@@ -19,16 +19,21 @@ log = logging.getLogger(__name__)
 
 
 async def bring_up(
-    devices: Sequence[Device], *, expect_uuid: str | None = None, io_timeout: float | None = None
+    devices: Sequence[Device], *, expect_uuid: str | None = None, io_timeout: float | None = None,
+    claim: Callable[[Pool], Awaitable[None]] | None = None,
 ) -> tuple[Pool, dict[str, Volume]]:
-    """Open the pool on `devices`, record its absent disks as missing, start the
-    write-intent log (which learns the regions an unclean stop left dirty) and build its
-    plain volumes, by name; each picks up its dirty regions for `resync_dirty_regions`.
+    """Open the pool on `devices`, take it for writing with `claim` (the daemon's writer
+    lease, blockspace/pool/lease.py: before anything is written), record its absent disks
+    as missing, start the write-intent log (which learns the regions an unclean stop left
+    dirty) and build its plain volumes, by name; each picks up its dirty regions for
+    `resync_dirty_regions`.
     Tiered volumes are served on top of their (hidden) tier volumes, by the tier service.
     The caller still owns `devices` (and closes them if this raises)."""
     pool = await Pool.open(devices, expect_uuid=expect_uuid)
     if io_timeout is not None:
         pool.io_timeout = io_timeout
+    if claim is not None:
+        await claim(pool)
     await pool.note_missing_disks()
     await pool.enable_intent_log()
     volumes = {v.name: Volume(pool, v) for v in pool.metadata.volumes if v.tiers is None}

@@ -8,6 +8,7 @@ clean path: stop serving, flush every disk, close the pool, unmount.
 import logging
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from blockspace.disks.devices import Device, FileDevice
 from blockspace.disks.faults import FaultyDevice
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.geometry.layouts import default_layout
+from blockspace.pool.lease import LeaseOptions, WriterLease
 from blockspace.pool.pool import Pool
 from blockspace.repair.scrub import Scrubber, ScrubProgress
 from blockspace.repair.watchdog import watch_disks
@@ -38,6 +40,7 @@ from blockspace.volume.concurrency import leaves as _leaves
 from blockspace.volume.volume import Volume
 
 log = logging.getLogger(__name__)
+FENCED_EXIT = 75  # the daemon's exit status when another writer took its pool over
 
 
 @dataclass
@@ -51,6 +54,7 @@ class MountOptions:
     allow_fault_injection: bool = False
     io_timeout: float = 30.0
     nbd: str = ""  # where the NBD export listens (a socket path or tcp:HOST:PORT); "" none
+    force: bool = False  # take the writer lease whoever holds it (a host known to be dead)
 
 
 class Daemon:
@@ -71,6 +75,14 @@ class Daemon:
         self.disks: DiskManager | None = None
         self.tiers: TierService | None = None
         self.nbd: NbdServer | None = None
+        self.lease: WriterLease | None = None
+        self.notify: Callable[[str], None] = lambda message: None  # `mount` shows these
+
+    async def _claim(self, pool: Pool) -> None:
+        """The writer lease, before the first write; kept until the clean stop."""
+        self.lease = WriterLease(pool, LeaseOptions(self.options.force, self.notify),
+                                 on_lost=fence)
+        await self.lease.acquire()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         entry = self.registry.get(self.options.pool)
@@ -81,7 +93,8 @@ class Daemon:
             devices = list(faulty)
         try:
             pool, self.volumes = await bring_up(
-                devices, expect_uuid=entry.uuid, io_timeout=self.options.io_timeout
+                devices, expect_uuid=entry.uuid, io_timeout=self.options.io_timeout,
+                claim=self._claim,
             )
             self.pool = pool
             # Tiered volumes are served on top of their (hidden) tier volumes.
@@ -95,11 +108,16 @@ class Daemon:
                 fuse_options.add("allow_other")
             pyfuse3.init(self.fs, self.options.mountpoint, fuse_options)
         except BaseException:
+            if self.lease is not None:
+                self.lease.close()
             for device in devices:
                 device.close()
             raise
+        lease = self.lease
+        assert lease is not None
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(lease.beat)
                 socket_path = self.registry.socket_path(self.options.pool)
                 await nursery.start(control.serve, socket_path, self.handle)
                 if self.options.nbd:  # the same volumes as the files, by name
@@ -143,6 +161,7 @@ class Daemon:
                     await pool.close_intent_log()  # flushes every disk first
                 except BlockspaceError as error:
                     log.error("final flush failed: %s", error)
+                await lease.release()
             pool.close()
             for device in devices:
                 device.close()
@@ -226,7 +245,8 @@ class Daemon:
         assert self.fs is not None
         op = request["op"]
         if op == "status":
-            status = pool_status(pool, self.options.mountpoint, self.scrubber.progress.to_dict())
+            status = pool_status(pool, self.options.mountpoint, self.scrubber.progress.to_dict(),
+                                 lease=self.lease.describe() if self.lease else None)
             if self.disks is not None:
                 status["rebuild"] = self.disks.rebuilder.progress.to_dict()
             status["tiers"] = tier_overview(pool)
@@ -292,6 +312,16 @@ class Daemon:
         raise InvalidInput(f"unknown request {op!r}")
 
 
+def fence(reason: str) -> None:
+    """Another writer took the pool over (`mount --force` on another host): not one more
+    byte from this process may reach the disks, not even the flush of a clean stop, so it
+    ends at once. The volumes' FUSE mount then answers ENOTCONN; the pool is the new
+    writer's."""
+    log.critical("%s: stopping at once, without a final flush", reason)
+    logging.shutdown()
+    os._exit(FENCED_EXIT)
+
+
 def setup_logging(log_file: str, level: int = logging.INFO) -> None:
     handler: logging.Handler
     if log_file:
@@ -319,6 +349,12 @@ def run(registry: Registry, options: MountOptions, ready_fd: int | None = None) 
 
     async def main() -> None:
         daemon = Daemon(registry, options)
+
+        def notify(message: str) -> None:  # `mount` prints it while it waits
+            if ready_fd is not None:
+                os.write(ready_fd, f"wait: {message}".encode()[:4000] + b"\n")
+
+        daemon.notify = notify
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
             report("ok")

@@ -278,14 +278,18 @@ class BlockspaceEnv:
     # ---- CLI ----------------------------------------------------------------------------
 
     def cli(
-        self, *args: str, check: bool = True, timeout: float = CLI_TIMEOUT
+        self, *args: str, check: bool = True, timeout: float = CLI_TIMEOUT,
+        state_dir: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        env = dict(os.environ, BLOCKSPACE_STATE_DIR=str(self.state_dir))
-        command = [sys.executable, "-m", "blockspace", "--state-dir", str(self.state_dir), *args]
+        """The CLI on this env's state directory (or `state_dir`: a second registry of the
+        same host, as another admin's would be)."""
+        state = str(state_dir or self.state_dir)
+        env = dict(os.environ, BLOCKSPACE_STATE_DIR=state)
+        command = [sys.executable, "-m", "blockspace", "--state-dir", state, *args]
         return run(command, check=check, timeout=timeout, env=env)
 
-    def cli_json(self, *args: str) -> Any:
-        return json.loads(self.cli("--json", *args).stdout)
+    def cli_json(self, *args: str, state_dir: Path | None = None) -> Any:
+        return json.loads(self.cli("--json", *args, state_dir=state_dir).stdout)
 
     def status(self, pool: str) -> dict[str, Any]:
         result: dict[str, Any] = self.cli_json("pool", "status", pool)
