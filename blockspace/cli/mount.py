@@ -13,7 +13,7 @@ from blockspace.cli.common import OK, NotMounted, Parser, owner, registry_of, se
 from blockspace.cli.output import console, emit
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.pool.pool import DEFAULT_IO_TIMEOUT
-from blockspace.service import control
+from blockspace.service import control, logging_setup
 from blockspace.service.nbd import default_socket_path, parse_address
 
 
@@ -46,7 +46,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         io_timeout=args.io_timeout or DEFAULT_IO_TIMEOUT, nbd=nbd,
     )
     if args.foreground:
-        daemon.setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
+        logging_setup.setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
         return daemon.run(registry, options, args.ready_fd)
     read_fd, write_fd = os.pipe()
     command = [sys.executable, "-m", "blockspace", "--state-dir", str(registry.root),

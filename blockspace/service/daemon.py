@@ -9,7 +9,6 @@ import logging
 import os
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -290,19 +289,6 @@ class Daemon:
             pyfuse3.terminate()
             return {"pid": os.getpid()}
         raise InvalidInput(f"unknown request {op!r}")
-
-
-def setup_logging(log_file: str, level: int = logging.INFO) -> None:
-    handler: logging.Handler
-    if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
-    else:
-        handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
 
 
 def run(registry: Registry, options: MountOptions, ready_fd: int | None = None) -> int:
