@@ -4,7 +4,7 @@ stderr and exits with the code of blockspace/cli/common.py (README "Exit codes")
 written before validation passes.
 
 One module per command group: cli/pool.py, volume.py, disk.py, scrub.py, mount.py,
-faults.py, tiers.py; what they print goes through cli/output.py."""
+faults.py, tiers.py, attach.py, system.py; what they print goes through cli/output.py."""
 
 import argparse
 import logging
@@ -12,7 +12,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from blockspace.cli import disk, faults, mount, pool, scrub, tiers, volume
+from blockspace.cli import attach, disk, faults, mount, pool, scrub, system, tiers, volume
 from blockspace.cli.common import INTERNAL_ERROR, Parser, UsageError
 from blockspace.cli.output import error_line
 from blockspace.errors import BlockspaceError
@@ -40,6 +40,8 @@ def build_parser() -> Parser:
     mount.add_commands(commands, common)
     faults.add_commands(commands, common)
     tiers.add_commands(commands, common)
+    attach.add_commands(commands, common)
+    system.add_commands(commands, common, parser)
     return parser
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from blockspace.admin.registry import RUNTIME_DIR_ENV
 from blockspace.cli.common import OK, NotMounted, Parser, owner, registry_of, seconds
 from blockspace.cli.output import console, emit
 from blockspace.errors import BlockspaceError, InvalidInput
@@ -43,7 +44,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         pool=args.pool, mountpoint=mountpoint, uid=uid, gid=gid,
         allow_other=not args.no_allow_other, log_file=log_file,
         allow_fault_injection=args.allow_fault_injection,
-        io_timeout=args.io_timeout or DEFAULT_IO_TIMEOUT, nbd=nbd,
+        io_timeout=args.io_timeout or DEFAULT_IO_TIMEOUT, nbd=nbd, read_only=args.read_only,
     )
     if args.foreground:
         logging_setup.setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
@@ -60,11 +61,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
         command.insert(-2, f"--io-timeout={args.io_timeout}")
     if nbd:
         command.insert(-2, f"--nbd={nbd}")
+    if args.read_only:
+        command.insert(-2, "--read-only")
     # posix_spawn, not Popen: the daemon outlives this process, and a Popen object left
     # running would warn when it is collected.
     os.set_inheritable(write_fd, True)
+    # The daemon finds the runtime directory this process chose; systemd's notify socket
+    # is for a daemon systemd started itself (`mount --foreground`, blockspace@.service).
+    environ = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    environ[RUNTIME_DIR_ENV] = str(registry.run_dir)
     pid = os.posix_spawn(
-        sys.executable, command, os.environ, setsid=True,
+        sys.executable, command, environ, setsid=True,
         file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
             (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
@@ -127,7 +134,9 @@ def add_commands(commands: Any, common: Parser) -> None:
                    help="testing only: let `blockspace fault` make this mount's disks fail")
     p.add_argument("--nbd", nargs="?", const="", metavar="SOCKET",
                    help="also export the volumes over NBD, on a Unix socket (0600; default "
-                        "STATE_DIR/run/POOL.nbd.sock) or tcp:HOST:PORT (no authentication)")
+                        "RUNTIME_DIR/POOL.nbd.sock) or tcp:HOST:PORT (no authentication)")
+    p.add_argument("--read-only", action="store_true",
+                   help="serve the volume files read-only (attach makes read-only loops)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
     p = commands.add_parser("unmount", aliases=["umount"], parents=[common],

@@ -24,12 +24,13 @@ from blockspace.geometry.layouts import default_layout
 from blockspace.pool.pool import Pool
 from blockspace.repair.scrub import Scrubber, ScrubProgress
 from blockspace.repair.watchdog import watch_disks
-from blockspace.service import control
+from blockspace.service import control, sd_notify
 from blockspace.service.bringup import bring_up, resync_in_background
 from blockspace.service.fault_requests import handle_fault_request
 from blockspace.service.fuse_ops import VolumeFS
 from blockspace.service.malloc_tuning import tune_malloc
 from blockspace.service.nbd import NbdServer, parse_address
+from blockspace.service.status_line import status_line
 from blockspace.tiering.admin import check_growable
 from blockspace.tiering.admin import overview as tier_overview
 from blockspace.tiering.service import TierService
@@ -50,6 +51,7 @@ class MountOptions:
     allow_fault_injection: bool = False
     io_timeout: float = 30.0
     nbd: str = ""  # where the NBD export listens (a socket path or tcp:HOST:PORT); "" none
+    read_only: bool = False  # the kernel refuses writes to the volume files (mount -o ro)
 
 
 class Daemon:
@@ -92,6 +94,8 @@ class Daemon:
             fuse_options.add("subtype=blockspace")
             if self.options.allow_other:
                 fuse_options.add("allow_other")
+            if self.options.read_only:
+                fuse_options.add("ro")
             pyfuse3.init(self.fs, self.options.mountpoint, fuse_options)
         except BaseException:
             for device in devices:
@@ -131,9 +135,12 @@ class Daemon:
                 )
                 log.info("pool %s mounted at %s", pool.name, self.options.mountpoint)
                 task_status.started()
+                sd_notify.notify(f"READY=1\nSTATUS={self.status_line()}")
+                nursery.start_soon(sd_notify.report_status, self.status_line)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
+            sd_notify.notify("STOPPING=1\nSTATUS=stopping: flushing the disks, unmounting")
             log.info("pool %s: stopping", pool.name)
             if self.tiers is not None:
                 self.tiers.save_all()
@@ -148,6 +155,14 @@ class Daemon:
             pyfuse3.close(unmount=True)
             self.registry.clear_mount(self.options.pool)
             log.info("pool %s unmounted", pool.name)
+
+    def status_line(self) -> str:
+        """What systemd shows for this pool (service/status_line.py)."""
+        assert self.pool is not None
+        states = [d.record.state if d.device is not None or d.record.state != "online"
+                  else "missing" for d in self.pool.disks.values()]
+        rebuild = self.disks.rebuilder.progress.to_dict() if self.disks is not None else None
+        return status_line(states, rebuild, self.scrubber.progress.to_dict())
 
     def _open_device(self, path: str) -> Device:
         """A disk joining while mounted: behind the fault layer too, when it is allowed."""
