@@ -4,6 +4,7 @@ READY/STATUS/STOPPING and stops cleanly on SIGTERM; the installed units pass
 systemd-analyze verify; `attach`/`detach` with mkfs and a mount on the stable name; the
 mount(8) helper run as mount(8) runs it, and by a real `mount` from an fstab."""
 
+import errno
 import json
 import os
 import re
@@ -222,6 +223,24 @@ def test_the_mount_helper_as_mount_8_runs_it_and_umount(blockspace_env: Blockspa
     env.fuse_mounts.remove(mountpoint)
     assert "pool tank unmounted" in env.daemon_log("tank")
     assert not (env.state_dir / "run" / "tank.json").exists()
+    # -o ro: the volume files are served read-only, and attach makes a read-only loop.
+    env.fuse_mounts.append(mountpoint)
+    run([str(helper), "tank", str(mountpoint), "-o", "ro"], env=helper_env)
+    pid = daemon_of(env, "tank")
+    env.daemons.append(pid)
+    with pytest.raises(OSError) as refused:
+        os.open(mountpoint / "vol0", os.O_WRONLY)
+    assert refused.value.errno == errno.EROFS
+    attached = env.cli_json("attach", "tank", "vol0")
+    env.volume_loops.append(attached["device"])
+    assert attached["read_only"] is True
+    with open(f"/sys/block/{os.path.basename(attached['device'])}/ro") as flag:
+        assert flag.read().strip() == "1"
+    env.cli("detach", "tank", "vol0")
+    env.volume_loops.remove(attached["device"])
+    run([tool("umount"), str(mountpoint)])
+    assert wait_exited(pid, 60)
+    env.fuse_mounts.remove(mountpoint)
 
 
 SBIN_HELPER = Path("/sbin/mount.blockspace")
