@@ -140,6 +140,9 @@ class Daemon:
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
+            # The stop has begun: a second SIGTERM (systemd stopping a .mount unit signals
+            # what is left in its cgroup once umount returned) must not cut the flush short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             sd_notify.notify("STOPPING=1\nSTATUS=stopping: flushing the disks, unmounting")
             log.info("pool %s: stopping", pool.name)
             if self.tiers is not None:
