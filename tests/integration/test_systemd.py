@@ -114,6 +114,44 @@ def test_the_daemon_as_systemd_runs_it_notifies_and_stops_cleanly_on_sigterm(
     env.unmount_pool(mountpoint, pid)
 
 
+def test_the_status_line_follows_a_disk_failure(blockspace_env: BlockspaceEnv) -> None:
+    """STATUS= is kept up to date while serving, not only at READY: a dead disk shows."""
+    env = blockspace_env
+    make_pool(env)
+    mountpoint = env.root / "pool-tank"
+    mountpoint.mkdir()
+    env.fuse_mounts.append(mountpoint)
+    runtime = env.root / "rt"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(env.root / "notify"))
+        child_env = dict(os.environ, NOTIFY_SOCKET=str(env.root / "notify"),
+                         BLOCKSPACE_RUNTIME_DIR=str(runtime))
+        cli = [sys.executable, "-m", "blockspace", "--state-dir", str(env.state_dir)]
+        daemon = subprocess.Popen(
+            [*cli, "mount", "--foreground", "--allow-fault-injection", "--log-file",
+             str(env.root / "daemon.log"), "tank", str(mountpoint)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=child_env)
+        env.daemons.append(daemon.pid)
+        try:
+            assert "STATUS=online, 3 disks" in messages(server, "READY=1")[-1].splitlines()
+            run([*cli, "fault", "inject", "tank", "0", "--dead"], env=child_env)
+            server.settimeout(60)
+            while True:  # the watchdog's label probes fail the idle disk within seconds
+                status = [line for line in server.recv(65536).decode().splitlines()
+                          if line.startswith("STATUS=")]
+                if status and status[0].startswith("STATUS=degraded: "):
+                    break
+            assert "1 of 3 disks failed" in status[0], status
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.wait(60) == 0
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait(30)
+    env.fuse_mounts.remove(mountpoint)
+
+
 @pytest.mark.skipif(not have_tool("systemd-analyze"), reason="systemd-analyze is not installed")
 def test_the_installed_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     run([sys.executable, "-m", "blockspace", "system", "install", "--root", str(tmp_path)])
