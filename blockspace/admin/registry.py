@@ -15,10 +15,26 @@ from blockspace.errors import BlockspaceError, InvalidInput
 
 DEFAULT_STATE_DIR = "/var/lib/blockspace"
 STATE_DIR_ENV = "BLOCKSPACE_STATE_DIR"
+# Runtime files (control sockets, the live mount records with the daemon's pid, NBD sockets)
+# belong in /run: gone at reboot, as the daemons are. A state directory given by hand (tests,
+# a second instance) keeps them beside it, in STATE_DIR/run, unless this names a place.
+DEFAULT_RUNTIME_DIR = "/run/blockspace"
+RUNTIME_DIR_ENV = "BLOCKSPACE_RUNTIME_DIR"
 
 
 def state_dir(override: str | None = None) -> Path:
     return Path(override or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+
+
+def runtime_dir(state_override: str | None = None) -> Path:
+    """$BLOCKSPACE_RUNTIME_DIR; else STATE_DIR/run when a state directory was named (the
+    option or $BLOCKSPACE_STATE_DIR); else /run/blockspace."""
+    explicit = os.environ.get(RUNTIME_DIR_ENV)
+    if explicit:
+        return Path(explicit)
+    if state_override or os.environ.get(STATE_DIR_ENV):
+        return state_dir(state_override) / "run"
+    return Path(DEFAULT_RUNTIME_DIR)
 
 
 @dataclass
@@ -53,10 +69,10 @@ def _write_json_atomically(path: Path, data: object) -> None:
 
 
 class Registry:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, run_dir: Path | None = None) -> None:
         self.root = root
         self._pools_file = root / "pools.json"
-        self.run_dir = root / "run"
+        self.run_dir = run_dir if run_dir is not None else root / "run"
         self.log_dir = root / "log"
 
     def ensure(self) -> None:

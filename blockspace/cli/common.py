@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from blockspace.admin.registry import Registry, state_dir
+from blockspace.admin.registry import Registry, runtime_dir, state_dir
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.ondisk.metadata import MAX_VOLUME_SIZE
 from blockspace.pool.lease import LeaseOptions
@@ -63,7 +63,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def registry_of(args: argparse.Namespace) -> Registry:
-    return Registry(state_dir(args.state_dir))
+    return Registry(state_dir(args.state_dir), runtime_dir(args.state_dir))
 
 
 def mounted_socket(registry: Registry, pool: str) -> Path | None:

@@ -13,13 +13,18 @@ from blockspace.cli.common import OK, Parser
 SHELLS = ("bash", "zsh")
 
 
+def script(parser: argparse.ArgumentParser, shell: str) -> str:
+    """The completion script of `parser` for `shell` (bash or zsh)."""
+    return str(shtab.complete(parser, shell=shell))
+
+
 def add_commands(commands: Any, common: Parser, build_parser: Callable[[], Parser]) -> None:
     p = commands.add_parser("completion", parents=[common],
                             help="print a shell completion script")
     p.add_argument("shell", choices=SHELLS)
 
     def cmd_completion(args: argparse.Namespace) -> int:
-        print(shtab.complete(build_parser(), shell=args.shell), end="")
+        print(script(build_parser(), args.shell), end="")
         return OK
 
     p.set_defaults(func=cmd_completion)

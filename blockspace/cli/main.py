@@ -4,7 +4,7 @@ stderr and exits with the code of blockspace/cli/common.py (README "Exit codes")
 written before validation passes.
 
 One module per command group: cli/pool.py, volume.py, disk.py, scrub.py, mount.py,
-faults.py, tiers.py; what they print goes through cli/output.py."""
+faults.py, tiers.py, attach.py, system.py; what they print goes through cli/output.py."""
 
 import argparse
 import json
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from blockspace import __version__
 from blockspace.cli import (
+    attach,
     completion,
     configuration,
     disk,
@@ -22,6 +23,7 @@ from blockspace.cli import (
     mount,
     pool,
     scrub,
+    system,
     tiers,
     volume,
 )
@@ -56,6 +58,8 @@ def build_parser() -> Parser:
     mount.add_commands(commands, common)
     faults.add_commands(commands, common)
     tiers.add_commands(commands, common)
+    attach.add_commands(commands, common)
+    system.add_commands(commands, common, parser)
     configuration.add_commands(commands, common)
     completion.add_commands(commands, common, build_parser)
     return parser

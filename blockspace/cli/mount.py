@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from blockspace.admin.config import load_config
+from blockspace.admin.registry import RUNTIME_DIR_ENV
 from blockspace.cli.common import OK, NotMounted, Parser, owner, registry_of, seconds, waiting
 from blockspace.cli.output import console, emit
 from blockspace.errors import BlockspaceError, InvalidInput
-from blockspace.service import control
+from blockspace.service import control, logging_setup
 from blockspace.service.nbd import default_socket_path, parse_address
 
 
@@ -44,11 +45,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         pool=args.pool, mountpoint=mountpoint, uid=uid, gid=gid,
         allow_other=not args.no_allow_other, log_file=log_file,
         allow_fault_injection=args.allow_fault_injection,
-        io_timeout=io_timeout, nbd=nbd,
+        io_timeout=io_timeout, nbd=nbd, read_only=args.read_only,
         force=args.force or bool(getattr(args, "force_lease", False)),
     )
     if args.foreground:
-        daemon.setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
+        logging_setup.setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
         return daemon.run(registry, options, args.ready_fd)
     read_fd, write_fd = os.pipe()
     command = [sys.executable, "-m", "blockspace", "--state-dir", str(registry.root),
@@ -63,11 +64,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
         command.insert(-2, f"--nbd={nbd}")
     if options.force:
         command.insert(-2, "--force")
+    if args.read_only:
+        command.insert(-2, "--read-only")
     # posix_spawn, not Popen: the daemon outlives this process, and a Popen object left
     # running would warn when it is collected.
     os.set_inheritable(write_fd, True)
+    # The daemon finds the runtime directory this process chose; systemd's notify socket
+    # is for a daemon systemd started itself (`mount --foreground`, blockspace@.service).
+    environ = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    environ[RUNTIME_DIR_ENV] = str(registry.run_dir)
     pid = os.posix_spawn(
-        sys.executable, command, os.environ, setsid=True,
+        sys.executable, command, environ, setsid=True,
         file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
             (os.POSIX_SPAWN_OPEN, 1, "/dev/null", os.O_WRONLY, 0),
@@ -134,10 +141,12 @@ def add_commands(commands: Any, common: Parser) -> None:
                    help="testing only: let `blockspace fault` make this mount's disks fail")
     p.add_argument("--nbd", nargs="?", const="", metavar="SOCKET",
                    help="also export the volumes over NBD, on a Unix socket (0600; default "
-                        "STATE_DIR/run/POOL.nbd.sock) or tcp:HOST:PORT (no authentication)")
+                        "RUNTIME_DIR/POOL.nbd.sock) or tcp:HOST:PORT (no authentication)")
     p.add_argument("--force", action="store_true",
                    help="take the pool's writer lease even if another host holds it: only "
                         "for a host known to be dead (README \"One writer per pool\")")
+    p.add_argument("--read-only", action="store_true",
+                   help="serve the volume files read-only (attach makes read-only loops)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
     p = commands.add_parser("unmount", aliases=["umount"], parents=[common],

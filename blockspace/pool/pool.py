@@ -19,6 +19,7 @@ from typing import TypeVar
 import trio
 
 from blockspace.disks.devices import Device, FileDevice
+from blockspace.disks.io_errors import io_error_line
 from blockspace.errors import BlockspaceError, DeviceError, FormatError, InvalidInput, NoSpace
 from blockspace.geometry.allocator import Extent, ExtentAllocator
 from blockspace.geometry.erasure import (
@@ -434,14 +435,15 @@ class Pool:
     async def disk_io(
         self, disk: PoolDisk, what: str, op: Callable[[Device], Awaitable[T]], *,
         device: Device | None = None, attempts: int = 1, shield: bool = False,
-        fail_on_timeout: bool = False,
+        fail_on_timeout: bool = False, offset: int | None = None, length: int | None = None,
     ) -> T:
         """Every device call's bound: run `op` on `device` (by default the disk's device as
         it is now: a concurrent failure may have taken it away), each attempt within the I/O
         timeout. A DeviceError is retried until `attempts` calls have failed, then raised;
         no answer in time raises DeviceError at once. `shield`: the call is not cancelled
         with its caller, only by the timeout. `fail_on_timeout`: a disk that does not answer
-        is taken out of service, durably, before the error is raised."""
+        is taken out of service, durably, before the error is raised. `offset` and `length`
+        (on the disk) go into the log line of a failed attempt."""
         disk_id = disk.record.disk_id
         if device is None:
             device = disk.device
@@ -452,10 +454,15 @@ class Pool:
             with trio.CancelScope(deadline=trio.current_time() + timeout, shield=shield) as scope:
                 try:
                     return await op(device)
-                except DeviceError:
+                except DeviceError as error:
                     if attempt + 1 == attempts:
                         raise
-                    log.warning("disk %d: %s failed, retrying", disk_id, what)
+                    # One rate-limit key per disk and kind: a storm on one disk does not
+                    # hide the first errors of another (service/logging_setup.py).
+                    log.warning("%s; retrying (attempt %d of %d)",
+                                io_error_line(disk_id, what, offset, length, error),
+                                attempt + 2, attempts,
+                                extra={"ratelimit_key": ("io-retry", disk_id, what)})
                     await trio.sleep(0.01 * (attempt + 1))
                     continue
             if scope.cancelled_caught:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from blockspace.units import format_size
 from blockspace.volume.redundancy import Check
 from blockspace.volume.row_locks import column_rows
 
@@ -71,6 +72,16 @@ class ScrubReport:
             {"volume": v, "offset": o, "length": n} for v, o, n in self.unrecoverable
         ]
         return data
+
+    def summary(self) -> str:
+        """One readable line for the log: what was checked, found, repaired and lost."""
+        line = (f"{format_size(self.bytes_checked)} checked ({self.blocks_checked} blocks), "
+                f"{self.checksum_errors} checksum errors, {self.mismatches} mismatches, "
+                f"{self.repaired_blocks} blocks repaired, "
+                f"{len(self.unrecoverable)} unrecoverable ranges")
+        shown = ", ".join(f"{v} at {o} length {n}" for v, o, n in self.unrecoverable[:5])
+        more = len(self.unrecoverable) - 5
+        return line + (f": {shown}" if shown else "") + (f" and {more} more" if more > 0 else "")
 
 
 async def scrub_slab(volume: "Volume", slab: int, *, repair: bool = True) -> ScrubReport:
@@ -253,7 +264,7 @@ class Scrubber:
             if progress.state == "running":
                 progress.state = "done"
                 progress.finished = time.time()
-                log.info("scrub done: %s", progress.report.to_dict())
+                log.info("scrub done: %s", progress.report.summary())
         self._cancel_scope = None
         self._save(progress)
         self.finished.set()

@@ -10,7 +10,6 @@ import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -27,12 +26,13 @@ from blockspace.pool.lease import LeaseOptions, WriterLease
 from blockspace.pool.pool import Pool
 from blockspace.repair.scrub import Scrubber, ScrubProgress
 from blockspace.repair.watchdog import watch_disks
-from blockspace.service import control
+from blockspace.service import control, sd_notify
 from blockspace.service.bringup import bring_up, resync_in_background
 from blockspace.service.fault_requests import handle_fault_request
 from blockspace.service.fuse_ops import VolumeFS
 from blockspace.service.malloc_tuning import tune_malloc
 from blockspace.service.nbd import NbdServer, parse_address
+from blockspace.service.status_line import status_line
 from blockspace.tiering.admin import check_growable
 from blockspace.tiering.admin import overview as tier_overview
 from blockspace.tiering.service import TierService
@@ -55,6 +55,7 @@ class MountOptions:
     io_timeout: float = 30.0
     nbd: str = ""  # where the NBD export listens (a socket path or tcp:HOST:PORT); "" none
     force: bool = False  # take the writer lease whoever holds it (a host known to be dead)
+    read_only: bool = False  # the kernel refuses writes to the volume files (mount -o ro)
 
 
 class Daemon:
@@ -106,6 +107,8 @@ class Daemon:
             fuse_options.add("subtype=blockspace")
             if self.options.allow_other:
                 fuse_options.add("allow_other")
+            if self.options.read_only:
+                fuse_options.add("ro")
             pyfuse3.init(self.fs, self.options.mountpoint, fuse_options)
         except BaseException:
             if self.lease is not None:
@@ -150,9 +153,15 @@ class Daemon:
                 )
                 log.info("pool %s mounted at %s", pool.name, self.options.mountpoint)
                 task_status.started()
+                sd_notify.notify(f"READY=1\nSTATUS={self.status_line()}")
+                nursery.start_soon(sd_notify.report_status, self.status_line)
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
         finally:
+            # The stop has begun: a second SIGTERM (systemd stopping a .mount unit signals
+            # what is left in its cgroup once umount returned) must not cut the flush short.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            sd_notify.notify("STOPPING=1\nSTATUS=stopping: flushing the disks, unmounting")
             log.info("pool %s: stopping", pool.name)
             if self.tiers is not None:
                 self.tiers.save_all()
@@ -168,6 +177,14 @@ class Daemon:
             pyfuse3.close(unmount=True)
             self.registry.clear_mount(self.options.pool)
             log.info("pool %s unmounted", pool.name)
+
+    def status_line(self) -> str:
+        """What systemd shows for this pool (service/status_line.py)."""
+        assert self.pool is not None
+        states = [d.record.state if d.device is not None or d.record.state != "online"
+                  else "missing" for d in self.pool.disks.values()]
+        rebuild = self.disks.rebuilder.progress.to_dict() if self.disks is not None else None
+        return status_line(states, rebuild, self.scrubber.progress.to_dict())
 
     def _open_device(self, path: str) -> Device:
         """A disk joining while mounted: behind the fault layer too, when it is allowed."""
@@ -320,19 +337,6 @@ def fence(reason: str) -> None:
     log.critical("%s: stopping at once, without a final flush", reason)
     logging.shutdown()
     os._exit(FENCED_EXIT)
-
-
-def setup_logging(log_file: str, level: int = logging.INFO) -> None:
-    handler: logging.Handler
-    if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
-    else:
-        handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
 
 
 def run(registry: Registry, options: MountOptions, ready_fd: int | None = None) -> int:

@@ -18,6 +18,7 @@ import trio
 
 from blockspace.disks import uring
 from blockspace.disks.devices import Device
+from blockspace.disks.io_errors import io_error_line
 from blockspace.errors import DeviceError
 from blockspace.geometry.layouts import ExtentWrite
 from blockspace.ondisk.checksums import ENTRY_SIZE, bad_blocks, block_runs, entries_for
@@ -112,17 +113,24 @@ class ExtentIO:
         disk = self.pool.disks[disk_id]
         first, count = start // BLOCK, (end - start) // BLOCK
         offset = self.pool.extent_offset(disk_id, extent) + start
+        entries_at = self.pool.checksum_offset(disk_id, extent) + first * ENTRY_SIZE
+        what, at, length = "checksum read", entries_at, count * ENTRY_SIZE
         try:
             entries = await self.pool.disk_io(
-                disk, "checksum read",
+                disk, what,
                 lambda _: self.pool.checksums.read(disk_id, extent, first, count),
-                device=device, attempts=IO_ATTEMPTS, fail_on_timeout=True)
+                device=device, attempts=IO_ATTEMPTS, fail_on_timeout=True,
+                offset=at, length=length)
+            what, at, length = "read", offset, end - start
             data = await self.pool.disk_io(
-                disk, "read", lambda device: device.read(offset, end - start),
-                device=device, attempts=IO_ATTEMPTS, fail_on_timeout=True)
+                disk, what, lambda device: device.read(offset, end - start),
+                device=device, attempts=IO_ATTEMPTS, fail_on_timeout=True,
+                offset=at, length=length)
         except DeviceError as error:
             self.pool.count_device_error(disk_id, "read")
-            log.warning("read error on disk %d: %s", disk_id, error)
+            log.warning("%s; served from redundancy where there is any",
+                        io_error_line(disk_id, f"{what} (extent {extent})", at, length, error),
+                        extra={"ratelimit_key": ("io-error", disk_id, "read")})
             return Fault.UNREADABLE if self.pool.extent_device(disk_id, extent) else Fault.MISSING
         return data, entries
 
@@ -208,9 +216,13 @@ class ExtentIO:
                 self.pool.disks[disk_id], "write",
                 lambda _: self.pool.checksums.write(disk_id, extent, start // BLOCK, entries,
                                                     data=(offset, data)),
-                device=device, attempts=IO_ATTEMPTS, shield=True, fail_on_timeout=True)
+                device=device, attempts=IO_ATTEMPTS, shield=True, fail_on_timeout=True,
+                offset=offset, length=len(data))
             return True
         except DeviceError as error:
+            log.error("%s; the disk is taken out of service",
+                      io_error_line(disk_id, f"write (extent {extent})", offset, len(data),
+                                    error))
             self.pool.count_device_error(disk_id, "write")
             await self.pool.mark_failed(disk_id, str(error))
             return False
