@@ -416,14 +416,15 @@ class DiskManager:
         self.job = job
         self._cancelled = False
         self._job_stopped = stopped = trio.Event()
+        # Made here, entered by the task: a cancel before the task first runs still counts.
+        self._job_scope = scope = trio.CancelScope()
 
         def replan() -> list[Move]:  # what is still (or newly) on the disks being emptied
             return plan_moves(self.pool, sources & set(self.pool.disks))
 
         async def run() -> None:
             try:
-                with trio.CancelScope() as scope:
-                    self._job_scope = scope
+                with scope:
                     await self.rebuilder.run(
                         moves, reason, prefer=prefer, rate_limit=self.rate_limit,
                         after=finish, replan=replan if evacuate else None)
@@ -434,6 +435,9 @@ class DiskManager:
                 if self._cancelled or self.rebuilder.progress.state == "done":
                     self._clear_job()
             finally:
+                if not self.rebuilder.finished.is_set():  # cancelled before it began
+                    self.rebuilder.progress.state = "cancelled"
+                    self.rebuilder.finished.set()
                 self._job_scope = None
                 self.job = None
                 stopped.set()

@@ -98,7 +98,8 @@ def test_retire_killed_mid_job_finishes_at_the_next_mount(
     assert status["disks"][disk]["state"] == "retiring"
     assert status["disks"][disk]["data_extents"] > 0
     code, out, _ = bs("disk", "rebuild", "tank")  # what the next mount will resume
-    assert code == 0 and "resumes at the next mount" in out
+    assert code == 0
+    assert "resumes at the next mount" in out
 
     mountpoint, pid = bs.mount()
     assert rebuild(bs)["reason"] == f"retire disk {disk}"  # resumed, no command given
@@ -160,18 +161,22 @@ def test_cancel_rate_change_and_refusal_while_a_job_runs(
     disk = busiest(bs.json("pool", "status", "tank"))
     other = (disk + 1) % 4
     code, _, err = bs("disk", "retire", "tank", str(disk), "--rate", "1")
-    assert code == 2 and "at least 1M" in err and err.count("\n") == 1
+    assert code == 2
+    assert "at least 1M" in err
+    assert err.count("\n") == 1
     bs.json("disk", "retire", "tank", str(disk), "--rate", "1M")
     # Another disk operation is refused, with what to do about it.
     code, _, err = bs("disk", "retire", "tank", str(other))
     assert code == 1
     assert f"a rebuild is running (retire disk {disk}" in err
-    assert "disk rebuild tank --cancel" in err and err.count("\n") == 1
+    assert "disk rebuild tank --cancel" in err
+    assert err.count("\n") == 1
     # The rate of the running job changes (and a bad one is refused).
     assert bs.json("disk", "rebuild", "tank", "--rate", "2M")["rate_limit"] == 2 * MiB
     assert rebuild(bs)["rate_limit"] == 2 * MiB
     code, _, err = bs("disk", "rebuild", "tank", "--rate", "5K")
-    assert code == 2 and "at least 1M" in err
+    assert code == 2
+    assert "at least 1M" in err
     assert wait_until(lambda: rebuild(bs)["done"] >= 1, 60)
     started = time.monotonic()
     cancelled = bs.json("disk", "rebuild", "tank", "--cancel")
@@ -184,7 +189,8 @@ def test_cancel_rate_change_and_refusal_while_a_job_runs(
     assert f"cancelled with {left} extents left" in status["disks"][disk]["state_reason"]
     assert digest(mountpoint) == expected
     code, _, err = bs("disk", "rebuild", "tank", "--cancel")
-    assert code == 5 and "no rebuild to cancel" in err
+    assert code == 5
+    assert "no rebuild to cancel" in err
     # Nothing is refused any more; the retire can be finished by asking again.
     bs.json("disk", "retire", "tank", str(disk), "--wait")
     assert bs.json("pool", "status", "tank")["disks"][disk]["state"] == "retired"
