@@ -223,6 +223,34 @@ async def disk_job(
         return manager.rebuilder.progress.to_dict()
 
 
+async def clear_disk_errors(registry: Registry, name: str, disk: str) -> dict[str, Any]:
+    """`disk clear` of an unmounted pool: the disk's error counters back to zero."""
+    async with opened_pool(registry, name) as pool:
+        disk_id = pool.find_disk(disk)
+        await pool.clear_errors(disk_id)
+        return {"cleared": disk_id}
+
+
+def interrupted_job(registry: Registry, name: str, *, cancel: bool = False,
+                    rate: int | None = None) -> dict[str, Any] | None:
+    """`disk rebuild` of an unmounted pool: the extent job a stop interrupted, which the
+    next mount resumes (None: there is none); `cancel` forgets it (it will not resume),
+    `rate` changes the rate it resumes at."""
+    registry.get(name)
+    job = registry.job_state(name)
+    if job is None:
+        return None
+    state = "interrupted"
+    if cancel:
+        registry.clear_job_state(name)
+        state = "cancelled"
+    elif rate is not None:
+        job["rate"] = rate
+        registry.save_job_state(name, job)
+    return {"state": state, "reason": str(job.get("reason", job.get("op"))),
+            "rate_limit": int(job.get("rate") or 0), "job": job}
+
+
 async def scrub(
     registry: Registry, name: str, volume: str | None, rate: int, progress: Progress,
     lease: LeaseOptions | None = None,

@@ -182,6 +182,22 @@ def volume_state(pool: Pool, spec: LayoutSpec, slabs: dict[int, list[tuple[int, 
     return "degraded" if worst <= spec.tolerance else "failed"
 
 
+VOLUME_STATES = ("online", "degraded", "failed")  # best to worst
+
+
+def states_of_volumes(pool: Pool) -> dict[str, str]:
+    """Each volume's state. A tiered volume holds no slabs of its own: it is as good as the
+    worse of its two tiers (a failed hdd tier fails it, however healthy the ssd tier)."""
+    states = {record.name: volume_state(pool, LayoutSpec.from_dict(record.layout), record.slabs)
+              for record in pool.metadata.volumes}
+    for record in pool.metadata.volumes:
+        if record.tiers is not None:
+            tiers = [states.get(record.tiers.ssd, "failed"), states.get(record.tiers.hdd,
+                                                                        "failed")]
+            states[record.name] = max(tiers, key=VOLUME_STATES.index)
+    return states
+
+
 def usable_capacity(pool: Pool) -> dict[str, int | None]:
     """Volume bytes that still fit, per resiliency, from the current free space."""
     usable_ids = pool.usable_disk_ids()
@@ -234,6 +250,7 @@ def pool_status(
             }
         )
     volumes = []
+    by_volume = states_of_volumes(pool)
     for record in pool.metadata.volumes:
         spec = LayoutSpec.from_dict(record.layout)
         volumes.append(
@@ -247,7 +264,7 @@ def pool_status(
                 "slabs": len(record.slabs),
                 "allocated": len(record.slabs) * spec.slab_data_size(pool.slab_size),
                 "footprint": len(record.slabs) * spec.width * pool.slab_size,
-                "state": volume_state(pool, spec, record.slabs),
+                "state": by_volume[record.name],
             }
         )
     states = {d["state"] for d in disks}

@@ -163,6 +163,27 @@ class Registry:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _write_json_atomically(path, state)
 
+    # ---- the disk job (retire, remove, replace, repair, rebalance): resumed at mount -------
+
+    def _job_file(self, pool: str) -> Path:
+        return self.root / "jobs" / f"{pool}.json"
+
+    def job_state(self, pool: str) -> dict[str, Any] | None:
+        """The disk job that was running on `pool` (None: none, or it finished)."""
+        try:
+            data = json.loads(self._job_file(pool).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    def save_job_state(self, pool: str, state: dict[str, Any]) -> None:
+        path = self._job_file(pool)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_json_atomically(path, state)
+
+    def clear_job_state(self, pool: str) -> None:
+        self._job_file(pool).unlink(missing_ok=True)
+
     def mounts(self) -> list[MountEntry]:
         found = []
         for pool in self.pools():

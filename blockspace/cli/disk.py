@@ -1,6 +1,10 @@
-"""`blockspace disk add|retire|remove|online|replace` and `pool repair|rebalance`: through the
-daemon while the pool is mounted (`--wait` follows the rebuild), else run to the end in this
-process (blockspace/admin/offline.py)."""
+"""`blockspace disk add|retire|remove|online|replace|clear|rebuild` and `pool
+repair|rebalance`: through the daemon while the pool is mounted (`--wait` follows the
+rebuild), else run to the end in this process (blockspace/admin/offline.py).
+
+`disk rebuild POOL` shows the running extent job, `--cancel` stops it, `--rate` changes its
+bandwidth limit; on an unmounted pool they act on the job a stop interrupted (the next mount
+resumes it). With no job to act on they exit NOTHING_TO_DO."""
 
 import argparse
 import os
@@ -12,8 +16,17 @@ import trio
 
 from blockspace.admin import offline
 from blockspace.admin.config import load_config
-from blockspace.cli.common import FAILED, OK, Parser, lease_options, pool_socket, rate
+from blockspace.cli.common import (
+    FAILED,
+    OK,
+    NothingToDo,
+    Parser,
+    lease_options,
+    pool_socket,
+    rate,
+)
 from blockspace.cli.output import console, emit, progress_bar
+from blockspace.repair.rebuild import check_rate
 from blockspace.service import control
 from blockspace.units import format_size
 
@@ -34,9 +47,49 @@ def cmd_disk(args: argparse.Namespace) -> int:
     return FAILED if failed else OK
 
 
+def cmd_clear(args: argparse.Namespace) -> int:
+    registry, socket_path = pool_socket(args)
+    if socket_path is not None:
+        result = control.request(socket_path, "disk_clear", disk=args.disk)
+    else:
+        result = trio.run(offline.clear_disk_errors, registry, args.pool, args.disk)
+    emit(args, result, lambda r: console.print(f"disk {r['cleared']}: error counters cleared"))
+    return OK
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    """The running extent job: show it, cancel it, change its rate (mounted); the interrupted
+    one, resumed at the next mount (not mounted)."""
+    limit = check_rate(rate(args.rate)) if args.rate is not None else None
+    registry, socket_path = pool_socket(args)
+    if socket_path is None:
+        result = offline.interrupted_job(registry, args.pool, cancel=args.cancel, rate=limit)
+        if result is None:
+            raise NothingToDo(f"pool {args.pool!r} is not mounted and has no interrupted "
+                              "rebuild to resume")
+        emit(args, result, lambda r: console.print(
+            f"rebuild {r['state']} ({r['reason']})"
+            + (": it resumes at the next mount" if r["state"] == "interrupted" else
+               ": it will not resume")))
+        return OK
+    progress = control.request(socket_path, "rebuild_status")
+    if (args.cancel or limit is not None) and progress["state"] != "running":
+        action = "cancel" if args.cancel else "change the rate of"
+        raise NothingToDo(f"no rebuild to {action}: pool {args.pool!r} has none running "
+                          f"(rebuild state: {progress['state']})")
+    if args.cancel:
+        progress = control.request(socket_path, "rebuild_cancel")
+    elif limit is not None:
+        progress = control.request(socket_path, "rebuild_rate", rate=limit)
+    if args.wait:
+        progress = wait_for_rebuild(args, socket_path)
+    emit(args, progress, print_result)
+    return FAILED if progress.get("state") == "failed" else OK
+
+
 def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     """The daemon's request for the command line (every value checked)."""
-    limit = rate(getattr(args, "rate", None), load_config().rebuild_rate)
+    limit = check_rate(rate(getattr(args, "rate", None), load_config().rebuild_rate))
     command = args.disk_command if args.command == "disk" else args.pool_command
     if command == "add":
         paths = [os.path.abspath(p) for p in args.disks]
@@ -65,6 +118,9 @@ def wait_for_rebuild(args: argparse.Namespace, socket_path: Path) -> dict[str, A
 def print_result(result: dict[str, Any]) -> None:
     if "added" in result:
         console.print(f"added disk(s) {', '.join(str(i) for i in result['added'])}")
+        return
+    if "cleared" in result:
+        console.print(f"disk {result['cleared']}: error counters cleared")
         return
     resync = str(result["reason"]).startswith("resync")
     console.print(
@@ -129,3 +185,18 @@ def add_commands(commands: Any, common: Parser) -> None:
     p.add_argument("--wait", action="store_true", help="block until done")
     p.add_argument("--rate", help="bandwidth limit, e.g. 200M (per second)")
     p.set_defaults(func=cmd_disk)
+    p = disk.add_parser("clear", parents=[common],
+                        help="reset a disk's error counters (read/write/checksum)")
+    p.add_argument("pool")
+    p.add_argument("disk", help="disk id or path (see pool status)")
+    p.set_defaults(func=cmd_clear)
+    p = disk.add_parser("rebuild", parents=[common],
+                        help="the running retire/remove/replace/repair/rebalance: show it, "
+                             "cancel it or change its rate")
+    p.add_argument("pool")
+    controls = p.add_mutually_exclusive_group()
+    controls.add_argument("--cancel", action="store_true",
+                          help="stop it (moves done stay done; not resumed at mount)")
+    controls.add_argument("--rate", help="new bandwidth limit, e.g. 200M (0: none)")
+    p.add_argument("--wait", action="store_true", help="block until it is done")
+    p.set_defaults(func=cmd_rebuild)

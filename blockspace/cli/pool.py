@@ -109,6 +109,8 @@ def print_status(s: dict[str, Any]) -> None:
             f"{rebuild['reason']}: {rebuild['percent']:.0f}% ({rebuild['done']}/"
             f"{rebuild['total']} extents), {format_size(int(rebuild['bytes_per_second']))}/s"
             + (f", about {eta:.0f}s left" if eta is not None else "")
+            + (f", limited to {format_size(rebuild['rate_limit'])}/s"
+               if rebuild.get("rate_limit") else "")
         )
     scrub = s.get("scrub")
     if scrub and scrub.get("state") not in (None, "idle"):

@@ -17,7 +17,7 @@ import json
 import struct
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import xxhash
@@ -71,7 +71,9 @@ _DISK_KEYS = frozenset(
 _VOLUME_KEYS = frozenset({"name", "uuid", "size", "layout", "provisioning", "slabs", "created"})
 # Keys newer writers add only when set, so older pools decode unchanged.
 _TOP_OPTIONAL = frozenset({"opened_seq"})
-_DISK_OPTIONAL = frozenset({"missed_since"})
+_DISK_OPTIONAL = frozenset({"missed_since", "errors"})
+# A disk's I/O error counters ("errors", kept across mounts until `disk clear`).
+ERROR_KINDS = ("read", "write", "checksum")
 _VOLUME_OPTIONAL: frozenset[str] = frozenset({"tiers", "codec"})
 # A parity volume's erasure code (blockspace/geometry/erasure.py): the keys of its "codec".
 _CODEC_KEYS = frozenset({"library", "ec_type", "k", "m", "fragments"})
@@ -99,6 +101,9 @@ class DiskRecord:
     # While out of service: the write sequence number from which it may have missed
     # writes, so a disk that returns is resynced by what changed, not copied whole.
     missed_since: int = 0
+    # I/O errors seen on it, by kind (ERROR_KINDS), across mounts: `pool status` shows
+    # them, `disk clear` resets them.
+    errors: dict[str, int] = field(default_factory=lambda: dict.fromkeys(ERROR_KINDS, 0))
 
 
 @dataclass
@@ -292,6 +297,10 @@ def _validate_disks(md: PoolMetadata) -> dict[int, DiskRecord]:
         if not 0.0 <= float(disk.state_since) < MAX_TIMESTAMP:
             raise FormatError(f"{where} state time is out of range")
         _int(f"{where} missed-since sequence", disk.missed_since, 0, MAX_SEQ)
+        if not isinstance(disk.errors, dict) or set(disk.errors) != set(ERROR_KINDS):
+            raise FormatError(f"{where} error counters are not {{{', '.join(ERROR_KINDS)}}}")
+        for kind in ERROR_KINDS:
+            _int(f"{where} {kind} error count", disk.errors[kind], 0, MAX_SEQ)
         by_id[disk_id] = disk
         uuids.add(disk_uuid)
     return by_id
@@ -501,6 +510,7 @@ def _document(md: PoolMetadata) -> dict[str, Any]:
                 "state_reason": d.state_reason,
                 "state_since": float(d.state_since),
                 **({"missed_since": d.missed_since} if d.missed_since else {}),
+                **({"errors": dict(d.errors)} if any(d.errors.values()) else {}),
             }
             for d in md.disks
         ],

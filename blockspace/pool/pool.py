@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import trio
@@ -109,12 +109,18 @@ class PoolDisk:
     geometry: DiskGeometry
     device: Device | None
     path: str
-    errors: dict[str, int] = field(
-        default_factory=lambda: {"read": 0, "write": 0, "checksum": 0}
-    )
+    # Blocks that failed their checksum this session (the "failing" threshold; the
+    # counters in `errors` span mounts).
+    session_checksum_errors: int = 0
     # The device of a disk out of service, still open (found at open, or kept when it
     # failed): what `disk online` re-admits once it works again.
     returned: Device | None = None
+
+    @property
+    def errors(self) -> dict[str, int]:
+        """I/O errors by kind (read, write, checksum), kept in the disk record: they are
+        committed with the metadata and survive mounts until `disk clear`."""
+        return self.record.errors
 
     @property
     def usable(self) -> bool:
@@ -145,6 +151,13 @@ def make_private(device: Device) -> None:
     except OSError as error:
         raise DeviceError(f"{device.path}: cannot make it private (mode 0600): "
                           f"{error.strerror}") from None
+
+
+def error_kind(what: str) -> str:
+    """The counter a failed device request of `what` ("checksum read", "flush", ...) goes
+    to: reads are reads, everything that changes the disk (writes, zeroing, flushes) is a
+    write."""
+    return "read" if "read" in what else "write"
 
 
 def read_label(device: Device) -> DiskLabel | None:
@@ -430,6 +443,7 @@ class Pool:
         try:
             await self.disk_io(disk, "metadata write", write)
         except DeviceError as error:
+            self.count_device_error(disk.record.disk_id, "write")
             failed.append((disk.record.disk_id, error))
 
     async def disk_io(
@@ -456,7 +470,9 @@ class Pool:
                     return await op(device)
                 except DeviceError as error:
                     if attempt + 1 == attempts:
-                        raise
+                        raise  # the caller counts the error it gives up on
+                    # A retried error is an error of the disk all the same: counted.
+                    self.count_device_error(disk_id, error_kind(what))
                     # One rate-limit key per disk and kind: a storm on one disk does not
                     # hide the first errors of another (service/logging_setup.py).
                     log.warning("%s; retrying (attempt %d of %d)",
@@ -476,8 +492,29 @@ class Pool:
 
     def count_device_error(self, disk_id: int, kind: str) -> None:
         """One more failed device request of `kind` ("read" or "write") on this disk, as
-        `pool status` reports them (checksum errors: `count_checksum_errors`)."""
-        self.disks[disk_id].errors[kind] += 1
+        `pool status` reports them (checksum errors: `count_checksum_errors`). Kept in the
+        disk record, so the next commit makes it durable."""
+        disk = self.disks.get(disk_id)
+        if disk is not None:
+            disk.errors[kind] += 1
+
+    async def clear_errors(self, disk_id: int) -> None:
+        """`disk clear`: reset a disk's error counters (durably); a disk that was only
+        "failing" (the checksum error warning) is online again."""
+        disk = self.disks[disk_id]
+        old, old_session = dict(disk.errors), disk.session_checksum_errors
+        old_state = (disk.record.state, disk.record.state_reason, disk.record.state_since)
+        disk.errors.update(dict.fromkeys(disk.errors, 0))
+        disk.session_checksum_errors = 0
+        if disk.record.state == "failing":
+            self._set_state(disk_id, "online", "error counters cleared")
+        try:
+            await self.commit()
+        except BaseException:
+            disk.errors.update(old)
+            disk.session_checksum_errors = old_session
+            (disk.record.state, disk.record.state_reason, disk.record.state_since) = old_state
+            raise
 
     # ---- write-intent log -------------------------------------------------------------
 
@@ -519,6 +556,7 @@ class Pool:
             try:
                 await self.disk_io(disk, "write-intent write", write)
             except DeviceError as error:
+                self.count_device_error(disk.record.disk_id, "write")
                 failed.append((disk.record.disk_id, error))
 
         await run_all([bind(write_one, disk) for disk in targets])
@@ -614,13 +652,23 @@ class Pool:
             self.metadata.disks.append(disk.record)
             self.allocator.add_disk(disk_id, disk.record.extent_count)
             raise
-        if disk.device is not None:
+        # Whether in service or not (a retired or failed disk's device is kept as
+        # `returned`): both label copies go, and the file is closed, so the same disk can
+        # be added again, to this pool or another.
+        device = disk.device or disk.returned
+        disk.device = disk.returned = None
+        if device is None:
+            log.warning("removed disk %d (%s) is not present: its label stays on it (`disk "
+                        "add --force` overwrites it)", disk_id, disk.path)
+        else:
             try:
-                await disk.device.zero(0, disk.geometry.data_start)
-                await disk.device.zero(disk.geometry.backup_label_offset, LABEL_SIZE)
-                await disk.device.flush()
+                await device.zero(0, disk.geometry.data_start)
+                await device.zero(disk.geometry.backup_label_offset, LABEL_SIZE)
+                await device.flush()
             except DeviceError as error:
                 log.warning("could not wipe the label of removed disk %d: %s", disk_id, error)
+            finally:
+                device.close()
         log.info("pool %s: removed disk %d (%s)", self.name, disk_id, disk.path)
 
     def find_disk(self, name: str) -> int:
@@ -650,9 +698,11 @@ class Pool:
         replaced."""
         disk = self.disks[disk_id]
         disk.errors["checksum"] += blocks
-        if disk.errors["checksum"] >= FAILING_CHECKSUM_ERRORS and disk.record.state == "online":
+        disk.session_checksum_errors += blocks
+        if (disk.session_checksum_errors >= FAILING_CHECKSUM_ERRORS
+                and disk.record.state == "online"):
             self._set_state(disk_id, "failing",
-                            f"{disk.errors['checksum']} blocks failed their checksum")
+                            f"{disk.session_checksum_errors} blocks failed their checksum")
             await self.commit()
 
     def away_since(self) -> int:
@@ -914,6 +964,7 @@ class Pool:
         try:
             await self.disk_io(disk, "flush", flush)
         except DeviceError as error:
+            self.count_device_error(disk.record.disk_id, "write")
             # The disk leaves service durably before this flush may report success, even
             # if another task marked it first: if no disk can take that record any more,
             # the commit raises and so does the flush.

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from blockspace.errors import BlockspaceError, DeviceError, NoSpace, Unrecoverable
+from blockspace.errors import BlockspaceError, DeviceError, InvalidInput, NoSpace, Unrecoverable
 from blockspace.geometry.allocator import ExtentAllocator
 from blockspace.ondisk.checksums import CSUM_BLOCK, bad_blocks
 from blockspace.volume.row_locks import column_rows
@@ -34,6 +34,17 @@ PARALLEL_MOVES = 4  # slabs moved at once
 REPLAN_ROUNDS = 5  # passes over what is left on the disks being emptied
 # Disks whose extents a repair moves away: out of service, or being retired.
 EVACUATE_STATES = ("failed", "missing", "retiring")
+# The lowest --rate: below it one extent takes longer than anyone waits for (at 1 byte/s a
+# 64 MiB extent takes two years), and the job would hold the disks for good.
+MIN_RATE = 1 << 20
+
+
+def check_rate(rate: int) -> int:
+    """A rebuild's bandwidth limit in bytes/s: 0 (none) or at least MIN_RATE."""
+    if rate < 0 or 0 < rate < MIN_RATE:
+        raise InvalidInput(f"--rate must be at least 1M (per second), or 0 for no limit; "
+                           f"not {rate} bytes/s")
+    return rate
 
 
 @dataclass(frozen=True)
@@ -177,12 +188,16 @@ async def move_extent(volume: "Volume", move: Move, *, prefer: int | None = None
         new_extents = list(extents)
         new_extents[move.position] = target
         volume.record.slabs[move.slab] = new_extents
-        try:
-            await pool.commit()
-        except BaseException:
-            volume.record.slabs[move.slab] = extents
-            pool.allocator.release([target])
-            raise
+        # Shielded: a cancel (`disk rebuild --cancel`, an unmount) that cut the commit short
+        # could leave the new map on some disks while memory goes back to the old one, and
+        # writes to the old extent would be lost at the next open. It finishes, or fails.
+        with trio.CancelScope(shield=True):
+            try:
+                await pool.commit()
+            except BaseException:
+                volume.record.slabs[move.slab] = extents
+                pool.allocator.release([target])
+                raise
         pool.allocator.release([old])
         geometry = pool.disks[old[0]].geometry
         pool.checksums.forget_extent(old[0], old[1], geometry.checksum_area_size // CSUM_BLOCK)
@@ -271,6 +286,27 @@ class Rebuilder:
         self.progress = RebuildProgress()
         self.finished = trio.Event()
         self.finished.set()
+        self._rate_changed = trio.Event()  # wakes the movers waiting for their turn
+
+    def set_rate(self, rate_limit: int) -> None:
+        """Change the bandwidth limit of the running job (0: none), at once: movers
+        waiting for their turn under the old rate look again."""
+        self.progress.rate_limit = rate_limit
+        self._rate_changed.set()
+        self._rate_changed = trio.Event()
+
+    async def _wait_turn(self, progress: RebuildProgress, pace: dict[str, float]) -> None:
+        """Start one move no sooner than one extent's worth of time at the current rate
+        after the last one started (the rate may change while it waits)."""
+        while progress.rate_limit:
+            now = trio.current_time()
+            due = pace["last"] + self.pool.slab_size / progress.rate_limit
+            if due <= now:
+                pace["last"] = now
+                return
+            changed = self._rate_changed
+            with trio.move_on_at(due):
+                await changed.wait()
 
     @property
     def active(self) -> bool:
@@ -328,14 +364,11 @@ class Rebuilder:
             # Several slabs at once: their sources and targets are spread over all disks.
             # Extents of one slab still move one at a time (each move locks its slab).
             limiter = trio.CapacityLimiter(PARALLEL_MOVES)
-            pace = {"next": trio.current_time()}  # the rate limit, shared by all movers
+            pace = {"last": -float("inf")}  # when the last move started, for the rate
 
             async def mover(move: Move) -> None:
                 async with limiter:
-                    if rate_limit:
-                        start = max(trio.current_time(), pace["next"])
-                        pace["next"] = start + self.pool.slab_size / rate_limit
-                        await trio.sleep_until(start)
+                    await self._wait_turn(progress, pace)
                     await self._move_one(move, prefer, progress)
 
             for _ in range(REPLAN_ROUNDS):

@@ -24,6 +24,7 @@ from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.geometry.layouts import default_layout
 from blockspace.pool.lease import LeaseOptions, WriterLease
 from blockspace.pool.pool import Pool
+from blockspace.repair.rebuild import check_rate
 from blockspace.repair.scrub import Scrubber, ScrubProgress
 from blockspace.repair.watchdog import watch_disks
 from blockspace.service import control, sd_notify
@@ -198,8 +199,17 @@ class Daemon:
     async def _disk_request(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         manager = self.disks
         assert manager is not None
+        if op == "rebuild_rate":
+            return manager.set_rate(int(request.get("rate") or 0))
+        if op == "rebuild_cancel":
+            return await manager.cancel()
+        if op == "disk_clear":
+            assert self.pool is not None
+            disk_id = self.pool.find_disk(str(request["disk"]))
+            await self.pool.clear_errors(disk_id)
+            return {"cleared": disk_id}
         if "rate" in request:
-            manager.rate_limit = int(request["rate"] or 0)
+            manager.rate_limit = check_rate(int(request["rate"] or 0))
         if op == "disk_add":
             ids = await manager.add(list(request["paths"]), request.get("media"),
                                     bool(request.get("force")))
@@ -273,7 +283,7 @@ class Daemon:
         if op.startswith("tier_"):
             assert self.tiers is not None
             return await self.tiers.handle(op, request)
-        if op.startswith("disk_") or op in ("pool_repair", "pool_rebalance", "rebuild_status"):
+        if op.startswith(("disk_", "rebuild_")) or op in ("pool_repair", "pool_rebalance"):
             return await self._disk_request(op, request)
         if op.startswith("fault_"):
             return handle_fault_request(pool, self.faulty, op, request)

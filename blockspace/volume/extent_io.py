@@ -187,6 +187,7 @@ class ExtentIO:
                 lambda _: self.pool.checksums.read(disk_id, extent, first, count),
                 device=device, attempts=IO_ATTEMPTS, fail_on_timeout=True)
         except DeviceError:
+            self.pool.count_device_error(disk_id, "read")
             return None
 
     # ---- writes -------------------------------------------------------------------------

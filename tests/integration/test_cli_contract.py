@@ -150,6 +150,18 @@ CASES = [
     case("retire-bad-rate", "disk retire {pool} 0 --rate abc", BAD_INPUT, None,
          "invalid size"),
     case("disk-unknown-pool", "disk retire nope 0", BAD_INPUT, None, NO_POOL),
+    case("retire-rate-below-floor", "disk retire {pool} 0 --rate 1", BAD_INPUT, None,
+         "--rate must be at least 1M"),
+    *(case(f"clear-id-{bad}", f"disk clear {{pool}} {bad}", BAD_INPUT, SAME, NO_DISK)
+      for bad in BAD_IDS),
+    case("rebuild-cancel-nothing", "disk rebuild {pool} --cancel", NOTHING_TO_DO, SAME,
+         "no interrupted rebuild", "no rebuild to cancel"),
+    case("rebuild-rate-nothing", "disk rebuild {pool} --rate 10M", NOTHING_TO_DO, SAME,
+         "no interrupted rebuild", "no rebuild to change the rate of"),
+    case("rebuild-rate-below-floor", "disk rebuild {pool} --rate 5K", BAD_INPUT, None,
+         "--rate must be at least 1M"),
+    case("rebuild-cancel-and-rate", "disk rebuild {pool} --cancel --rate 10M", BAD_INPUT,
+         None, "not allowed with argument"),
     # scrub and its controls
     case("scrub-unknown-pool", "scrub nope", BAD_INPUT, None, NO_POOL),
     case("scrub-unknown-volume", "scrub {pool} nope", BAD_INPUT, SAME, NO_VOLUME),

@@ -724,3 +724,30 @@ def test_next_disk_id_with_gaps() -> None:
     md.disks = [disk_record(0), disk_record(1), disk_record(2), disk_record(3), disk_record(17)]
     md.next_disk_id = 18
     assert decode_metadata(encode_metadata(md, SLOT)) == md
+
+
+# ---- per-disk error counters (issue 17 item 8) ----------------------------------------------
+
+
+def test_error_counters_round_trip_and_are_left_out_while_zero() -> None:
+    md = sample()
+    assert "errors" not in document(md)["disks"][0]  # older readers see nothing new
+    md.disks[0].errors.update(read=3, write=1, checksum=70)
+    decoded = decode_metadata(encode_metadata(md, SLOT))
+    assert decoded.disks[0].errors == {"read": 3, "write": 1, "checksum": 70}
+    assert decoded.disks[1].errors == {"read": 0, "write": 0, "checksum": 0}
+
+
+@pytest.mark.parametrize("counters", [
+    {"read": -1, "write": 0, "checksum": 0},
+    {"read": 1, "write": 0},
+    {"read": 1, "write": 0, "checksum": 0, "other": 1},
+    {"read": True, "write": 0, "checksum": 0},
+    {"read": 1.5, "write": 0, "checksum": 0},
+    {"read": 1 << 63, "write": 0, "checksum": 0},
+    [1, 2, 3],
+])
+def test_crafted_error_counters_are_rejected(counters: Any) -> None:
+    body = document()
+    body["disks"][0]["errors"] = counters
+    reject(seal(body), "error count")
