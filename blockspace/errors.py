@@ -35,3 +35,10 @@ class Unrecoverable(BlockspaceError):
     """Data cannot be read: too many columns of a stripe are unavailable."""
 
     errno = errno.EIO
+
+
+class SlabUnmapped(BlockspaceError):
+    """The slab an I/O was working on was unmapped (discarded) while it waited for its
+    locks: the caller starts again from the map (where the slab now reads as zeros)."""
+
+    errno = errno.EIO

@@ -822,6 +822,34 @@ class Pool:
             self.allocator.release([e for placement in placements for e in placement])
             raise
 
+    async def free_slabs(self, volume: VolumeRecord, slab_indexes: Sequence[int]) -> int:
+        """Unmap slabs of a thin volume (a discard of them whole): they read as zeros from
+        now on and a later write allocates afresh. The map without them is committed before
+        their extents go back to the free space, so a crash leaves each slab mapped (its old
+        content) or free, and no extent is handed to another slab while a durable map still
+        points at it. The caller holds what keeps the slabs' I/O and allocation out (the
+        volume's allocation lock and the slabs' row locks). Returns the slabs unmapped."""
+        removed = {index: volume.slabs.pop(index) for index in slab_indexes
+                   if index in volume.slabs}
+        if not removed:
+            return 0
+        try:
+            # Not cancelled half-way: a generation without the slabs may already be on some
+            # disks, and the map in memory must then not claim them mapped.
+            with trio.CancelScope(shield=True):
+                await self.commit()
+        except BaseException:
+            volume.slabs.update(removed)
+            raise
+        freed = [extent for extents in removed.values() for extent in extents]
+        self.allocator.release(freed)
+        # A free extent holds nothing to catch up; it is zeroed again when reused.
+        self.resyncing.difference_update(freed)
+        for disk_id, extent in freed:
+            pages = self.disks[disk_id].geometry.checksum_area_size // BLOCK
+            self.checksums.forget_extent(disk_id, extent, pages)
+        return len(removed)
+
     def _place_degraded(self, volume: VolumeRecord, spec: LayoutSpec, index: int) -> list[Extent]:
         out = [d for d, disk in self.disks.items() if disk.record.state in ("failed", "missing")]
         exclude = self.unusable_disk_ids() + self.media_excluded(volume)

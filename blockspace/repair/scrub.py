@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from blockspace.errors import SlabUnmapped
 from blockspace.units import format_size
 from blockspace.volume.redundancy import Check
 from blockspace.volume.row_locks import column_rows
@@ -92,7 +93,10 @@ async def scrub_slab(volume: "Volume", slab: int, *, repair: bool = True) -> Scr
     for start in range(0, slab_size, CHUNK):
         end = min(start + CHUNK, slab_size)
         async with volume.row_locks.hold(column_rows(volume.spec, slab, start, end)):
-            extents = volume.io.current_extents(slab)  # a move may have switched it
+            try:
+                extents = volume.io.current_extents(slab)  # a move may have switched it
+            except SlabUnmapped:
+                return report  # discarded meanwhile: nothing left to check
             check = await volume.redundancy.check(slab, extents, start, end, repair=repair)
         report.add_check(volume, slab, check)
         await trio.lowlevel.checkpoint()

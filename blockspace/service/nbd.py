@@ -15,9 +15,10 @@ client that stops reading its replies for `send_timeout` seconds is disconnected
 
 FLUSH is the volume's flush, which flushes every usable disk of the pool: it covers writes
 acknowledged on every connection, so NBD_FLAG_CAN_MULTI_CONN is advertised. FUA flushes the
-same way before the reply. TRIM and WRITE_ZEROES write zeros through the volume in bounded
-chunks (zeros into a slab never written allocate nothing), which keeps redundancy and
-checksums consistent the ordinary way but gives no space back yet.
+same way before the reply. TRIM and WRITE_ZEROES (without NO_HOLE) are the volume's discard
+(blockspace/volume/discard.py): whole slabs of a thin volume are unmapped, their space back in
+the pool, durably before the reply; the rest is zeroed through the volume. WRITE_ZEROES with
+NO_HOLE, and a volume with no discard of its own (a tiered one), get zeros written.
 
 A bad client (garbage, an oversized or out-of-range request, a disconnect in the middle of
 one) gets an NBD error or a closed connection; the volume and the other connections go on.
@@ -33,12 +34,13 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import trio
 
 from blockspace.errors import BlockspaceError, InvalidInput, NoSpace
 from blockspace.service import nbd_protocol as wire
+from blockspace.volume.discard import write_zeros
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +50,10 @@ BUFFER_BUDGET = 256 << 20  # bytes of write payloads and read replies held, all 
 CONNECTION_BUDGET = 64 << 20  # the same, one connection (one client cannot take it all)
 SEND_TIMEOUT = 60.0  # seconds a reply may wait for a client that does not read
 HANDSHAKE_TIMEOUT = 30.0  # seconds a client may take to choose an export
-ZERO_CHUNK = 1 << 20  # bytes of zeros per volume write for TRIM and WRITE_ZEROES
 RECEIVE_BUFFER = 256 << 10
 SMALL_REPLY = 64 << 10  # a read reply up to this size goes out in one send with its header
 BACKLOG = 128
 ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
-_ZEROS = memoryview(bytes(ZERO_CHUNK))
 
 
 class ExportedVolume(Protocol):
@@ -73,6 +73,13 @@ class ExportedVolume(Protocol):
     async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None: ...
 
     async def flush(self) -> None: ...
+
+
+@runtime_checkable
+class DiscardingVolume(Protocol):
+    """An export that can give space back (a plain `Volume`)."""
+
+    async def discard(self, offset: int, length: int, *, unmap: bool = True) -> None: ...
 
 
 def error_value(error: BlockspaceError) -> int:
@@ -631,24 +638,18 @@ class NbdServer:
                 await volume.write(offset, payload)
                 self._bytes_written += length
             elif command in (wire.CMD_TRIM, wire.CMD_WRITE_ZEROES):
-                # NO_HOLE is honoured by construction: zeros are written, no hole is made.
-                await _write_zeros(volume, offset, length)
+                # NO_HOLE: the space stays allocated, zeros are written.
+                hole = not request.flags & wire.CMD_FLAG_NO_HOLE
+                if isinstance(volume, DiscardingVolume):
+                    await volume.discard(offset, length, unmap=hole)
+                else:
+                    await write_zeros(volume, offset, length)
             if command == wire.CMD_FLUSH or request.flags & wire.CMD_FLAG_FUA:
                 await volume.flush()
         except BlockspaceError as failure:
             log.error("NBD: %s on %r failed: %s", request.describe(), export.name, failure)
             return error_value(failure), None
         return 0, None
-
-
-async def _write_zeros(volume: ExportedVolume, offset: int, length: int) -> None:
-    """Zeros over offset..offset+length, in chunks of ZERO_CHUNK aligned to ZERO_CHUNK (so a
-    whole slab never written is skipped by the volume without a read)."""
-    position, end = offset, offset + length
-    while position < end:
-        count = min(end, (position // ZERO_CHUNK + 1) * ZERO_CHUNK) - position
-        await volume.write(position, _ZEROS[:count])
-        position += count
 
 
 # ---- sockets ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import trio
 from blockspace.disks import uring
 from blockspace.disks.devices import Device
 from blockspace.disks.io_errors import io_error_line
-from blockspace.errors import DeviceError
+from blockspace.errors import DeviceError, SlabUnmapped
 from blockspace.geometry.layouts import ExtentWrite
 from blockspace.ondisk.checksums import ENTRY_SIZE, bad_blocks, block_runs, entries_for
 from blockspace.ondisk.metadata import VolumeRecord
@@ -58,8 +58,12 @@ class ExtentIO:
 
     def current_extents(self, slab: int) -> Extents:
         """The slab's extents as the map says now. Taken again once the row locks are held:
-        a move may have switched the map while the caller waited for them."""
-        return self.record.slabs[slab]
+        a move may have switched the map while the caller waited for them, or a discard
+        unmapped the slab (SlabUnmapped)."""
+        extents = self.record.slabs.get(slab)
+        if extents is None:
+            raise SlabUnmapped(f"volume {self.record.name!r}: slab {slab} was unmapped")
+        return extents
 
     # ---- no await: what is in memory -------------------------------------------------
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
-from blockspace.errors import InvalidInput
+from blockspace.errors import InvalidInput, SlabUnmapped
 from blockspace.geometry.erasure import ErasureCodec
 from blockspace.geometry.layouts import LayoutSpec, Piece, split
 from blockspace.ondisk.metadata import VolumeRecord
@@ -29,13 +29,14 @@ from blockspace.pool.intent import volume_key
 from blockspace.pool.pool import Pool
 from blockspace.volume.cached_reads import CachedReads
 from blockspace.volume.concurrency import bind, run_all
+from blockspace.volume.discard import can_unmap, discard_range
 from blockspace.volume.extent_io import ExtentIO, Extents
 from blockspace.volume.mirror import Mirror
 from blockspace.volume.parity import Parity
 from blockspace.volume.pieces import BLOCK, align_down, align_up, scatter
 from blockspace.volume.redundancy import Counters, Redundancy
 from blockspace.volume.region_resync import RegionResync
-from blockspace.volume.row_locks import RowLocks, slab_rows
+from blockspace.volume.row_locks import RowLocks, column_rows, slab_rows
 
 
 @dataclass(frozen=True)
@@ -197,11 +198,16 @@ class Volume:
             extents = self.record.slabs.get(slab)
             if extents is None:
                 return  # unallocated: reads as zeros, and `out` is already zeroed
-            await self._read_range(slab, extents, offset, out, locked=False)
-            # A move that switched the slab's map meanwhile may have freed (and even
-            # reused) an extent this read came from: read again from the new map.
+            try:
+                await self._read_range(slab, extents, offset, out, locked=False)
+            except SlabUnmapped:
+                pass  # discarded while a heal waited for its locks: zeros now
+            # A move that switched the slab's map meanwhile (or a discard that unmapped
+            # it) may have freed, and even reused, an extent this read came from: read
+            # again from the map as it is now.
             if self.record.slabs.get(slab) is extents:
                 return
+            out[:] = bytes(len(out))
 
     async def _read_range(
         self, slab: int, extents: Extents, offset: int, out: memoryview, *, locked: bool
@@ -224,38 +230,45 @@ class Volume:
     # ---- writes ---------------------------------------------------------------------
 
     async def _write_slab(self, slab: int, offset: int, data: memoryview) -> None:
+        # Again if a discard unmapped the slab while this write waited for its row locks.
+        while not await self._write_mapped(slab, offset, data):
+            pass
+
+    async def _write_mapped(self, slab: int, offset: int, data: memoryview) -> bool:
+        """Write into the slab, allocating it first if needed; False if it was unmapped
+        before the row locks were had (nothing written)."""
         extents = self.record.slabs.get(slab)
         if extents is None:
             if not any(data):
-                return  # zeros into unallocated space: nothing to store
+                return True  # zeros into unallocated space: nothing to store
             extents = await self._allocate(slab)
         end = offset + len(data)
         start, aligned_end = align_down(offset), align_up(end)
         await self.region_resync.before_io(slab, start, aligned_end)
         intent = self.pool.intent
         if intent is None:
-            await self._write_locked(slab, extents, offset, data)
-            return
+            return await self._write_locked(slab, offset, data)
         keys = {(self.key, slab, region)
                 for region in self.region_resync.regions(slab, start, aligned_end)}
         await intent.begin(keys)
         try:
-            await self._write_locked(slab, extents, offset, data)
+            return await self._write_locked(slab, offset, data)
         finally:
             intent.end(keys)
 
-    async def _write_locked(
-        self, slab: int, extents: Extents, offset: int, data: memoryview
-    ) -> None:
+    async def _write_locked(self, slab: int, offset: int, data: memoryview) -> bool:
         end = offset + len(data)
         start, aligned_end = align_down(offset), align_up(end)
         async with self.row_locks.hold(slab_rows(self.spec, slab, start, aligned_end)):
-            extents = self.io.current_extents(slab)
+            extents = self.record.slabs.get(slab)  # a move may have switched it
+            if extents is None:
+                return False  # a discard unmapped it meanwhile
             if (start, aligned_end) != (offset, end):
                 data = await self._merge_partial_blocks(slab, extents, offset, data)
             pieces = split(self.spec, start, len(data))
             with self.pool.write_in_flight() as seq:  # the same number on every copy
                 await self.redundancy.write_pieces(slab, extents, pieces, data, seq)
+        return True
 
     async def _merge_partial_blocks(
         self, slab: int, extents: Extents, offset: int, data: memoryview
@@ -271,6 +284,29 @@ class Volume:
             await self._read_range(slab, extents, end - BLOCK, view[-BLOCK:], locked=True)
         merged[offset - start : offset - start + len(data)] = data
         return view
+
+    # ---- discard ----------------------------------------------------------------------
+
+    async def discard(self, offset: int, length: int, *, unmap: bool = True) -> None:
+        """Make [offset, offset+length) read as zeros (NBD TRIM and WRITE_ZEROES). With
+        `unmap`, whole slabs of a thin volume are unmapped and their space goes back to the
+        pool; the rest is zeroed through the ordinary write path (volume/discard.py)."""
+        self._check_range(offset, length)
+        unmap = unmap and can_unmap(self.record, self.pool.metadata.volumes)
+        await discard_range(self, offset, length, unmap=unmap)
+        self._writes += 1
+
+    def is_mapped(self, slab: int) -> bool:
+        return slab in self.record.slabs
+
+    async def unmap_slabs(self, slabs: list[int]) -> int:
+        """Unmap whole slabs (a thin volume's); returns how many were mapped. Holds the
+        allocation lock (no write allocates one of them meanwhile) and every row lock of
+        the slabs (no write, heal, scrub, resync or move of them is half-way)."""
+        keys = [key for slab in slabs for key in column_rows(self.spec, slab, 0,
+                                                             self.pool.slab_size)]
+        async with self._allocation_lock, self.row_locks.hold(keys):
+            return await self.pool.free_slabs(self.record, slabs)
 
     async def _allocate(self, slab: int) -> Extents:
         async with self._allocation_lock:

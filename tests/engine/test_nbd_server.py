@@ -30,7 +30,6 @@ from blockspace.geometry.layouts import LayoutSpec
 from blockspace.pool.pool import Pool
 from blockspace.service import nbd_protocol as wire
 from blockspace.service.nbd import (
-    ZERO_CHUNK,
     NbdServer,
     TcpAddress,
     UnixAddress,
@@ -38,6 +37,7 @@ from blockspace.service.nbd import (
     error_value,
     parse_address,
 )
+from blockspace.volume.discard import ZERO_CHUNK
 from blockspace.volume.volume import Volume
 
 MiB = 1 << 20

@@ -47,6 +47,16 @@ def test_fio_command_is_direct_libaio_time_based_over_the_region() -> None:
     assert "--bs=1048576" in full
 
 
+def test_fio_runs_an_nbd_export_through_the_nbd_engine() -> None:
+    uri = "nbd+unix:///vol?socket=/tmp/x.sock"
+    job = jobs.JOBS_BY_NAME["randread-4k-qd16"]
+    for command in (jobs.fio_command(job, uri, jobs.QUICK), jobs.prefill_command(uri, jobs.QUICK),
+                    jobs.verify_command(uri, "v", "randwrite", 4096, 16, 1 << 20)):
+        assert "--ioengine=nbd" in command
+        assert f"--uri={uri}" in command
+        assert not [a for a in command if a.startswith(("--filename", "--direct"))]
+
+
 def test_the_job_set_is_the_issues() -> None:
     assert [(j.rw, j.bs, j.iodepth) for j in jobs.JOBS] == [
         ("write", jobs.MiB, 4), ("read", jobs.MiB, 4),
@@ -178,7 +188,11 @@ def test_targets_cover_the_issue() -> None:
     assert "simple randwrite-4k-qd1 >= 0.8x pyfuse-blocking" in texts
     assert "parity-2 seqread-1m-qd4 >= 1x btrfs-raid5" in texts
     assert "mirror-2 seqwrite-1m-qd4 >= 2x btrfs-raid1" in texts
-    assert len(catalog.TARGETS) == 7 + 12 + 6
+    assert "nbd-simple randread-4k-qd16 >= 0.7x nbd-qemu" in texts
+    assert "nbd-simple randwrite-4k-qd16 >= 0.5x nbd-qemu" in texts
+    assert "nbd-simple randread-4k-qd16 >= 1.5x simple" in texts
+    assert "nbd-simple seqwrite-1m-qd4 >= 1x simple" in texts
+    assert len(catalog.TARGETS) == 7 + 12 + 6 + 2 + 6
 
 
 def test_markdown_tables() -> None:
@@ -208,6 +222,10 @@ def test_select_setups() -> None:
     assert catalog.select_setups("blockspace") == ["simple", "mirror-2", "mirror-3",
                                                    "parity-1", "parity-2"]
     assert len(catalog.select_setups("all")) == len(catalog.SETUPS)
+    nbd = ["nbd-qemu", "nbd-nbdkit", "nbd-python", "nbd-simple"]
+    assert catalog.select_setups("nbd") == nbd
+    assert not set(nbd) & set(catalog.select_setups("default"))  # the default run: no NBD
+    assert set(catalog.select_setups("default,nbd")) == set(catalog.select_setups("all"))
     with pytest.raises(catalog.SelectionError):
         catalog.select_setups("raid0")
     assert set(setups.BUILDERS) == {s.name for s in catalog.SETUPS}

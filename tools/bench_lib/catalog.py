@@ -27,10 +27,18 @@ SETUPS: tuple[SetupInfo, ...] = (
     SetupInfo("mirror-3", "Blockspace mirror-3 (4 disks)", "blockspace"),
     SetupInfo("parity-1", "Blockspace parity-1 (4 disks, 3+1)", "blockspace"),
     SetupInfo("parity-2", "Blockspace parity-2 (5 disks, 3+2)", "blockspace"),
+    # fio's nbd engine (libnbd) on a Unix socket, no kernel device (issue 20 item 6).
+    SetupInfo("nbd-qemu", "qemu-nbd on one image (NBD)", "nbd"),
+    SetupInfo("nbd-nbdkit", "nbdkit file plugin on one image (NBD)", "nbd"),
+    SetupInfo("nbd-python", "trio NBD pass-through, blocking I/O inline (NBD)", "nbd"),
+    SetupInfo("nbd-simple", "Blockspace simple (4 disks) over mount --nbd", "nbd"),
 )
 SETUPS_BY_NAME = {s.name: s for s in SETUPS}
 GROUPS = {
     "all": [s.name for s in SETUPS],
+    # What runs when --setups is not given: the NBD group only with --nbd.
+    "default": [s.name for s in SETUPS if s.group != "nbd"],
+    "nbd": [s.name for s in SETUPS if s.group == "nbd"],
     "baselines": [s.name for s in SETUPS if s.group == "baseline"],
     "blockspace": [s.name for s in SETUPS if s.group == "blockspace"],
 }
@@ -92,6 +100,15 @@ def _targets() -> tuple[Target, ...]:
         out += [Target(setup, "btrfs-raid5", job.name, 1.0) for job in JOBS]
     # No job slower than 0.8x the pyfuse3 pass-through ceiling for the simple layout.
     out += [Target("simple", "pyfuse-blocking", job.name, 0.8) for job in JOBS]
+    # Issue 20: over NBD, simple >= 0.7x qemu-nbd on 4K random read qd16 and >= 0.5x on 4K
+    # random write qd16; >= 1.5x its own FUSE + loop path on 4K random read qd16, >= 1x on
+    # every other job.
+    out += [
+        Target("nbd-simple", "nbd-qemu", "randread-4k-qd16", 0.7),
+        Target("nbd-simple", "nbd-qemu", "randwrite-4k-qd16", 0.5),
+    ]
+    out += [Target("nbd-simple", "simple", job.name,
+                   1.5 if job.name == "randread-4k-qd16" else 1.0) for job in JOBS]
     return tuple(out)
 
 

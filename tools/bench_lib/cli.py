@@ -36,7 +36,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="quick mode: 2 s per job over 256 MiB (default: full mode, 4 s "
                         "per job over 1 GiB)")
-    parser.add_argument("--setups", default="all", help=f"comma-separated: {setups_help}")
+    parser.add_argument("--setups", default="default",
+                        help=f"comma-separated: {setups_help} (default: all but the nbd group)")
+    parser.add_argument("--nbd", action="store_true",
+                        help="add the NBD setups (fio's nbd engine on qemu-nbd, nbdkit, the "
+                        "Python pass-through and Blockspace's mount --nbd)")
     parser.add_argument("--jobs", default="all",
                         help="comma-separated subset of: " + ", ".join(JOBS_BY_NAME))
     parser.add_argument("--repeat", type=int, default=1,
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     try:
-        names = select_setups(args.setups)
+        names = select_setups(args.setups + (",nbd" if args.nbd else ""))
         jobs = (list(JOBS_BY_NAME) if args.jobs == "all"
                 else [j.strip() for j in args.jobs.split(",") if j.strip()])
         for job in jobs:

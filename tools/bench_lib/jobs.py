@@ -53,6 +53,18 @@ FULL = Mode("full", 1 * GiB, 4.0, 1.0, 1 * GiB, 256 * MiB)
 MODES = {mode.name: mode for mode in (QUICK, FULL)}
 
 
+def is_nbd(filename: str) -> bool:
+    return filename.startswith(("nbd://", "nbd+unix://"))
+
+
+def target_args(filename: str) -> list[str]:
+    """Where fio's I/O goes: a block device or file (O_DIRECT, libaio), or an NBD export by
+    URI (fio's nbd engine, libnbd: no kernel device in between)."""
+    if is_nbd(filename):
+        return ["--ioengine=nbd", f"--uri={filename}"]
+    return [f"--filename={filename}", "--direct=1", "--ioengine=libaio"]
+
+
 def fio_command(
     job: Job,
     filename: str,
@@ -66,9 +78,7 @@ def fio_command(
     command = [
         fio,
         f"--name={job.name}",
-        f"--filename={filename}",
-        "--direct=1",
-        "--ioengine=libaio",
+        *target_args(filename),
         f"--rw={job.rw}",
         f"--bs={job.bs}",
         f"--iodepth={job.iodepth}",
@@ -91,9 +101,7 @@ def prefill_command(filename: str, mode: Mode, *, fio: str = "fio") -> list[str]
     return [
         fio,
         "--name=prefill",
-        f"--filename={filename}",
-        "--direct=1",
-        "--ioengine=libaio",
+        *target_args(filename),
         "--rw=write",
         f"--bs={1 * MiB}",
         "--iodepth=4",
@@ -116,9 +124,7 @@ def verify_command(filename: str, name: str, rw: str, bs: int, iodepth: int, siz
     return [
         fio,
         f"--name={name}",
-        f"--filename={filename}",
-        "--direct=1",
-        "--ioengine=libaio",
+        *target_args(filename),
         f"--rw={rw}",
         f"--bs={bs}",
         f"--iodepth={iodepth}",

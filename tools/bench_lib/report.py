@@ -286,7 +286,8 @@ def markdown(results: Results) -> str:
     parts = [
         f"Mode **{meta.get('mode', '?')}**: each job {meta.get('runtime_s', '?')} s "
         f"(+{meta.get('ramp_s', '?')} s ramp) over {meta.get('region_mib', '?')} MiB, "
-        f"fio direct=1 ioengine=libaio on the loop device (btrfs: on a preallocated file). "
+        f"fio direct=1 ioengine=libaio on the loop device (btrfs: on a preallocated file; "
+        f"nbd-*: fio's nbd engine on the export's Unix socket). "
         f"Sequential jobs in MiB/s, 4K jobs in IOPS.",
         "",
         figures_table(results),
@@ -299,7 +300,7 @@ def markdown(results: Results) -> str:
         if reference in results["setups"] and results["setups"][reference].get("jobs"):
             parts += ["", f"Ratios to {reference} ({_label(results, reference)}):", "",
                       ratio_table(results, reference)]
-    parts += ["", "Targets of issue 7:", "", targets_table(results)]
+    parts += ["", "Targets (issue 7; nbd-*: issue 20):", "", targets_table(results)]
     mkfs = mkfs_table(results)
     if mkfs.count("\n") > 1:
         parts += ["", f"mkfs trial (ext4, write {meta.get('mkfs_write_mib', 256)} MiB + fsync, "

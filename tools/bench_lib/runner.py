@@ -156,7 +156,7 @@ def run_setup(name: str, options: Options, mkfs_data: MkfsData | None,
         emit(f"{name}: data check (fio crc32c verify): "
              + ("ok" if not bad else "; ".join(f"{k}: {v}" for k, v in bad.items())))
 
-        if options.mkfs and mkfs_data is not None:
+        if options.mkfs and mkfs_data is not None and target.mkfs_path:  # none over NBD
             entry["mkfs"] = _mkfs_trial(ctx, target, mkfs_data)
             trial = entry["mkfs"]
             if trial.get("error"):

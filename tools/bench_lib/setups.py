@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,8 @@ def build_pyfuse_thread(ctx: Context) -> Target:
 # ---- Blockspace --------------------------------------------------------------------------
 
 
-def _blockspace(ctx: Context, disks: int, resiliency: list[str]) -> Target:
+def _blockspace(ctx: Context, disks: int, resiliency: list[str], *, nbd: bool = False
+                ) -> Target:
     state = ctx.dir / "state"
     bs = [ctx.blockspace, "--state-dir", str(state)]
     images = [ctx.image(f"disk{i}.img", 2 * GiB) for i in range(disks)]
@@ -196,7 +198,9 @@ def _blockspace(ctx: Context, disks: int, resiliency: list[str]) -> Target:
 
     pid: int | None = None
     ctx.cleanup.push(f"unmount pool at {mnt}", stop)
-    out = system.run([*bs, "--json", "mount", "bench", str(mnt)], timeout=120).stdout
+    socket_path = ctx.dir / "nbd.sock"
+    extra = [f"--nbd={socket_path}"] if nbd else []
+    out = system.run([*bs, "--json", "mount", "bench", str(mnt), *extra], timeout=120).stdout
     try:
         pid = int(json.loads(out)["pid"])
     except (ValueError, KeyError, TypeError):
@@ -204,10 +208,14 @@ def _blockspace(ctx: Context, disks: int, resiliency: list[str]) -> Target:
     volume = mnt / "vol"
     if not volume.exists():
         raise CommandError(f"{volume} does not exist after mount" + system.log_tail(log_file))
-    dev = ctx.attach(str(volume))
+    if nbd:
+        dev, mkfs_path = nbd_uri(socket_path, "vol"), ""
+        notes: dict[str, Any] = {"nbd": dev}
+    else:
+        dev = mkfs_path = ctx.attach(str(volume))
+        notes = {"dio": system.loop_dio(dev)}
     status = system.run([*bs, "--json", "pool", "status", "bench"], check=False).stdout
-    notes: dict[str, Any] = {"dio": system.loop_dio(dev), "disks": disks,
-                             "volume": ["--size", size, *resiliency]}
+    notes.update({"disks": disks, "volume": ["--size", size, *resiliency]})
     try:
         volumes = json.loads(status).get("volumes")
         if volumes:
@@ -218,7 +226,7 @@ def _blockspace(ctx: Context, disks: int, resiliency: list[str]) -> Target:
     def alive() -> bool:
         return pid is not None and system.pid_alive(pid)
 
-    return Target(dev, dev, pid, log_file, alive, notes=notes)
+    return Target(dev, mkfs_path, pid, log_file, alive, notes=notes)
 
 
 def build_simple(ctx: Context) -> Target:
@@ -241,6 +249,54 @@ def build_parity2(ctx: Context) -> Target:
     return _blockspace(ctx, 5, ["--resiliency", "parity", "--parity", "2"])
 
 
+# ---- NBD (fio's nbd engine on a Unix socket; no mkfs trial: no kernel nbd device here) ----
+
+
+def nbd_uri(socket_path: Path, export: str) -> str:
+    return f"nbd+unix:///{export}?socket={socket_path}"
+
+
+def _nbd_server(ctx: Context, command: list[str], socket_path: Path, export: str) -> Target:
+    log_file = str(ctx.dir / "server.log")
+    daemon = Daemon(command, log_file, ctx.name)
+    ctx.cleanup.push(f"stop {command[0]} {daemon.pid}", daemon.stop)
+    deadline = time.monotonic() + 30
+    while not socket_path.exists():
+        if not daemon.alive() or time.monotonic() > deadline:
+            raise CommandError(f"{ctx.name}: no socket at {socket_path}"
+                               + system.log_tail(log_file))
+        time.sleep(0.05)
+    return Target(nbd_uri(socket_path, export), "", daemon.pid, log_file, daemon.alive,
+                  notes={"command": command})
+
+
+def build_nbd_qemu(ctx: Context) -> Target:
+    image = ctx.image("disk.img", ctx.mode.device_size)
+    sock = ctx.dir / "nbd.sock"
+    # Through the page cache like Blockspace's disks; a thread pool for the I/O.
+    return _nbd_server(ctx, ["qemu-nbd", "-f", "raw", "-x", "vol", "-k", str(sock),
+                             "--persistent", "--shared=8", "--cache=writeback",
+                             "--aio=threads", image], sock, "vol")
+
+
+def build_nbd_nbdkit(ctx: Context) -> Target:
+    image = ctx.image("disk.img", ctx.mode.device_size)
+    sock = ctx.dir / "nbd.sock"
+    return _nbd_server(ctx, ["nbdkit", "--foreground", "--unix", str(sock), "file",
+                             f"file={image}"], sock, "vol")
+
+
+def build_nbd_python(ctx: Context) -> Target:
+    image = ctx.image("disk.img", ctx.mode.device_size)
+    sock = ctx.dir / "nbd.sock"
+    return _nbd_server(ctx, [ctx.python, str(TOOLS / "passthrough_nbd.py"), image, str(sock)],
+                       sock, "vol")
+
+
+def build_nbd_simple(ctx: Context) -> Target:
+    return _blockspace(ctx, 4, ["--resiliency", "simple"], nbd=True)
+
+
 BUILDERS: dict[str, Callable[[Context], Target]] = {
     "raw": build_raw,
     "qsd-raw": build_qsd_raw,
@@ -254,6 +310,10 @@ BUILDERS: dict[str, Callable[[Context], Target]] = {
     "mirror-3": build_mirror3,
     "parity-1": build_parity1,
     "parity-2": build_parity2,
+    "nbd-qemu": build_nbd_qemu,
+    "nbd-nbdkit": build_nbd_nbdkit,
+    "nbd-python": build_nbd_python,
+    "nbd-simple": build_nbd_simple,
 }
 
 # Commands each setup needs besides fio/losetup/mkfs.ext4.
@@ -265,7 +325,9 @@ NEEDS: dict[str, list[str]] = {
     "pyfuse-blocking": ["fusermount3"],
     "pyfuse-thread": ["fusermount3"],
     **{name: ["fusermount3"] for name in ("simple", "mirror-2", "mirror-3", "parity-1",
-                                          "parity-2")},
+                                          "parity-2", "nbd-simple")},
+    "nbd-qemu": ["qemu-nbd"],
+    "nbd-nbdkit": ["nbdkit"],
 }
 
 

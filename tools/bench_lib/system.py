@@ -502,6 +502,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "btrfs": ("btrfs-progs", "the btrfs baselines"),
     "qemu-storage-daemon": ("qemu-system-common", "the qemu-storage-daemon baselines"),
     "perf": ("linux-perf", "the CPU-by-layer profile of --profile"),
+    "qemu-nbd": ("qemu-utils", "the qemu-nbd baseline (--nbd)"),
+    "nbdkit": ("nbdkit", "the nbdkit baseline (--nbd)"),
 }
 # python module -> (pip package, what needs it)
 MODULES: dict[str, tuple[str, str]] = {

@@ -377,6 +377,7 @@ class World:
         self.daemon_log = scratch / "daemon.log"
         self.stage = "setup"  # -> "fault" once a fault is injected (see EXPECTED_FAILURES)
         self.mount_options: tuple[str, ...] = ()
+        self.nbd_dev: str | None = None  # a kernel nbd device attached with nbd-client
         for d in (self.mnt, self.fs):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -485,6 +486,7 @@ class World:
 
     def detach(self) -> None:
         self.umount_fs()
+        self.detach_nbd()
         if self.vol_loop is not None:
             self.devs.detach_loop(self.vol_loop)
             self.vol_loop = None
@@ -505,9 +507,16 @@ class World:
             Path(f"/sys/fs/fuse/connections/{conn}/abort").write_text("1")
         self.bs.kill(self.pool)
 
+    def detach_nbd(self) -> None:
+        if self.nbd_dev is not None:
+            sh("nbd-client", "-d", self.nbd_dev, check=False, timeout=60)
+            self.nbd_dev = None
+
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.umount_fs()
+        with contextlib.suppress(Exception):
+            self.detach_nbd()
         if self.vol_loop is not None:
             with contextlib.suppress(Exception):
                 self.devs.detach_loop(self.vol_loop)
@@ -549,6 +558,65 @@ def _checked(world: World, outcome: Outcome, disks: list[int]) -> Outcome:
         if not_seen:
             return Outcome(False, outcome.checked, not_seen)
     return outcome
+
+
+NBD_VOLUME_SIZE = "64M"  # 8 slabs of 8 MiB on mirror-2
+NBD_FILES, NBD_FILE_SIZE, NBD_DELETED = 5, 4 * MIB, 4  # 16 MiB freed: >= 1 whole slab
+
+
+def _allocated(world: World) -> int:
+    return next(v["allocated"] for v in world.status()["volumes"] if v["name"] == world.volume)
+
+
+def sc_nbd_fstrim(world: World) -> Outcome:
+    """ext4 on a thin volume attached with nbd-client (kernel nbd), files written, most
+    deleted, `fstrim`: the volume's allocation in pool status must drop, and what is left must
+    read back and fsck clean."""
+    world.make_disks()
+    world.bs.cli("pool", "create", world.pool, "--slab-size", SLAB_SIZE, "--metadata-size",
+                 META_SIZE, "--media", "hdd", *world.disks)
+    world.bs.cli("volume", "create", world.pool, world.volume, "--size", NBD_VOLUME_SIZE,
+                 "--provisioning", "thin", *world.volume_options)
+    sock = world.dir / "nbd.sock"
+    world.mount_options = (f"--nbd={sock}",)
+    world.mount_pool()
+    missing = dmtools.modprobe("nbd")
+    if missing:
+        raise ScenarioFailed("no nbd module in this kernel")
+    dev = next((f"/dev/nbd{i}" for i in range(16)
+                if not Path(f"/sys/block/nbd{i}/pid").exists()), None)
+    if dev is None:
+        raise ScenarioFailed("no free /dev/nbdN")
+    sh("nbd-client", "-u", "-N", world.volume, "-b", "4096", str(sock), dev, timeout=60)
+    world.nbd_dev = dev
+    sh("mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=1",
+       dev, timeout=300)
+    after_mkfs = _allocated(world)
+    sh("mount", "-t", "ext4", dev, str(world.fs), timeout=120)
+    world.fs_mounted = True
+    files = world.files = Files(world.fs, seed=int(world.tag) if world.tag.isdigit() else 1)
+    names = [files.write(NBD_FILE_SIZE) for _ in range(NBD_FILES)]
+    syncfs(world.fs)
+    written = _allocated(world)
+    for name in names[:NBD_DELETED]:
+        (world.fs / name).unlink()
+        del files.expected[name]
+    syncfs(world.fs)
+    trimmed = sh("fstrim", "-v", str(world.fs), timeout=300).stdout.strip()
+    after_trim = _allocated(world)
+    world.log(f"allocated: {after_mkfs >> 20} MiB after mkfs, {written >> 20} MiB written, "
+              f"{after_trim >> 20} MiB after rm + fstrim ({trimmed})")
+    good, problems = files.verify()
+    world.umount_fs()
+    result = sh("e2fsck", "-fn", dev, check=False, timeout=300)
+    if problems:
+        return Outcome(False, good, f"{len(problems)} files wrong: {problems[:3]}")
+    if result.returncode != 0:
+        return Outcome(False, good, f"e2fsck -fn: {result.stdout.strip()[-200:]}")
+    if after_trim >= written:
+        return Outcome(False, good, f"fstrim gave nothing back: {written >> 20} MiB allocated "
+                       f"before, {after_trim >> 20} MiB after")
+    return Outcome(True, good, f"allocated {written >> 20} -> {after_trim >> 20} MiB")
 
 
 def sc_flakey_down(world: World) -> Outcome:
@@ -968,6 +1036,11 @@ SCENARIOS = [
     Scenario("corrupt-writes", sc_corrupt_writes, "dm-flakey corrupt_bio_byte on writes",
              "one disk corrupts a byte of every write it stores; nothing wrong may ever be "
              "read", ("parity-1",)),
+    Scenario("nbd-fstrim", sc_nbd_fstrim, "none: kernel nbd + fstrim, thin volume",
+             "a thin volume exported with mount --nbd is attached with nbd-client (the "
+             "kernel's nbd driver), gets ext4 and files; most are deleted and fstrim run: the "
+             "volume's allocation in pool status must drop, the rest read back, fsck clean",
+             ("mirror-2",)),
     Scenario("hang", sc_hang, f"dm-delay 3600 s on 1 disk, --io-timeout {HANG_IO_TIMEOUT}",
              f"one disk stops answering (dm-delay of an hour) under a pool mounted with "
              f"--io-timeout {HANG_IO_TIMEOUT}; writes, fsync and reads must complete within "

@@ -50,6 +50,7 @@ BOOT_MODULES = {
 # `modprobe` and the kernel's own request_module find them on demand.
 LAB_MODULES = [
     "dm-flakey", "dm-delay", "dm-log-writes", "dm-zero", "ext4", "xfs", "crc32c_generic",
+    "nbd",  # the nbd-fstrim scenario (nbd-client)
     "crc32c-intel", "virtio_blk",
 ]
 
