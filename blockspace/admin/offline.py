@@ -94,6 +94,15 @@ async def status(registry: Registry, name: str) -> dict[str, Any]:
         return pool_status(pool, scrub=scrub) | {"tiers": overview(pool)}
 
 
+async def volume_show(registry: Registry, name: str, volume: str, with_map: bool
+                      ) -> dict[str, Any]:
+    """`volume show` of an unmounted pool."""
+    from blockspace.admin.placement import placement
+
+    async with opened_pool(registry, name) as pool:
+        return placement(pool, volume, pool_name=name, with_map=with_map, mounted=False)
+
+
 async def change_volume(registry: Registry, name: str, op: str, fields: dict[str, Any]) -> None:
     """volume_create / volume_delete / volume_grow with the fields of the daemon's request."""
     from blockspace.tiering import admin as tier_admin

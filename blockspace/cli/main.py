@@ -12,7 +12,7 @@ import sys
 import traceback
 from collections.abc import Sequence
 
-from blockspace.cli import disk, faults, mount, pool, scrub, tiers, volume
+from blockspace.cli import disk, events, faults, iostat, mount, pool, scrub, tiers, volume
 from blockspace.cli.common import INTERNAL_ERROR, Parser, UsageError
 from blockspace.cli.output import error_line
 from blockspace.errors import BlockspaceError
@@ -40,6 +40,8 @@ def build_parser() -> Parser:
     mount.add_commands(commands, common)
     faults.add_commands(commands, common)
     tiers.add_commands(commands, common)
+    events.add_commands(commands, common)
+    iostat.add_commands(commands, common)
     return parser
 
 
@@ -66,7 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.command == "mount" or not getattr(args, "foreground", False):
             logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR,
                                 format="%(levelname)s: %(message)s")
-        return int(args.func(args))
+        code = int(args.func(args))
+        if code == 0:
+            events.record_history(args, sys.argv[1:] if argv is None else argv)
+        return code
     except KeyboardInterrupt:
         return 130
     except BaseException as caught:

@@ -14,6 +14,7 @@ from blockspace.cli.output import console, emit
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.pool.pool import DEFAULT_IO_TIMEOUT
 from blockspace.service import control
+from blockspace.service.metrics import parse_metrics_address
 from blockspace.service.nbd import default_socket_path, parse_address
 
 
@@ -37,6 +38,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.nbd is not None:
         nbd = str(parse_address(args.nbd or str(default_socket_path(registry.run_dir,
                                                                     args.pool))))
+    if args.metrics:
+        parse_metrics_address(args.metrics)  # bad input before anything starts
     log_file = args.log_file or str(registry.log_path(args.pool))
     uid, gid = args.owner
     options = daemon.MountOptions(
@@ -44,6 +47,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         allow_other=not args.no_allow_other, log_file=log_file,
         allow_fault_injection=args.allow_fault_injection,
         io_timeout=args.io_timeout or DEFAULT_IO_TIMEOUT, nbd=nbd,
+        hooks_dir=args.hooks_dir or "", metrics=args.metrics or "",
     )
     if args.foreground:
         daemon.setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
@@ -60,6 +64,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         command.insert(-2, f"--io-timeout={args.io_timeout}")
     if nbd:
         command.insert(-2, f"--nbd={nbd}")
+    if args.hooks_dir:
+        command.insert(-2, f"--hooks-dir={os.path.abspath(args.hooks_dir)}")
+    if args.metrics:
+        command.insert(-2, f"--metrics={args.metrics}")
     # posix_spawn, not Popen: the daemon outlives this process, and a Popen object left
     # running would warn when it is collected.
     os.set_inheritable(write_fd, True)
@@ -128,6 +136,11 @@ def add_commands(commands: Any, common: Parser) -> None:
     p.add_argument("--nbd", nargs="?", const="", metavar="SOCKET",
                    help="also export the volumes over NBD, on a Unix socket (0600; default "
                         "STATE_DIR/run/POOL.nbd.sock) or tcp:HOST:PORT (no authentication)")
+    p.add_argument("--hooks-dir", metavar="DIR",
+                   help="run the event hooks in DIR (default $BLOCKSPACE_HOOKS_DIR or "
+                        "/etc/blockspace/hooks.d)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
     p = commands.add_parser("unmount", aliases=["umount"], parents=[common],

@@ -21,6 +21,7 @@ from blockspace.admin.registry import MountEntry, Registry
 from blockspace.disks.devices import Device, FileDevice
 from blockspace.disks.faults import FaultyDevice
 from blockspace.errors import BlockspaceError, InvalidInput
+from blockspace.events.hooks import hooks_dir
 from blockspace.geometry.layouts import default_layout
 from blockspace.pool.pool import Pool
 from blockspace.repair.scrub import Scrubber, ScrubProgress
@@ -31,6 +32,8 @@ from blockspace.service.fault_requests import handle_fault_request
 from blockspace.service.fuse_ops import VolumeFS
 from blockspace.service.malloc_tuning import tune_malloc
 from blockspace.service.nbd import NbdServer, parse_address
+from blockspace.service.observe import REQUESTS as OBSERVER_REQUESTS
+from blockspace.service.observe import Observer, Sources
 from blockspace.tiering.admin import check_growable
 from blockspace.tiering.admin import overview as tier_overview
 from blockspace.tiering.service import TierService
@@ -51,6 +54,8 @@ class MountOptions:
     allow_fault_injection: bool = False
     io_timeout: float = 30.0
     nbd: str = ""  # where the NBD export listens (a socket path or tcp:HOST:PORT); "" none
+    hooks_dir: str = ""  # event hooks (default $BLOCKSPACE_HOOKS_DIR or /etc/blockspace/hooks.d)
+    metrics: str = ""  # HOST:PORT of the Prometheus endpoint; "" none
 
 
 class Daemon:
@@ -71,6 +76,7 @@ class Daemon:
         self.disks: DiskManager | None = None
         self.tiers: TierService | None = None
         self.nbd: NbdServer | None = None
+        self.observer: Observer | None = None  # events, counters, metrics (service/observe.py)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         entry = self.registry.get(self.options.pool)
@@ -87,7 +93,14 @@ class Daemon:
             # Tiered volumes are served on top of their (hidden) tier volumes.
             self.tiers = tiers = TierService(pool, self.volumes, self.registry.root,
                                              self.options.pool)
-            self.fs = VolumeFS(tiers.served, uid=self.options.uid, gid=self.options.gid)
+            self.observer = observer = Observer(
+                Sources(pool, self.options.pool, self.options.mountpoint,
+                        lambda: self.disks.rebuilder.progress.to_dict() if self.disks else None,
+                        lambda: self.scrubber.progress.to_dict(), lambda: tiers.tiered),
+                self.registry.root, hooks=hooks_dir(self.options.hooks_dir or None),
+                metrics=self.options.metrics)
+            self.fs = VolumeFS(tiers.served, uid=self.options.uid, gid=self.options.gid,
+                               io=observer.io, on_error=observer.on_io_error)
             fuse_options = set(pyfuse3.default_options)
             fuse_options.add(f"fsname=blockspace:{self.options.pool}")
             fuse_options.add("subtype=blockspace")
@@ -101,7 +114,8 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 socket_path = self.registry.socket_path(self.options.pool)
-                await nursery.start(control.serve, socket_path, self.handle)
+                await observer.start(nursery)
+                await nursery.start(control.serve, socket_path, self._handle_observed)
                 if self.options.nbd:  # the same volumes as the files, by name
                     self.nbd = NbdServer(tiers.served)
                     await nursery.start(self.nbd.serve, parse_address(self.options.nbd),
@@ -131,6 +145,7 @@ class Daemon:
                     )
                 )
                 log.info("pool %s mounted at %s", pool.name, self.options.mountpoint)
+                observer.mounted(pool_status(pool)["health"])
                 task_status.started()
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
@@ -139,6 +154,7 @@ class Daemon:
             if self.tiers is not None:
                 self.tiers.save_all()
             with trio.CancelScope(shield=True):
+                await observer.stop()
                 try:
                     await pool.close_intent_log()  # flushes every disk first
                 except BlockspaceError as error:
@@ -219,6 +235,16 @@ class Daemon:
                 pyfuse3.terminate()
 
     # ---- control requests -----------------------------------------------------------
+
+    async def _handle_observed(self, request: dict[str, Any]) -> Any:
+        """`handle`, and what succeeded told to the observer (volume changes are events)."""
+        assert self.observer is not None
+        op = request["op"]
+        if op in OBSERVER_REQUESTS:
+            return self.observer.handle(op, request)
+        result = await self.handle(request)
+        self.observer.after(op, request, result)
+        return result
 
     async def handle(self, request: dict[str, Any]) -> Any:
         pool = self.pool
