@@ -20,7 +20,9 @@ def test_a_counter_puts_each_request_in_its_latency_bucket() -> None:
     counter.add(4096, 0.0001, False)  # on a bound: that bucket (Prometheus' le)
     counter.add(0, 0.003, True)
     counter.add(8192, 99.0, False)  # slower than every bound: +Inf
-    assert counter.ops == 4 and counter.bytes == 16384 and counter.errors == 1
+    assert counter.ops == 4
+    assert counter.bytes == 16384
+    assert counter.errors == 1
     assert counter.buckets[0] == 2
     assert counter.buckets[LATENCY_BUCKETS.index(0.005)] == 1
     assert counter.buckets[-1] == 1
@@ -54,8 +56,10 @@ def test_iostat_rates_between_two_snapshots() -> None:
     second = snapshot(12.0, 300, 300 * 4096, 0.3, 250)
     since_mount = report(first, None)
     (v,) = since_mount["volumes"]
-    assert v["read_ops"] == pytest.approx(10.0) and v["write_ops"] == 0
-    assert v["read_latency"] == pytest.approx(0.001) and v["write_latency"] is None
+    assert v["read_ops"] == pytest.approx(10.0)
+    assert v["write_ops"] == 0
+    assert v["read_latency"] == pytest.approx(0.001)
+    assert v["write_latency"] is None
     step = report(second, first)
     (v,) = step["volumes"]
     assert step["interval"] == pytest.approx(2.0)
@@ -63,7 +67,8 @@ def test_iostat_rates_between_two_snapshots() -> None:
     assert v["read_bytes"] == pytest.approx(100 * 4096)
     assert v["read_latency"] == pytest.approx(0.001)
     (d,) = step["disks"]
-    assert d["read_ops"] == pytest.approx(100.0) and d["errors"] == 0
+    assert d["read_ops"] == pytest.approx(100.0)
+    assert d["errors"] == 0
     assert step["total"]["read_ops"] == pytest.approx(100.0)
     # A counter that went backwards (a disk re-opened) counts from zero, never negative.
     reset = report(snapshot(14.0, 300, 300 * 4096, 0.3, 20), second)
