@@ -34,7 +34,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     registry = registry_of(args)
     registry.get(args.pool)
     event_log = EventLog(events_path(registry.root, args.pool))
-    events = event_log.read()
+    events, end = event_log.read_with_end()
     if args.last is not None:
         events = events[-args.last:] if args.last else []
     if not args.follow:
@@ -44,7 +44,9 @@ def cmd_events(args: argparse.Namespace) -> int:
     for event in events:
         print_one(args, event)
     stop = time.monotonic() + args.follow_for if args.follow_for else None
-    for event in event_log.follow(stop=stop):
+    # From where the read ended (a log created since then: from its start), so an event
+    # written between the two is neither lost nor printed twice.
+    for event in event_log.follow(after=end or (0, 0), stop=stop):
         print_one(args, event)
     return OK
 

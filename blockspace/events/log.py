@@ -77,28 +77,45 @@ class EventLog:
 
     def read(self) -> list[Event]:
         """Every event still kept, oldest first."""
+        return self.read_with_end()[0]
+
+    def read_with_end(self) -> tuple[list[Event], tuple[int, int] | None]:
+        """Every event still kept, and where the current file ended (inode, offset): what
+        `follow` starts from, so no event written meanwhile falls between the two."""
         events = []
+        end = None
         for path in self.files():
             try:
-                data = path.read_bytes()
+                with open(path, "rb") as handle:
+                    data = handle.read()
+                    inode = os.fstat(handle.fileno()).st_ino
             except FileNotFoundError:  # rotated away while we read
                 continue
-            for line in data.splitlines():
+            complete = data[:data.rfind(b"\n") + 1]  # a line being written is for later
+            if path == self.path:
+                end = (inode, len(complete))
+            for line in complete.splitlines():
                 event = parse_line(line)
                 if event is not None:
                     events.append(event)
-        return events
+        return events, end
 
-    def follow(self, *, interval: float = 0.2, stop: float | None = None) -> Iterator[Event]:
-        """Events appended from now on, as `tail -F` finds them (across rotations); until
-        the caller stops iterating, or until time.monotonic() passes `stop`."""
+    def follow(self, *, after: tuple[int, int] | None = None, interval: float = 0.2,
+               stop: float | None = None) -> Iterator[Event]:
+        """Events appended after `after` (from `read_with_end`; None: from now on), as
+        `tail -F` finds them (across rotations); until the caller stops iterating, or until
+        time.monotonic() passes `stop`."""
         handle = None
         inode = None
         pending = b""
         if self.path.exists():
             handle = open(self.path, "rb")  # noqa: SIM115 - kept open across iterations
-            handle.seek(0, os.SEEK_END)
             inode = os.fstat(handle.fileno()).st_ino
+            if after is None:
+                handle.seek(0, os.SEEK_END)
+            elif after[0] == inode:
+                handle.seek(after[1])
+            # else: rotated since `after` was taken; the new file is read from its start
         try:
             while stop is None or time.monotonic() < stop:
                 if handle is not None:

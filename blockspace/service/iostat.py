@@ -10,7 +10,7 @@ from typing import Any
 
 from blockspace.geometry.layouts import LayoutSpec
 from blockspace.pool.pool import Pool
-from blockspace.service.iostats import IoStats
+from blockspace.service.iostats import IoStats, VolumeIO
 
 
 def disk_counters(pool: Pool) -> list[dict[str, Any]]:
@@ -52,6 +52,10 @@ def snapshot(pool: Pool, io: IoStats, *, pool_name: str, rebuild: dict[str, Any]
              scrub: dict[str, Any], tier_counters: dict[str, dict[str, int]]) -> dict[str, Any]:
     result = io.snapshot()
     sizes = {v.name: v.size for v in pool.metadata.volumes}
+    # Every volume, idle ones too (zeros until their first request): a scrape sees a
+    # series from the start, not once it moved.
+    volumes = {name: VolumeIO().to_dict() for name in sizes} | result["volumes"]
+    result["volumes"] = {name: volumes[name] for name in sorted(volumes)}
     for name, counters in result["volumes"].items():
         counters["size"] = sizes.get(name)
     result.update({

@@ -213,3 +213,18 @@ def test_history_entries_say_who_and_when(tmp_path: Path) -> None:
     assert entry["uid"] == os.getuid()
     assert entry["user"]
     assert abs(entry["time"] - time.time()) < 60
+
+
+def test_follow_goes_on_where_the_read_ended(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "tank.jsonl")
+    log.append(event(1))
+    events, end = log.read_with_end()
+    log.append(event(2))  # between the read and the follow: still followed, once
+    found = next(log.follow(after=end, interval=0.01, stop=time.monotonic() + 10))
+    assert [e["disk"] for e in events] == [1]
+    assert found["disk"] == 2
+    # A log that did not exist at the read is followed from its start.
+    other = EventLog(tmp_path / "other.jsonl")
+    assert other.read_with_end() == ([], None)
+    other.append(event(3))
+    assert next(other.follow(after=(0, 0), stop=time.monotonic() + 10))["disk"] == 3

@@ -1,0 +1,186 @@
+"""Events, hooks, iostat, metrics and volume show on a real mounted daemon: I/O through the
+FUSE file moves the counters that `iostat` and a Prometheus scrape report, a disk failed by
+`fault inject` is an event in `events --json` (and in a running `events --follow`), and a
+hook got the event in its environment."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import selectors
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .helpers import BlockspaceEnv, InProcessCLI, MiB, missing_prerequisites, wait_until
+
+MISSING = missing_prerequisites()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(port: int) -> dict[str, float]:
+    """name{label=value,...} -> value of every sample at the endpoint."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}"] = sample.value
+    return samples
+
+
+def read_lines(proc: subprocess.Popen[str], until: str, timeout: float) -> list[str]:
+    """Lines of `proc`'s stdout until one contains `until` (or the timeout)."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not selector.select(timeout=0.2):
+                continue
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if until in line:
+                break
+    return lines
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+def test_events_hooks_iostat_metrics_and_placement_on_a_real_mount(
+    blockspace_env: BlockspaceEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = blockspace_env
+    bs = InProcessCLI(env, capsys)
+    images = env.make_images([256 * MiB, 256 * MiB])
+    bs.json("pool", "create", "tank", *map(str, images), "--slab-size", "32M")
+    bs.json("volume", "create", "tank", "vol0", "--size", "64M", "--resiliency", "mirror")
+    hooks = env.root / "hooks"
+    hooks.mkdir()
+    got = env.root / "hook-output"
+    got.mkdir()
+    hook = hooks / "all-record"
+    hook.write_text(f'#!/bin/sh\nenv | grep ^BLOCKSPACE_ > "{got}/$BLOCKSPACE_EVENT_CLASS.env"\n')
+    hook.chmod(0o755)
+    port = free_port()
+
+    mountpoint, pid = bs.mount("--allow-fault-injection", "--hooks-dir", str(hooks),
+                               "--metrics", f"127.0.0.1:{port}")
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "blockspace", "--state-dir", str(env.state_dir), "events",
+         "tank", "--follow", "--json", "--follow-for", "120"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env=dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH", "")),
+    )
+    try:
+        # The follower prints the log so far (the mount) and then waits for more.
+        assert any('"mount"' in line for line in read_lines(follow, '"mount"', 60))
+
+        idle = scrape(port)
+        assert idle["blockspace_volume_writes_total{pool=tank,volume=vol0}"] == 0
+        data = random.Random(1).randbytes(4 * MiB)
+        fd = os.open(mountpoint / "vol0", os.O_RDWR)
+        try:
+            assert os.pwrite(fd, data, 0) == len(data)
+            os.fsync(fd)
+            assert os.pread(fd, len(data), 0) == data
+
+            stats = bs.json("iostat", "tank")
+            (volume,) = stats["volumes"]
+            assert volume["name"] == "vol0"
+            assert volume["write_ops"] > 0
+            assert volume["read_ops"] > 0
+            assert volume["write_bytes"] > 0
+            assert volume["write_latency"] > 0
+            assert all(d["write_ops"] > 0 for d in stats["disks"])
+            code, out, _ = bs("iostat", "-v", "tank", "0.2", "2")
+            assert code == 0
+            assert out.count("disk 1") == 2
+
+            busy = scrape(port)
+            disk0 = "disk=0,path=" + str(images[0]) + ",pool=tank"
+            vol = "{pool=tank,volume=vol0}"
+            assert busy[f"blockspace_volume_writes_total{vol}"] > 0
+            assert busy[f"blockspace_volume_written_bytes_total{vol}"] >= len(data)
+            assert busy[f"blockspace_volume_read_bytes_total{vol}"] >= len(data)
+            assert busy[f"blockspace_volume_write_latency_seconds_count{vol}"] > 0
+            assert busy[f"blockspace_disk_written_bytes_total{{{disk0}}}"] >= len(data)
+            assert busy["blockspace_pool_allocated_bytes{pool=tank}"] > 0
+            assert busy[f"blockspace_disk_state{{{disk0},state=online}}"] == 1
+
+            report = bs.json("fault", "inject", "tank", str(images[1]), "--dead")
+            assert report["id"] == 1
+            assert os.pwrite(fd, data, 8 * MiB) == len(data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+        def disk_failed() -> list[dict[str, Any]]:
+            return [e for e in bs.json("events", "tank")
+                    if e["class"] == "disk_state" and e["disk"] == 1]
+
+        assert wait_until(lambda: bool(disk_failed()), 30)
+        (failed,) = disk_failed()
+        assert failed["state"] == "failed"
+        assert failed["old_state"] == "online"
+        assert "dead disk" in failed["reason"]
+        assert failed["pool"] == "tank"
+
+        followed = read_lines(follow, '"disk_state"', 30)
+        assert json.loads(followed[-1])["disk"] == 1
+
+        hook_env = got / "disk_state.env"
+        assert wait_until(hook_env.exists, 30)
+        variables = dict(line.split("=", 1) for line in hook_env.read_text().splitlines())
+        assert variables["BLOCKSPACE_EVENT_CLASS"] == "disk_state"
+        assert variables["BLOCKSPACE_EVENT_POOL"] == "tank"
+        assert variables["BLOCKSPACE_EVENT_DISK"] == "1"
+        assert variables["BLOCKSPACE_EVENT_STATE"] == "failed"
+        assert float(variables["BLOCKSPACE_EVENT_TIME"]) == failed["time"]
+
+        after = scrape(port)
+        assert after[f"blockspace_disk_state{{disk=1,path={images[1]},pool=tank,state=failed}}"] \
+            == 1
+        assert after[f"blockspace_volume_writes_total{vol}"] > \
+            busy[f"blockspace_volume_writes_total{vol}"]
+
+        shown = bs.json("volume", "show", "tank", "vol0", "--map")
+        assert shown["extent_states"]["missing"] == shown["slabs"] > 0
+        for slab in shown["map"]:
+            states = {e["disk"]: e["state"] for e in slab["extents"]}
+            assert states == {0: "online", 1: "missing"}
+    finally:
+        follow.kill()
+        follow.wait(timeout=30)
+        with contextlib.suppress(ValueError):
+            follow.stdout.close() if follow.stdout else None
+        bs.unmount(mountpoint, pid)
+
+    events = bs.json("events", "tank")
+    assert events[-1]["class"] == "unmount"
+    with pytest.raises(urllib.error.URLError):
+        scrape(port)  # the endpoint went with the daemon
+    assert (got / "unmount.env").exists()
+    history = [e["command"] for e in bs.json("pool", "history", "tank")]
+    assert any(c.startswith("blockspace mount tank ") for c in history)
+    assert "blockspace volume create tank vol0 --size 64M --resiliency mirror" in history
+    assert Path(env.state_dir / "events" / "tank.jsonl").stat().st_mode & 0o077 == 0
