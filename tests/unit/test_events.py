@@ -228,3 +228,19 @@ def test_follow_goes_on_where_the_read_ended(tmp_path: Path) -> None:
     assert other.read_with_end() == ([], None)
     other.append(event(3))
     assert next(other.follow(after=(0, 0), stop=time.monotonic() + 10))["disk"] == 3
+
+
+def test_the_example_syslog_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """contrib/hooks/all-syslog.sh, with a stand-in `logger` that records its arguments."""
+    said = tmp_path / "said"
+    logger = tmp_path / "bin" / "logger"
+    logger.parent.mkdir()
+    logger.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {said}\n')
+    logger.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{logger.parent}:{os.environ['PATH']}")
+    hook = Path(__file__).parents[2] / "contrib" / "hooks" / "all-syslog.sh"
+    failed = make_event("disk_state", "tank", disk=1, state="failed", reason="dead")
+    assert trio.run(run_hook, hook, failed) == 0
+    assert said.read_text().splitlines() == [
+        "-t", "blockspace", "-p", "daemon.err",
+        "pool tank: disk_state DISK=1 REASON=dead STATE=failed "]
