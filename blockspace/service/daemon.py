@@ -117,7 +117,7 @@ class Daemon:
                 await observer.start(nursery)
                 await nursery.start(control.serve, socket_path, self._handle_observed)
                 if self.options.nbd:  # the same volumes as the files, by name
-                    self.nbd = NbdServer(tiers.served)
+                    self.nbd = NbdServer(tiers.served, io=observer.io)
                     await nursery.start(self.nbd.serve, parse_address(self.options.nbd),
                                         (self.options.uid, self.options.gid))
                 nursery.start_soon(self._watch_signals)
