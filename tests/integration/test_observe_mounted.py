@@ -8,11 +8,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import random
-import selectors
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -45,23 +46,33 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
-def read_lines(proc: subprocess.Popen[str], until: str, timeout: float) -> list[str]:
-    """Lines of `proc`'s stdout until one contains `until` (or the timeout)."""
-    assert proc.stdout is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + timeout
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
+class LineReader:
+    """The lines a process prints, read by a thread (no line stuck in a buffer that a
+    select() on the pipe would not see)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
+        self.thread.start()
+
+    def _read(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            self.lines.put(line)
+
+    def until(self, marker: str, timeout: float) -> list[str]:
+        """Lines up to the first that contains `marker` (or all there were by the timeout)."""
+        got: list[str] = []
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not selector.select(timeout=0.2):
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
                 continue
-            line = proc.stdout.readline()
-            if not line:
+            got.append(line)
+            if marker in line:
                 break
-            lines.append(line)
-            if until in line:
-                break
-    return lines
+        return got
 
 
 @pytest.mark.integration
@@ -88,12 +99,15 @@ def test_events_hooks_iostat_metrics_and_placement_on_a_real_mount(
     follow = subprocess.Popen(
         [sys.executable, "-m", "blockspace", "--state-dir", str(env.state_dir), "events",
          "tank", "--follow", "--json", "--follow-for", "120"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH", "")),
     )
     try:
         # The follower prints the log so far (the mount) and then waits for more.
-        assert any('"mount"' in line for line in read_lines(follow, '"mount"', 60))
+        printed = LineReader(follow)
+        first = printed.until('"mount"', 60)
+        assert any('"mount"' in line for line in first), (
+            first, follow.poll(), (env.state_dir / "events" / "tank.jsonl").read_text())
 
         idle = scrape(port)
         assert idle["blockspace_volume_writes_total{pool=tank,volume=vol0}"] == 0
@@ -145,7 +159,7 @@ def test_events_hooks_iostat_metrics_and_placement_on_a_real_mount(
         assert "dead disk" in failed["reason"]
         assert failed["pool"] == "tank"
 
-        followed = read_lines(follow, '"disk_state"', 30)
+        followed = printed.until('"disk_state"', 30)
         assert json.loads(followed[-1])["disk"] == 1
 
         hook_env = got / "disk_state.env"
