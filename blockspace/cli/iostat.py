@@ -53,8 +53,10 @@ def print_report(data: dict[str, Any], verbose: bool) -> None:
     rows.append((f"{data['pool']} (all volumes)", ops(total["read_ops"]), ops(total["write_ops"]),
                  rate(total["read_bytes"]), rate(total["write_bytes"]), "", ""))
     if verbose:
+        # A disk's latency is of all its requests that waited for it, reads and writes.
         rows += [(f"  disk {d['id']} {d['path']} ({d['state']})", ops(d["read_ops"]),
-                  ops(d["write_ops"]), rate(d["read_bytes"]), rate(d["write_bytes"]), "", "")
+                  ops(d["write_ops"]), rate(d["read_bytes"]), rate(d["write_bytes"]),
+                  latency(d["latency"]), "")
                  for d in data["disks"]]
     console.print(table(("", "read ops/s", "write ops/s", "read", "write", "read lat",
                          "write lat"), rows,

@@ -34,6 +34,7 @@ def disk_counters(pool: Pool) -> list[dict[str, Any]]:
             "checksum_errors": disk.errors["checksum"],
             "size": disk.record.size,
             "extents": disk.record.extent_count,
+            "latency": device.request_latency().to_dict() if device is not None else None,
         })
     return disks
 
@@ -95,14 +96,22 @@ def volume_rates(new: dict[str, Any], old: dict[str, Any] | None, seconds: float
 
 
 def disk_rates(new: dict[str, Any], old: dict[str, Any] | None, seconds: float
-               ) -> dict[str, float]:
-    result = {}
+               ) -> dict[str, float | None]:
+    """Operations/s and bytes/s of one disk, its new errors, and the mean latency (s) of
+    its requests that waited for the disk (None: there were none)."""
+    result: dict[str, float | None] = {}
     for key, name in (("reads", "read_ops"), ("writes", "write_ops"),
                       ("bytes_read", "read_bytes"), ("bytes_written", "write_bytes")):
         then = old[key] if old is not None else 0
         result[name] = _delta(new[key], then) / seconds if seconds > 0 else 0.0
     errors = ("read_errors", "write_errors", "checksum_errors")
     result["errors"] = sum(_delta(new[k], old[k] if old is not None else 0) for k in errors)
+    now, then = new.get("latency"), (old or {}).get("latency")
+    result["latency"] = None
+    if now is not None:
+        ops = _delta(now["ops"], then["ops"] if then else 0)
+        seconds = _delta(now["seconds"], then["seconds"] if then else 0.0)
+        result["latency"] = seconds / ops if ops else None
     return result
 
 

@@ -60,6 +60,11 @@ def families(snap: dict[str, Any]) -> list[Metric]:
     state = GaugeMetricFamily("blockspace_disk_state", "1 for the disk's current state",
                               labels=[*dl, "state"])
     size = GaugeMetricFamily("blockspace_disk_size_bytes", "Disk size", labels=dl)
+    disk_latency = HistogramMetricFamily(
+        "blockspace_disk_request_latency_seconds",
+        "Latency of the disk's requests that waited for it (worker-thread jobs and its own "
+        "io_uring submissions; not inline cached reads or batched ring writes)", labels=dl)
+    bounds = [f"{b:g}" for b in snap["latency_buckets"]] + ["+Inf"]
     for disk in snap["disks"]:
         labels = [pool, str(disk["id"]), str(disk["path"])]
         for key, family in disk_metrics.items():
@@ -70,7 +75,12 @@ def families(snap: dict[str, Any]) -> list[Metric]:
         for name in DISK_STATES:
             state.add_metric([*labels, name], 1.0 if disk["state"] == name else 0.0)
         size.add_metric(labels, disk["size"])
-    result += [*disk_metrics.values(), errors, state, size]
+        latency_counter = disk.get("latency")
+        if latency_counter is not None:
+            disk_latency.add_metric(labels, list(zip(
+                bounds, cumulative(latency_counter["buckets"]), strict=True)),
+                latency_counter["seconds"])
+    result += [*disk_metrics.values(), errors, state, size, disk_latency]
 
     # ---- volumes
     vl = ["pool", "volume"]
@@ -83,7 +93,6 @@ def families(snap: dict[str, Any]) -> list[Metric]:
                                            f"Latency of {kind} requests", labels=vl)
                for kind in ("read", "write", "flush")}
     vsize = GaugeMetricFamily("blockspace_volume_size_bytes", "Volume size", labels=vl)
-    bounds = [f"{b:g}" for b in snap["latency_buckets"]] + ["+Inf"]
     for name, volume in snap["volumes"].items():
         labels = [pool, name]
         for kind in ("read", "write", "flush"):

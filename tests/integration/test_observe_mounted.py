@@ -140,6 +140,8 @@ def test_events_hooks_iostat_metrics_and_placement_on_a_real_mount(
             assert busy[f"blockspace_disk_written_bytes_total{{{disk0}}}"] >= len(data)
             assert busy["blockspace_pool_allocated_bytes{pool=tank}"] > 0
             assert busy[f"blockspace_disk_state{{{disk0},state=online}}"] == 1
+            assert busy[f"blockspace_disk_request_latency_seconds_count{{{disk0}}}"] > 0
+            assert busy[f"blockspace_disk_request_latency_seconds_sum{{{disk0}}}"] > 0
 
             report = bs.json("fault", "inject", "tank", str(images[1]), "--dead")
             assert report["id"] == 1

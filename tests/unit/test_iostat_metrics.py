@@ -9,8 +9,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
 from blockspace.errors import InvalidInput
+from blockspace.latency import LATENCY_BUCKETS, OpCounter
 from blockspace.service.iostat import report
-from blockspace.service.iostats import LATENCY_BUCKETS, IoStats, OpCounter, cumulative
+from blockspace.service.iostats import IoStats, cumulative
 from blockspace.service.metrics import SnapshotCollector, parse_metrics_address
 
 
@@ -30,6 +31,13 @@ def test_a_counter_puts_each_request_in_its_latency_bucket() -> None:
     assert counter.seconds == pytest.approx(99.00315)
 
 
+def disk_latency(requests: int) -> dict[str, Any]:
+    counter = OpCounter()
+    for _ in range(requests):
+        counter.add(0, 0.002, False)
+    return counter.to_dict()
+
+
 def snapshot(uptime: float, reads: int, read_bytes: int, seconds: float,
              disk_reads: int) -> dict[str, Any]:
     io = IoStats()
@@ -47,7 +55,8 @@ def snapshot(uptime: float, reads: int, read_bytes: int, seconds: float,
                 disks=[{"id": 0, "path": "/d0", "state": "online", "reads": disk_reads,
                         "writes": 0, "bytes_read": disk_reads * 4096, "bytes_written": 0,
                         "flushes": 0, "device_errors": 0, "read_errors": 1, "write_errors": 0,
-                        "checksum_errors": 2, "size": 1 << 30, "extents": 10}])
+                        "checksum_errors": 2, "size": 1 << 30, "extents": 10,
+                        "latency": disk_latency(disk_reads)}])
     return snap
 
 
@@ -69,6 +78,7 @@ def test_iostat_rates_between_two_snapshots() -> None:
     (d,) = step["disks"]
     assert d["read_ops"] == pytest.approx(100.0)
     assert d["errors"] == 0
+    assert d["latency"] == pytest.approx(0.002)
     assert step["total"]["read_ops"] == pytest.approx(100.0)
     # A counter that went backwards (a disk re-opened) counts from zero, never negative.
     reset = report(snapshot(14.0, 300, 300 * 4096, 0.3, 20), second)
@@ -113,6 +123,11 @@ def test_metrics_names_labels_and_values() -> None:
     assert samples["blockspace_rebuild_progress_ratio"][pool] == 0.5
     assert samples["blockspace_scrub_running"][pool] == 0
     assert samples["blockspace_tier_hit_ratio"][key(pool="tank", volume="t")] == 0.9
+    assert samples["blockspace_disk_request_latency_seconds_count"][key(**disk)] == 8
+    assert samples["blockspace_disk_request_latency_seconds_bucket"][key(**disk, le="0.0025")] \
+        == 8
+    assert samples["blockspace_disk_request_latency_seconds_bucket"][key(**disk, le="0.001")] \
+        == 0
     buckets = samples["blockspace_volume_write_latency_seconds_bucket"]
     assert len(buckets) == len(LATENCY_BUCKETS) + 1
 
