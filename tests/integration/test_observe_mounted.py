@@ -200,3 +200,29 @@ def test_events_hooks_iostat_metrics_and_placement_on_a_real_mount(
     assert any(c.startswith("blockspace mount tank ") for c in history)
     assert "blockspace volume create tank vol0 --size 64M --resiliency mirror" in history
     assert Path(env.state_dir / "events" / "tank.jsonl").stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+def test_a_metrics_port_in_use_fails_the_mount_cleanly(
+    blockspace_env: BlockspaceEnv, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = blockspace_env
+    bs = InProcessCLI(env, capsys)
+    images = env.make_images([128 * MiB, 128 * MiB])
+    bs.json("pool", "create", "tank", *map(str, images), "--slab-size", "32M")
+    mountpoint = env.root / "pool-tank"
+    mountpoint.mkdir()
+    env.fuse_mounts.append(mountpoint)  # cleaned up should the mount succeed after all
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, out, err = bs("mount", "tank", str(mountpoint), "--metrics", f"127.0.0.1:{port}")
+    assert code == 1
+    assert out == ""
+    assert err.strip() == (f"blockspace: error: mount failed: --metrics 127.0.0.1:{port}: "
+                           "Address already in use")
+    assert not os.path.ismount(mountpoint)
+    assert bs.json("pool", "status", "tank")["mountpoint"] is None
+    env.fuse_mounts.remove(mountpoint)
