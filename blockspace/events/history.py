@@ -14,7 +14,7 @@ from typing import Any
 from blockspace.events.log import EventLog
 
 # (command, subcommand) pairs that change a pool. `scrub` changes it unless it only asks for
-# the status; `unmount` is left to the event log (its target may be a mount point, and the
+# the status; `mount --foreground` is the daemon, not a command; `unmount` is left to the event log (its target may be a mount point, and the
 # pool's name is gone from the registry's mounts once it succeeded).
 CHANGING = {
     ("pool", "create"), ("pool", "import"), ("pool", "export"), ("pool", "repair"),
@@ -41,6 +41,11 @@ def changed_pool(command: str, subcommand: str | None, fields: Mapping[str, Any]
     if (command, subcommand) not in CHANGING:
         return None
     if command == "scrub" and fields.get("action") == "status":
+        return None
+    if command == "mount" and fields.get("foreground"):
+        # The daemon itself (spawned by `mount`, or run by systemd) returns at unmount: the
+        # command that mounted is recorded by the `mount` that started it, and every mount
+        # is in the event log.
         return None
     pool = fields.get("pool")
     if pool is None and command == "pool":

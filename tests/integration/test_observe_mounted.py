@@ -197,7 +197,9 @@ def test_events_hooks_iostat_metrics_and_placement_on_a_real_mount(
         scrape(port)  # the endpoint went with the daemon
     assert (got / "unmount.env").exists()
     history = [e["command"] for e in bs.json("pool", "history", "tank")]
-    assert any(c.startswith("blockspace mount tank ") for c in history)
+    mounts = [c for c in history if c.startswith("blockspace mount ")]
+    assert len(mounts) == 1  # the command, not also the daemon it started (--foreground)
+    assert mounts[0].startswith("blockspace mount tank ")
     assert "blockspace volume create tank vol0 --size 64M --resiliency mirror" in history
     assert Path(env.state_dir / "events" / "tank.jsonl").stat().st_mode & 0o077 == 0
 

@@ -200,6 +200,8 @@ def test_history_records_changing_commands_only() -> None:
     assert history.changed_pool("scrub", None, {"pool": "tank", "action": None}) == "tank"
     assert history.changed_pool("scrub", None, {"pool": "tank", "action": "status"}) is None
     assert history.changed_pool("pool", "import", {"name": None}) is None
+    assert history.changed_pool("mount", None, {"pool": "tank", "foreground": False}) == "tank"
+    assert history.changed_pool("mount", None, {"pool": "tank", "foreground": True}) is None
     assert history.command_words(["--state-dir", "/s", "--json", "volume", "grow", "tank",
                                   "v", "--size", "2G", "-v", "--state-dir=/x"]) == \
         ["volume", "grow", "tank", "v", "--size", "2G"]
