@@ -14,8 +14,9 @@ from typing import Any
 from blockspace.events.log import EventLog
 
 # (command, subcommand) pairs that change a pool. `scrub` changes it unless it only asks for
-# the status; `mount --foreground` is the daemon, not a command; `unmount` is left to the event log (its target may be a mount point, and the
-# pool's name is gone from the registry's mounts once it succeeded).
+# the status; `mount --foreground` is the daemon, not a command; `unmount` is left to the
+# event log (its target may be a mount point, and the pool's name is gone from the
+# registry's mounts once it succeeded).
 CHANGING = {
     ("pool", "create"), ("pool", "import"), ("pool", "export"), ("pool", "repair"),
     ("pool", "rebalance"),
