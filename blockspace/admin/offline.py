@@ -155,6 +155,15 @@ async def status(registry: Registry, name: str) -> dict[str, Any]:
             "tiers": overview(pool)}
 
 
+async def volume_show(registry: Registry, name: str, volume: str, with_map: bool
+                      ) -> dict[str, Any]:
+    """`volume show` of an unmounted pool."""
+    from blockspace.admin.placement import placement
+
+    async with opened_pool(registry, name) as pool:
+        return placement(pool, volume, pool_name=name, with_map=with_map, mounted=False)
+
+
 async def change_volume(
     registry: Registry, name: str, op: str, fields: dict[str, Any],
     lease: LeaseOptions | None = None,

@@ -19,7 +19,9 @@ from blockspace.cli import (
     completion,
     configuration,
     disk,
+    events,
     faults,
+    iostat,
     mount,
     pool,
     scrub,
@@ -58,6 +60,8 @@ def build_parser() -> Parser:
     mount.add_commands(commands, common)
     faults.add_commands(commands, common)
     tiers.add_commands(commands, common)
+    events.add_commands(commands, common)
+    iostat.add_commands(commands, common)
     attach.add_commands(commands, common)
     system.add_commands(commands, common, parser)
     configuration.add_commands(commands, common)
@@ -99,7 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.command == "mount" or not getattr(args, "foreground", False):
             logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR,
                                 format="%(levelname)s: %(message)s")
-        return int(args.func(args))
+        code = int(args.func(args))
+        if code == 0:
+            events.record_history(args, sys.argv[1:] if argv is None else argv)
+        return code
     except KeyboardInterrupt:
         return 130
     except BaseException as caught:

@@ -15,6 +15,7 @@ from blockspace.cli.common import OK, NotMounted, Parser, owner, registry_of, se
 from blockspace.cli.output import console, emit
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.service import control, logging_setup
+from blockspace.service.metrics import parse_metrics_address
 from blockspace.service.nbd import default_socket_path, parse_address
 
 
@@ -38,6 +39,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.nbd is not None:
         nbd = str(parse_address(args.nbd or str(default_socket_path(registry.run_dir,
                                                                     args.pool))))
+    if args.metrics:
+        parse_metrics_address(args.metrics)  # bad input before anything starts
     log_file = args.log_file or str(registry.log_path(args.pool))
     io_timeout = args.io_timeout if args.io_timeout is not None else load_config().io_timeout
     uid, gid = args.owner
@@ -47,6 +50,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         allow_fault_injection=args.allow_fault_injection,
         io_timeout=io_timeout, nbd=nbd, read_only=args.read_only,
         force=args.force or bool(getattr(args, "force_lease", False)),
+        hooks_dir=args.hooks_dir or "", metrics=args.metrics or "",
     )
     if args.foreground:
         logging_setup.setup_logging(args.log_file, logging.DEBUG if args.verbose else logging.INFO)
@@ -66,6 +70,10 @@ def cmd_mount(args: argparse.Namespace) -> int:
         command.insert(-2, "--force")
     if args.read_only:
         command.insert(-2, "--read-only")
+    if args.hooks_dir:
+        command.insert(-2, f"--hooks-dir={os.path.abspath(args.hooks_dir)}")
+    if args.metrics:
+        command.insert(-2, f"--metrics={args.metrics}")
     # posix_spawn, not Popen: the daemon outlives this process, and a Popen object left
     # running would warn when it is collected.
     os.set_inheritable(write_fd, True)
@@ -147,6 +155,11 @@ def add_commands(commands: Any, common: Parser) -> None:
                         "for a host known to be dead (README \"One writer per pool\")")
     p.add_argument("--read-only", action="store_true",
                    help="serve the volume files read-only (attach makes read-only loops)")
+    p.add_argument("--hooks-dir", metavar="DIR",
+                   help="run the event hooks in DIR (default $BLOCKSPACE_HOOKS_DIR or "
+                        "/etc/blockspace/hooks.d)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
     p = commands.add_parser("unmount", aliases=["umount"], parents=[common],

@@ -12,7 +12,7 @@ import trio
 from blockspace.admin import offline
 from blockspace.admin.pools import check_new_disks
 from blockspace.admin.registry import PoolEntry
-from blockspace.cli import disk
+from blockspace.cli import disk, events
 from blockspace.cli.common import (
     DATA_AT_RISK,
     OK,
@@ -256,3 +256,4 @@ def add_commands(commands: Any, common: Parser) -> None:
     p.add_argument("name")
     p.set_defaults(func=cmd_export)
     disk.add_pool_commands(pool, common)
+    events.add_pool_commands(pool, common)

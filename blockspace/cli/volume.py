@@ -8,6 +8,7 @@ import trio
 
 from blockspace.admin import offline
 from blockspace.cli.common import OK, Parser, UsageError, lease_options, pool_socket, volume_size
+from blockspace.cli.events import record_event
 from blockspace.cli.output import console, emit, table
 from blockspace.cli.pool import status_of
 from blockspace.cli.tiers import add_volume_options, create_fields
@@ -24,6 +25,8 @@ def change(args: argparse.Namespace, op: str, **fields: Any) -> None:
         control.request(socket_path, op, **fields)
     else:
         trio.run(offline.change_volume, registry, args.pool, op, fields, lease_options(args))
+        # The daemon logs its own changes; offline, the command does.
+        record_event(registry, args.pool, op, volume=fields["name"], size=fields.get("size"))
 
 
 def find(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -108,6 +111,41 @@ def cmd_grow(args: argparse.Namespace) -> int:
     return OK
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    registry, socket_path = pool_socket(args)
+    if socket_path is not None:
+        shown = control.request(socket_path, "volume_show", name=args.name, map=args.map)
+    else:
+        shown = trio.run(offline.volume_show, registry, args.pool, args.name, args.map)
+    emit(args, shown, print_placement)
+    return OK
+
+
+def print_placement(v: dict[str, Any]) -> None:
+    states = ", ".join(f"{n} {s}" for s, n in v["extent_states"].items() if n)
+    console.print(
+        f"volume [bold]{v['name']}[/] in pool {v['pool']}: {format_size(v['size'])}, "
+        f"{v['resiliency']}, {v['provisioning']}\n"
+        f"columns {v['columns']}, width {v['width']} extents per slab (tolerates "
+        f"{v['tolerance']} lost), interleave {format_size(v['interleave'])}, "
+        f"slab {format_size(v['slab_data_size'])} of data\n"
+        f"allocated {format_size(v['allocated'])} in {v['slabs']} of {v['slabs_full']} slabs "
+        f"({format_size(v['footprint'])} on disks); extents: {states or 'none'}",
+        highlight=False)
+    if v["tiers"]:
+        console.print(f"tiered: ssd tier {v['tiers']['ssd']}, hdd tier {v['tiers']['hdd']} "
+                      "(`volume show` each for its placement)", highlight=False)
+    console.print(table(("disk", "path", "state", "slabs"),
+                        [(str(d["id"]), str(d["path"]), d["state"], str(d["slabs"]))
+                         for d in v["disks"]]))
+    if "map" in v:
+        console.print(table(
+            ("slab", "volume offset", "extents (disk:extent state)"),
+            [(str(s["slab"]), format_size(s["offset"]),
+              "  ".join(f"{e['disk']}:{e['extent']} {e['state']}" for e in s["extents"]))
+             for s in v["map"]]))
+
+
 def add_commands(commands: Any, common: Parser) -> None:
     volume = commands.add_parser("volume", help="manage volumes").add_subparsers(
         dest="volume_command", required=True, parser_class=Parser)
@@ -136,3 +174,10 @@ def add_commands(commands: Any, common: Parser) -> None:
     p.add_argument("name")
     p.add_argument("--size", required=True, help="the new size")
     p.set_defaults(func=cmd_grow)
+    p = volume.add_parser("show", parents=[common],
+                          help="a volume's layout and placement (with --map: every slab)")
+    p.add_argument("pool")
+    p.add_argument("name")
+    p.add_argument("--map", action="store_true",
+                   help="each slab's extents (disk:extent) and their state")
+    p.set_defaults(func=cmd_show)

@@ -43,6 +43,7 @@ import queue
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Self, TypeVar
@@ -53,6 +54,7 @@ import trio
 from blockspace.disks import uring
 from blockspace.disks.locks import in_use_message
 from blockspace.errors import BlockspaceError, DeviceError, InvalidInput
+from blockspace.latency import OpCounter
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +227,13 @@ class Device(abc.ABC):
         self._errors = 0
         self._inline_reads = 0
         self._flushes = 0
+        # Latency of the requests that wait for the disk (a worker thread's job, or this
+        # device's own io_uring submission); inline cached reads and the batched ring writes
+        # of several disks at once are counted in `statistics()` only.
+        self._latency = OpCounter()
+
+    def request_latency(self) -> OpCounter:
+        return self._latency
 
     # -- async API
     @abc.abstractmethod
@@ -514,6 +523,7 @@ class FileDevice(Device):
         task = trio.lowlevel.current_task()
         claim: list[None] = [None]
         reply: list[None] = [None]
+        began = time.perf_counter()
         self._jobs.put((fn, args, _completions(), task, claim, reply))
 
         def abort(_raise_cancel: Any) -> trio.lowlevel.Abort:
@@ -529,7 +539,12 @@ class FileDevice(Device):
                     return trio.lowlevel.Abort.FAILED
             return trio.lowlevel.Abort.SUCCEEDED
 
-        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        try:
+            result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        except DeviceError:
+            self._latency.add(0, time.perf_counter() - began, True)
+            raise
+        self._latency.add(0, time.perf_counter() - began, False)
         return result
 
     # -- blocking primitives (run in workers, or directly by the *_sync methods)
@@ -779,8 +794,10 @@ class FileDevice(Device):
         if ring is None:
             await self._run(self._pwrite_many, views)
             return
+        began = time.perf_counter()
         try:
             results = await ring.write(self._fd, views)
+            self._latency.add(0, time.perf_counter() - began, False)
         except OSError as e:  # the ring refused the request: the worker does it
             log.debug("%s: io_uring submission failed (%s), using a worker", self.path, e)
             await self._run(self._pwrite_many, views)

@@ -49,6 +49,7 @@ import trio
 from blockspace.disks import uring
 from blockspace.disks.devices import Buffer, Device, DeviceStats, byte_view
 from blockspace.errors import DeviceError, InvalidInput
+from blockspace.latency import OpCounter
 from blockspace.units import format_size
 
 BURST_SECONDS = 0.1  # the bandwidth bucket holds this many seconds' worth of bytes
@@ -320,6 +321,9 @@ class FaultyDevice(Device):
         }
 
     # -- statistics
+    def request_latency(self) -> OpCounter:
+        return self.inner.request_latency()  # injected delays fall outside it
+
     def statistics(self) -> FaultyDeviceStats:
         inner = self.inner.statistics()
         base = asdict(inner)

@@ -182,6 +182,8 @@ class Pool:
         self.checksums = ChecksumStore(self.device, self.checksum_offset)
         self.intent: IntentLog | None = None  # enabled by the daemon (enable_intent_log)
         self.on_disk_failed: Callable[[int], None] | None = None  # the daemon starts a repair
+        # The daemon's event log (blockspace/events/bus.py): on_event(class, **fields).
+        self.on_event: Callable[..., None] | None = None
         self.io_timeout = DEFAULT_IO_TIMEOUT  # a disk silent for this long is failed
         self.recovering: set[IntentKey] = set()  # dirty at the last unclean stop
         self._last_seq = 0
@@ -572,6 +574,8 @@ class Pool:
             log.log(level, "disk %d (%s) is now %s: %s", disk_id, disk.path, state, reason)
             disk.record.state_since = time.time()
             self._unsaved_states.add(disk_id)
+            self._event("disk_state", disk=disk_id, path=disk.path, old_state=disk.record.state,
+                        state=state, reason=reason[:200])
             if disk.record.state in USABLE_STATES and state not in USABLE_STATES:
                 # A disk leaving in the middle of a resync still misses the older writes.
                 since = self.away_since()
@@ -585,6 +589,10 @@ class Pool:
             disk.device = None
         if state in ("failed", "missing") and self.on_disk_failed is not None:
             self.on_disk_failed(disk_id)
+
+    def _event(self, event_class: str, **fields: object) -> None:
+        if self.on_event is not None:
+            self.on_event(event_class, **fields)
 
     async def set_state(self, disk_id: int, state: str, reason: str) -> None:
         self._set_state(disk_id, state, reason)
@@ -699,6 +707,8 @@ class Pool:
         disk = self.disks[disk_id]
         disk.errors["checksum"] += blocks
         disk.session_checksum_errors += blocks
+        self._event("checksum_error", disk=disk_id, path=disk.path, blocks=blocks,
+                    total=disk.errors["checksum"])
         if (disk.session_checksum_errors >= FAILING_CHECKSUM_ERRORS
                 and disk.record.state == "online"):
             self._set_state(disk_id, "failing",
@@ -731,6 +741,9 @@ class Pool:
         for disk in self.disks.values():
             if disk.device is None and disk.record.state in USABLE_STATES:
                 log.error("disk %d (%s) is missing", disk.record.disk_id, disk.path)
+                self._event("disk_state", disk=disk.record.disk_id, path=disk.path,
+                            old_state=disk.record.state, state="missing",
+                            reason="not found at mount")
                 disk.record.state = "missing"
                 disk.record.state_reason = "not found at mount"
                 disk.record.state_since = time.time()

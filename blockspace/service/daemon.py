@@ -21,6 +21,7 @@ from blockspace.admin.registry import MountEntry, Registry
 from blockspace.disks.devices import Device, FileDevice
 from blockspace.disks.faults import FaultyDevice
 from blockspace.errors import BlockspaceError, InvalidInput
+from blockspace.events.hooks import hooks_dir
 from blockspace.geometry.layouts import default_layout
 from blockspace.pool.lease import LeaseOptions, WriterLease
 from blockspace.pool.pool import Pool
@@ -33,6 +34,8 @@ from blockspace.service.fault_requests import handle_fault_request
 from blockspace.service.fuse_ops import VolumeFS
 from blockspace.service.malloc_tuning import tune_malloc
 from blockspace.service.nbd import NbdServer, parse_address
+from blockspace.service.observe import REQUESTS as OBSERVER_REQUESTS
+from blockspace.service.observe import Observer, Sources
 from blockspace.service.status_line import status_line
 from blockspace.tiering.admin import check_growable
 from blockspace.tiering.admin import overview as tier_overview
@@ -57,6 +60,8 @@ class MountOptions:
     nbd: str = ""  # where the NBD export listens (a socket path or tcp:HOST:PORT); "" none
     force: bool = False  # take the writer lease whoever holds it (a host known to be dead)
     read_only: bool = False  # the kernel refuses writes to the volume files (mount -o ro)
+    hooks_dir: str = ""  # event hooks (default $BLOCKSPACE_HOOKS_DIR or /etc/blockspace/hooks.d)
+    metrics: str = ""  # HOST:PORT of the Prometheus endpoint; "" none
 
 
 class Daemon:
@@ -78,6 +83,7 @@ class Daemon:
         self.tiers: TierService | None = None
         self.nbd: NbdServer | None = None
         self.lease: WriterLease | None = None
+        self.observer: Observer | None = None  # events, counters, metrics (service/observe.py)
         self.notify: Callable[[str], None] = lambda message: None  # `mount` shows these
 
     async def _claim(self, pool: Pool) -> None:
@@ -102,7 +108,14 @@ class Daemon:
             # Tiered volumes are served on top of their (hidden) tier volumes.
             self.tiers = tiers = TierService(pool, self.volumes, self.registry.root,
                                              self.options.pool)
-            self.fs = VolumeFS(tiers.served, uid=self.options.uid, gid=self.options.gid)
+            self.observer = observer = Observer(
+                Sources(pool, self.options.pool, self.options.mountpoint,
+                        lambda: self.disks.rebuilder.progress.to_dict() if self.disks else None,
+                        lambda: self.scrubber.progress.to_dict(), lambda: tiers.tiered),
+                self.registry.root, hooks=hooks_dir(self.options.hooks_dir or None),
+                metrics=self.options.metrics)
+            self.fs = VolumeFS(tiers.served, uid=self.options.uid, gid=self.options.gid,
+                               io=observer.io, on_error=observer.on_io_error)
             fuse_options = set(pyfuse3.default_options)
             fuse_options.add(f"fsname=blockspace:{self.options.pool}")
             fuse_options.add("subtype=blockspace")
@@ -123,9 +136,10 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lease.beat)
                 socket_path = self.registry.socket_path(self.options.pool)
-                await nursery.start(control.serve, socket_path, self.handle)
+                await observer.start(nursery)
+                await nursery.start(control.serve, socket_path, self._handle_observed)
                 if self.options.nbd:  # the same volumes as the files, by name
-                    self.nbd = NbdServer(tiers.served)
+                    self.nbd = NbdServer(tiers.served, io=observer.io)
                     await nursery.start(self.nbd.serve, parse_address(self.options.nbd),
                                         (self.options.uid, self.options.gid))
                 nursery.start_soon(self._watch_signals)
@@ -153,6 +167,7 @@ class Daemon:
                     )
                 )
                 log.info("pool %s mounted at %s", pool.name, self.options.mountpoint)
+                observer.mounted(pool_status(pool)["health"])
                 task_status.started()
                 sd_notify.notify(f"READY=1\nSTATUS={self.status_line()}")
                 nursery.start_soon(sd_notify.report_status, self.status_line)
@@ -167,6 +182,7 @@ class Daemon:
             if self.tiers is not None:
                 self.tiers.save_all()
             with trio.CancelScope(shield=True):
+                await observer.stop()
                 try:
                     await pool.close_intent_log()  # flushes every disk first
                 except BlockspaceError as error:
@@ -265,6 +281,16 @@ class Daemon:
                 pyfuse3.terminate()
 
     # ---- control requests -----------------------------------------------------------
+
+    async def _handle_observed(self, request: dict[str, Any]) -> Any:
+        """`handle`, and what succeeded told to the observer (volume changes are events)."""
+        assert self.observer is not None
+        op = request["op"]
+        if op in OBSERVER_REQUESTS:
+            return self.observer.handle(op, request)
+        result = await self.handle(request)
+        self.observer.after(op, request, result)
+        return result
 
     async def handle(self, request: dict[str, Any]) -> Any:
         pool = self.pool

@@ -10,12 +10,13 @@ import os
 import stat
 import time
 from collections.abc import Callable, Mapping
-from typing import Protocol, cast
+from typing import NoReturn, Protocol, cast
 
 import pyfuse3
 
 from blockspace.errors import BlockspaceError, InvalidInput, NoSpace
 from blockspace.ondisk.metadata import VolumeRecord
+from blockspace.service.iostats import IoStats
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,14 @@ class VolumeFS(pyfuse3.Operations):
     control socket appear and disappear without a remount."""
 
     def __init__(
-        self, volumes: Callable[[], Mapping[str, ServedVolume]], *, uid: int, gid: int
+        self, volumes: Callable[[], Mapping[str, ServedVolume]], *, uid: int, gid: int,
+        io: IoStats | None = None, on_error: Callable[[str, str, int], None] | None = None,
     ) -> None:
         super().__init__()
         self._volumes = volumes
+        # Counted per request (iostat, metrics); `on_error(volume, op, errno)` per failure.
+        self.io = io if io is not None else IoStats()
+        self.on_error = on_error
         self._uid = uid
         self._gid = gid
         self._inodes: dict[str, int] = {}
@@ -172,24 +177,29 @@ class VolumeFS(pyfuse3.Operations):
         if off >= volume.size:
             return b""
         size = min(size, volume.size - off)
+        began = time.perf_counter()
         try:
             # pyfuse3 sends any buffer; its stub says bytes. The volume's bytearray goes out as it
             # is, without a copy.
-            return cast(bytes, await volume.read(off, size))
+            data = cast(bytes, await volume.read(off, size))
         except BlockspaceError as error:
             log.error("read %s at %d+%d failed: %s", volume.name, off, size, error)
-            raise pyfuse3.FUSEError(errno_of(error)) from None
+            self._failed(volume.name, "read", began, error)
+        self.io.volume(volume.name).read.add(size, time.perf_counter() - began, False)
+        return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         volume = self._volume(fh)
         if off + len(buf) > volume.size:
             # A block device has a fixed size; writing past its end is "no space".
             raise pyfuse3.FUSEError(errno.ENOSPC if off < volume.size else errno.EFBIG)
+        began = time.perf_counter()
         try:
             await volume.write(off, buf)
         except BlockspaceError as error:
             log.error("write %s at %d+%d failed: %s", volume.name, off, len(buf), error)
-            raise pyfuse3.FUSEError(errno_of(error)) from None
+            self._failed(volume.name, "write", began, error)
+        self.io.volume(volume.name).write.add(len(buf), time.perf_counter() - began, False)
         return len(buf)
 
     async def flush(self, fh: int) -> None:
@@ -200,11 +210,21 @@ class VolumeFS(pyfuse3.Operations):
 
     async def _sync(self, fh: int) -> None:
         volume = self._volume(fh)
+        began = time.perf_counter()
         try:
             await volume.flush()
         except BlockspaceError as error:
             log.error("flush %s failed: %s", volume.name, error)
-            raise pyfuse3.FUSEError(errno_of(error)) from None
+            self._failed(volume.name, "flush", began, error)
+        self.io.volume(volume.name).flush.add(0, time.perf_counter() - began, False)
+
+    def _failed(self, name: str, op: str, began: float, error: BlockspaceError) -> NoReturn:
+        """Count a failed request, report it, and answer it with its errno."""
+        code = errno_of(error)
+        getattr(self.io.volume(name), op).add(0, time.perf_counter() - began, True)
+        if self.on_error is not None:
+            self.on_error(name, op, code)
+        raise pyfuse3.FUSEError(code) from None
 
     async def setattr(
         self,

@@ -30,6 +30,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -40,6 +41,7 @@ import trio
 
 from blockspace.errors import BlockspaceError, InvalidInput, NoSpace
 from blockspace.service import nbd_protocol as wire
+from blockspace.service.iostats import IoStats
 from blockspace.volume.discard import write_zeros
 
 log = logging.getLogger(__name__)
@@ -349,8 +351,10 @@ class NbdServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         send_timeout: float = SEND_TIMEOUT,
         block_sizes: wire.BlockSizes | None = None,
+        io: IoStats | None = None,
     ) -> None:
         block_sizes = block_sizes or wire.BlockSizes()
+        self.io = io  # the daemon's per-volume counters, shared with the FUSE files
         if min(buffer_budget, connection_budget) < block_sizes.maximum:
             raise ValueError("the buffer budgets must hold one request of the largest size")
         self._volumes = volumes
@@ -628,10 +632,12 @@ class NbdServer:
                       request.describe())
             return wire.EIO, None
         command, offset, length = request.command, request.offset, request.length
+        began = time.perf_counter()
         try:
             if command == wire.CMD_READ:
                 data = await volume.read(offset, length)
                 self._bytes_read += length
+                self._count(export.name, command, length, began, False)
                 return 0, data
             if command == wire.CMD_WRITE:
                 assert payload is not None
@@ -648,8 +654,19 @@ class NbdServer:
                 await volume.flush()
         except BlockspaceError as failure:
             log.error("NBD: %s on %r failed: %s", request.describe(), export.name, failure)
+            self._count(export.name, command, 0, began, True)
             return error_value(failure), None
+        self._count(export.name, command, 0 if command == wire.CMD_FLUSH else length, began,
+                    False)
         return 0, None
+
+    def _count(self, name: str, command: int, nbytes: int, began: float, failed: bool) -> None:
+        if self.io is None:
+            return
+        io = self.io.volume(name)
+        counter = io.read if command == wire.CMD_READ else \
+            io.flush if command == wire.CMD_FLUSH else io.write
+        counter.add(nbytes, time.perf_counter() - began, failed)
 
 
 # ---- sockets ---------------------------------------------------------------------------
