@@ -10,8 +10,7 @@ with one line naming the file and the key, so a typo never silently means a defa
     [rebuild]
     rate = "0"                 # repair, retire, replace, rebalance moves
     [thresholds]
-    pool_full_percent = 80     # `pool status` warns above this allocation
-    thin_overcommit_percent = 200   # ... and when thin volumes promise more than this
+    pool_full_percent = 80     # a "threshold" event when allocation crosses it (and 90, 95)
 
 Command-line options always win over the file."""
 
@@ -35,7 +34,6 @@ class Config:
     scrub_rate: int = 0
     rebuild_rate: int = 0
     pool_full_percent: int = 80
-    thin_overcommit_percent: int = 200
     source: str = "built-in defaults"
 
     def as_dict(self) -> dict[str, Any]:
@@ -59,8 +57,8 @@ def _rate(value: object) -> int:
 
 
 def _percent(value: object) -> int:
-    if type(value) is not int or not 1 <= value <= 10_000:
-        raise ValueError("takes a whole percentage from 1 to 10000")
+    if type(value) is not int or not 1 <= value <= 100:
+        raise ValueError("takes a whole percentage from 1 to 100")
     return value
 
 
@@ -69,8 +67,7 @@ _KEYS: dict[str, dict[str, tuple[str, Any]]] = {
     "daemon": {"io_timeout": ("io_timeout", _seconds)},
     "scrub": {"rate": ("scrub_rate", _rate)},
     "rebuild": {"rate": ("rebuild_rate", _rate)},
-    "thresholds": {"pool_full_percent": ("pool_full_percent", _percent),
-                   "thin_overcommit_percent": ("thin_overcommit_percent", _percent)},
+    "thresholds": {"pool_full_percent": ("pool_full_percent", _percent)},
 }
 
 

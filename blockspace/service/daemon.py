@@ -15,6 +15,7 @@ from typing import Any
 import pyfuse3
 import trio
 
+from blockspace.admin.config import load_config
 from blockspace.admin.manage import DiskManager
 from blockspace.admin.pools import open_devices, pool_status
 from blockspace.admin.registry import MountEntry, Registry
@@ -113,7 +114,8 @@ class Daemon:
                         lambda: self.disks.rebuilder.progress.to_dict() if self.disks else None,
                         lambda: self.scrubber.progress.to_dict(), lambda: tiers.tiered),
                 self.registry.root, hooks=hooks_dir(self.options.hooks_dir or None),
-                metrics=self.options.metrics)
+                metrics=self.options.metrics,
+                pool_full_percent=load_config().pool_full_percent)
             self.fs = VolumeFS(tiers.served, uid=self.options.uid, gid=self.options.gid,
                                io=observer.io, on_error=observer.on_io_error)
             fuse_options = set(pyfuse3.default_options)

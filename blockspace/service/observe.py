@@ -26,7 +26,7 @@ from blockspace.service.metrics import MetricsServer, parse_metrics_address
 log = logging.getLogger(__name__)
 
 WATCH_INTERVAL = 0.5  # seconds between looks at rebuild/scrub progress and fullness
-THRESHOLDS = (80.0, 90.0, 95.0)  # percent of the pool's raw space allocated
+THRESHOLDS = (80.0, 90.0, 95.0)  # percent of the pool's raw space allocated (the default)
 ERROR_EVENT_INTERVAL = 60.0  # at most one io_error/enospc event per volume per minute
 TERMINAL = ("done", "failed", "cancelled")
 REQUESTS = ("iostat", "volume_show")
@@ -82,8 +82,11 @@ def fullness(capacity: dict[str, int]) -> float:
 
 class Observer:
     def __init__(self, sources: Sources, state_root: Path, *, hooks: Path | None,
-                 metrics: str = "") -> None:
+                 metrics: str = "", pool_full_percent: float = THRESHOLDS[0]) -> None:
         self.sources = sources
+        # The configured warning level (blockspace.toml [thresholds]) and the fixed ones above.
+        self.thresholds = tuple(sorted({float(pool_full_percent),
+                                        *(t for t in THRESHOLDS[1:] if t > pool_full_percent)}))
         self.io = IoStats()
         self.bus = EventBus(sources.pool_name, EventLog(events_path(state_root,
                                                                     sources.pool_name)), hooks)
@@ -187,7 +190,7 @@ class Observer:
                 for event_class, fields in progress_events(work, seen[work], progress):
                     self.bus.emit(event_class, **fields)
             now = fullness(iostat.capacity(s.pool))
-            for limit, direction in crossed(THRESHOLDS, before, now):
+            for limit, direction in crossed(self.thresholds, before, now):
                 self.bus.emit("threshold", what="allocated", percent=round(now, 1),
                               threshold=limit, direction=direction)
             if math.isfinite(now):

@@ -52,3 +52,18 @@ def test_an_unreadable_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(b"\xff\xfe[daemon]")
     with pytest.raises(InvalidInput, match="bad.toml: cannot be read"):
         load_config(path)
+
+
+@pytest.mark.parametrize(("configured", "levels"), [
+    (80, (80.0, 90.0, 95.0)), (60, (60.0, 90.0, 95.0)), (92, (92.0, 95.0)), (99, (99.0,)),
+])
+def test_the_configured_fullness_is_where_threshold_events_start(
+    tmp_path: Path, configured: int, levels: tuple[float, ...]
+) -> None:
+    from typing import Any, cast
+
+    from blockspace.service.observe import Observer, Sources
+
+    sources = Sources(cast(Any, None), "tank", "/mnt", lambda: None, dict, dict)
+    observer = Observer(sources, tmp_path, hooks=None, pool_full_percent=configured)
+    assert observer.thresholds == levels
