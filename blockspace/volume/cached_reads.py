@@ -63,20 +63,6 @@ class CachedReads:
             if theirs is None:
                 return True
             by_index[other] = theirs
-        if not needs_judging(index, spec.columns, by_index):
-            return False
-        if len(by_index) == spec.width:
-            return True
-        for other in range(spec.columns):  # the other data fragments, to be sure
-            if other in by_index:
-                continue
-            disk_id, extent = extents[code_position(spec, row, other)]
-            if self.pool.extent_device(disk_id, extent) is None:
-                continue
-            theirs = self.pool.checksums.read_cached(disk_id, extent, first, count)
-            if theirs is None:
-                return True
-            by_index[other] = theirs
         return needs_judging(index, spec.columns, by_index)
 
     def source_now(

@@ -33,6 +33,7 @@ from blockspace.ondisk.checksums import (
     entries_with_seqs,
     entry_at,
     entry_seq,
+    entry_seqs,
     unwritten_flags,
 )
 from blockspace.volume.cached_reads import CachedReads
@@ -352,6 +353,8 @@ class Parity:
                 f"volume {self.io.name!r}: slab {slab} row {row} at extent offset {offset} "
                 f"cannot be trusted: {verdict.problem}"
             )
+        if heal and verdict.checked:
+            await self._stamp_current(extents, row, offset, found, verdict)
         if not verdict.bad and all(index in verdict.trusted for index in wanted):
             return {index: verdict.trusted[index] for index in wanted}, verdict
         rebuilt = self.codec.reconstruct(verdict.trusted, sorted(set(wanted) | set(verdict.bad)))
@@ -364,6 +367,19 @@ class Parity:
                 log.info("healed slab %d row %d fragment %d (%s)", slab, row, index,
                          verdict.bad[index])
         return {index: rebuilt[index] for index in wanted}, verdict
+
+    async def _stamp_current(
+        self, extents: Extents, row: int, offset: int, found: RowRead, verdict: Verdict
+    ) -> None:
+        """Data fragments the row proved current though their entries carry an older write
+        (another column took the newest) get the row's write number: their next read needs
+        no judgment. Their data is written again as it is."""
+        for index, data in sorted(verdict.trusted.items()):
+            if index >= self.spec.columns or index not in found.raw:
+                continue
+            seqs = entry_seqs(found.raw[index][1])
+            if any(own < top for own, top in zip(seqs, verdict.seqs, strict=True)):
+                await self.rewrite_row(extents, row, offset, {index: data}, verdict=verdict)
 
     # ---- the repairs ------------------------------------------------------------------
 

@@ -182,8 +182,10 @@ def needs_judging(index: int, k: int, entries: Mapping[int, bytes]) -> bool:
     """Cheap, from checksum entries only: is fragment `index` (verified) possibly behind
     its row? `entries`: fragment index -> entries of the same blocks, of `index` and of
     the row's other fragments at hand. True when it says "never written" where another
-    fragment holds a write, or when a parity fragment carries a newer write than it and no
-    other data fragment does (the write it lost)."""
+    fragment holds a write, or when a parity fragment carries a newer write than it: the
+    write it lost, or one of another data column (which the entries alone cannot tell
+    apart; the row's judgment can, and the read that asked stamps the column with the
+    row's write number once it is proved current, so the next read of it is cheap)."""
     mine = entries[index]
     others = {i: e for i, e in entries.items() if i != index}
     if any_unwritten(mine):
@@ -198,10 +200,7 @@ def needs_judging(index: int, k: int, entries: Mapping[int, bytes]) -> bool:
     my_seqs = entry_seqs(mine)
     for p in parity:
         their_seqs = entry_seqs(p)
-        if their_seqs == my_seqs:
-            continue
-        data = [entry_seqs(e) for i, e in others.items() if i < k]
-        for b, top in enumerate(their_seqs):
-            if top > my_seqs[b] and not any(d[b] >= top for d in data):
-                return True
+        if their_seqs != my_seqs and any(
+                top > own for top, own in zip(their_seqs, my_seqs, strict=True)):
+            return True
     return False
