@@ -84,7 +84,7 @@ def unwritten_flags(entries: bytes | bytearray | memoryview) -> list[bool]:
 def any_unwritten(entries: bytes | bytearray | memoryview) -> bool:
     """Does some entry say "never written"? (The hot path's question: one C-level search
     rejects the usual case, where no entry is zero.)"""
-    raw = bytes(entries)
+    raw = entries if isinstance(entries, bytes) else bytes(entries)
     at = raw.find(UNWRITTEN)
     while at >= 0:
         if at % ENTRY_SIZE == 0:

@@ -21,11 +21,13 @@ reported, never guessed.
 """
 
 import itertools
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from blockspace.geometry.erasure import ErasureCodec
 from blockspace.ondisk.checksums import (
+    ENTRY_SIZE,
     any_unwritten,
     bad_blocks,
     entry_seqs,
@@ -187,20 +189,18 @@ def needs_judging(index: int, k: int, entries: Mapping[int, bytes]) -> bool:
     apart; the row's judgment can, and the read that asked stamps the column with the
     row's write number once it is proved current, so the next read of it is cheap)."""
     mine = entries[index]
-    others = {i: e for i, e in entries.items() if i != index}
     if any_unwritten(mine):
         flags = unwritten_flags(mine)
-        for other in others.values():
-            theirs = unwritten_flags(other)
-            if any(f and not t for f, t in zip(flags, theirs, strict=True)):
+        for other, theirs in entries.items():
+            if other != index and any(
+                    f and not t for f, t in zip(flags, unwritten_flags(theirs), strict=True)):
                 return True
-    parity = [e for i, e in others.items() if i >= k]
-    if index >= k or not parity:
+    if index >= k:
         return False
+    if len(mine) == ENTRY_SIZE:  # the usual 4 KiB read: one word each, no lists
+        own = int.from_bytes(mine[8:16], "little")
+        return any(int.from_bytes(e[8:16], "little") > own
+                   for i, e in entries.items() if i >= k)
     my_seqs = entry_seqs(mine)
-    for p in parity:
-        their_seqs = entry_seqs(p)
-        if their_seqs != my_seqs and any(
-                top > own for top, own in zip(their_seqs, my_seqs, strict=True)):
-            return True
-    return False
+    return any(any(map(operator.gt, entry_seqs(e), my_seqs))
+               for i, e in entries.items() if i >= k)
