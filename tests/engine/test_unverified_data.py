@@ -116,11 +116,14 @@ async def restore_older_copy(images: Images, pool: Pool, volume: Volume, model: 
                              rng: random.Random) -> None:
     disk_id, offset, length = where(pool, volume)
     path = images.paths[disk_index(pool, images, disk_id)]
-    with open(path, "rb") as image:
-        image.seek(offset)
-        older = image.read(length)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        older = os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
     await write_rows(volume, model, rng, 12)
-    await write_sparse(volume, model, rng, 10) if volume.spec.kind != "parity" else None
+    if volume.spec.kind != "parity":  # single parity cannot tell which of two older
+        await write_sparse(volume, model, rng, 10)  # columns lost a write: see the README
     images.close(pool)
     fd = os.open(path, os.O_RDWR)
     try:
