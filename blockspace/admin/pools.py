@@ -165,6 +165,7 @@ def pool_status(
     pool: Pool, mountpoint: str | None = None, scrub: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     free_map = pool.allocator.free_map()
+    pool.check_host_room()
     disks: list[dict[str, Any]] = []
     for disk_id, disk in sorted(pool.disks.items()):
         disk_record = disk.record
@@ -189,6 +190,7 @@ def pool_status(
                 "state_since": disk_record.state_since,
                 "data_extents": pool.extents_on(disk_id),
                 "errors": dict(disk.errors),
+                "host_full": pool.host_full.get(disk_id),
             }
         )
     volumes = []
@@ -229,4 +231,12 @@ def pool_status(
         "disks": disks,
         "volumes": volumes,
         "scrub": scrub,
+        "actions": [host_full_action(d["path"]) for d in disks if d["host_full"]],
     }
+
+
+def host_full_action(path: str) -> str:
+    """What `pool status` asks of the user while a disk's host file system is full."""
+    directory = os.path.dirname(os.path.abspath(path))
+    return (f"host file system under {path} is full: free space there ({directory}); "
+            "writes that need new space fail with ENOSPC until then")

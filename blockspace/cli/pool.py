@@ -92,6 +92,8 @@ def print_status(s: dict[str, Any]) -> None:
             since = d.get("state_since") or 0
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
             console.print(f"disk {d['id']} {d['state']} since {when}: {d['state_reason']}")
+    for action in s.get("actions", []):
+        console.print(f"action: {action}")
     rebuild = s.get("rebuild")
     if rebuild and rebuild.get("state") == "running":
         eta = rebuild.get("eta_seconds")
