@@ -307,6 +307,11 @@ class Device(abc.ABC):
         not known (a block device, memory)."""
         return None
 
+    def reserve_sync(self, offset: int, length: int) -> None:  # noqa: B027 - optional hook
+        """Make the host allocate the range now, contents unchanged, so later writes there
+        need no new room (a sparse image's metadata area). HostSpaceError if the host has
+        no room; a no-op where the device cannot or need not (block devices, memory)."""
+
     @property
     def closed(self) -> bool:
         return self._closed
@@ -631,6 +636,21 @@ class FileDevice(Device):
             self._write_zeros(offset, start - offset)
         if end < offset + length:
             self._write_zeros(end, offset + length - end)
+
+    def reserve_sync(self, offset: int, length: int) -> None:
+        what = f"reserve at {offset}"
+        self._check(what, offset, length)
+        self._check_writable(what)
+        fallocate = _libc_fallocate()
+        if self.info.is_block or fallocate is None or length == 0:
+            return
+        if fallocate(self._fd, 0, offset, length) != 0:
+            code = ctypes.get_errno()
+            if code in HOST_SPACE_ERRNOS:
+                raise _os_error(self.path, what, OSError(code, os.strerror(code)))
+            # Not supported here (or refused): writes there may still need room later.
+            log.debug("%s: cannot preallocate %d bytes at %d: %s", self.path, length, offset,
+                      os.strerror(code))
 
     def host_room(self) -> int | None:
         if self.info.is_block or self._closed:

@@ -152,6 +152,15 @@ def make_private(device: Device) -> None:
                           f"{error.strerror}") from None
 
 
+async def reserve_head(device: Device, geometry: DiskGeometry) -> None:
+    """Host room for the labels, metadata and intent slots of a sparse image, allocated at
+    once: commits and intent records then never need new room on the host, so a full host
+    file system cannot stop the pool from recording its state (README, "Disks and
+    failures"). HostSpaceError if there is not even that."""
+    await trio.to_thread.run_sync(device.reserve_sync, 0, geometry.data_start)
+    await trio.to_thread.run_sync(device.reserve_sync, geometry.backup_label_offset, LABEL_SIZE)
+
+
 def read_label(device: Device) -> DiskLabel | None:
     """The disk's label (primary, else backup); None if it carries no Blockspace label."""
     primary = device.read_sync(0, LABEL_SIZE)
@@ -252,6 +261,8 @@ class Pool:
         image = encode_metadata(metadata, meta_slot_size)
         for device in devices:
             make_private(device)
+        for device, geometry in zip(devices, geometries, strict=True):
+            await reserve_head(device, geometry)
         for disk, label in zip(disks.values(), labels, strict=True):
             assert disk.device is not None
             raw_label = encode_label(label)
@@ -619,6 +630,7 @@ class Pool:
         make_private(device)
         # No stale metadata or intent record of an earlier life may be read back from it.
         await device.zero(0, geometry.data_start)
+        await reserve_head(device, geometry)
         disk = PoolDisk(record, geometry, device, device.path)
         self.disks[disk_id] = disk
         self.metadata.disks.append(record)

@@ -6,12 +6,17 @@ needed room fails with ENOSPC, nothing is marked failed, reads and overwrites ke
 consistent, without `disk online`.
 """
 
+import contextlib
 import errno
+import os
+from pathlib import Path
 
 import pytest
 import trio
+from uring_support import small_tmpfs
 
 from blockspace.admin.pools import pool_status
+from blockspace.disks.devices import open_device
 from blockspace.errors import DeviceError, HostSpaceError
 from blockspace.geometry.layouts import LayoutSpec
 from blockspace.pool.pool import Pool
@@ -29,6 +34,11 @@ LAYOUTS = {
     "mirror-2": LayoutSpec("mirror", 1, copies=2, interleave=16384),
     "parity-2+1": LayoutSpec("parity", 2, parity=1, interleave=16384),
 }
+
+
+def sparse(path: Path, size: int) -> None:
+    with path.open("xb") as handle:
+        handle.truncate(size)
 
 
 def pattern(index: int, length: int = CHUNK) -> bytes:
@@ -141,3 +151,66 @@ def test_a_new_slab_without_host_room_is_not_placed_and_the_pool_stays_online() 
         assert not pool.host_full
 
     trio.run(scenario)
+
+
+@pytest.mark.parametrize(("code", "host_fault"), [(errno.ENOSPC, True), (errno.EDQUOT, True),
+                                                  (errno.EIO, False)])
+def test_a_file_device_tells_a_full_host_from_a_failing_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, host_fault: bool
+) -> None:
+    path = tmp_path / "d.img"
+    sparse(path, MiB)
+    device = open_device(str(path))
+    try:
+        def refuse(*_args: object) -> int:
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(os, "pwrite", refuse)
+        with pytest.raises(DeviceError) as caught:
+            device.write_sync(0, b"x" * 4096)
+        assert isinstance(caught.value, HostSpaceError) is host_fault
+        assert errno_of(caught.value) == (errno.ENOSPC if host_fault else errno.EIO)
+        assert caught.value.os_errno == code  # type: ignore[attr-defined]
+    finally:
+        device.close()
+
+
+def test_the_metadata_area_of_a_sparse_image_is_allocated_at_create(tmp_path: Path) -> None:
+    """Commits and intent records go to room the host gave at `pool create` (and `disk
+    add`): a full host file system cannot stop the pool from recording its state."""
+    with small_tmpfs(tmp_path / "host", "64m") as host:
+        paths = []
+        for index in range(3):
+            path = host / f"d{index}.img"
+            sparse(path, 32 * MiB)
+            paths.append(path)
+
+        async def scenario() -> None:
+            devices = [open_device(str(path)) for path in paths]
+            pool = await Pool.create("h", devices, media=["hdd"] * 3, slab_size=MiB)
+            geometry = pool.disks[0].geometry
+            for path in paths:
+                assert os.stat(path).st_blocks * 512 >= geometry.data_start + 4096
+            spare = host / "spare.img"
+            sparse(spare, 32 * MiB)
+            filler = host / "filler"
+            with filler.open("wb") as handle:  # the rest of the tmpfs
+                with contextlib.suppress(OSError):
+                    while True:
+                        handle.write(bytes(MiB))
+            try:
+                # Every disk's metadata and intent slots are there: commits still land.
+                await pool.create_volume("v", 4 * MiB, LAYOUTS["mirror-2"], "thin")
+                await pool.enable_intent_log()
+                assert {d.record.state for d in pool.disks.values()} == {"online"}
+                # A disk added now cannot get room for its own: refused, nothing failed.
+                extra = open_device(str(spare))
+                with pytest.raises(HostSpaceError):
+                    await pool.add_disk(extra, "hdd")
+                extra.close()
+                assert len(pool.disks) == 3
+                assert {d.record.state for d in pool.disks.values()} == {"online"}
+            finally:
+                pool.close()
+
+        trio.run(scenario)
