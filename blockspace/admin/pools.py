@@ -16,6 +16,7 @@ from blockspace.errors import BlockspaceError, DeviceError, FormatError, Invalid
 from blockspace.geometry.allocator import max_slabs
 from blockspace.geometry.layouts import KINDS, LayoutSpec, default_layout
 from blockspace.ondisk.label import MEDIA, compute_geometry
+from blockspace.pool.label_copies import repair_label_copies
 from blockspace.pool.pool import Pool, read_label
 
 log = logging.getLogger(__name__)
@@ -98,14 +99,20 @@ def open_devices(paths: Sequence[str]) -> list[Device]:
 
 
 @asynccontextmanager
-async def opened_pool(registry: Registry, name: str) -> AsyncIterator[Pool]:
-    """Open a registered, unmounted pool for offline work."""
+async def opened_pool(
+    registry: Registry, name: str, *, writing: bool = True
+) -> AsyncIterator[Pool]:
+    """Open a registered, unmounted pool for offline work. `writing` (a command that
+    changes the pool): once it succeeded, damaged label copies are rewritten from the good
+    ones, as at mount."""
     entry = registry.get(name)
     mount = registry.mount_info(name)
     if mount is not None:
         raise BlockspaceError(f"pool {name!r} is mounted at {mount.mountpoint} (pid {mount.pid})")
     async with opened_disks(entry.disks, entry.uuid, name) as pool:
         yield pool
+        if writing:
+            await repair_label_copies(pool)
 
 
 @asynccontextmanager

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from blockspace.disks.devices import Device
 from blockspace.errors import BlockspaceError
+from blockspace.pool.label_copies import repair_label_copies
 from blockspace.pool.pool import Pool
 from blockspace.volume.volume import Volume
 
@@ -21,7 +22,8 @@ log = logging.getLogger(__name__)
 async def bring_up(
     devices: Sequence[Device], *, expect_uuid: str | None = None, io_timeout: float | None = None
 ) -> tuple[Pool, dict[str, Volume]]:
-    """Open the pool on `devices`, record its absent disks as missing, start the
+    """Open the pool on `devices`, record its absent disks as missing, rewrite damaged
+    label copies from the good ones (`label_copies.py`), start the
     write-intent log (which learns the regions an unclean stop left dirty) and build its
     plain volumes, by name; each picks up its dirty regions for `resync_dirty_regions`.
     Tiered volumes are served on top of their (hidden) tier volumes, by the tier service.
@@ -30,6 +32,7 @@ async def bring_up(
     if io_timeout is not None:
         pool.io_timeout = io_timeout
     await pool.note_missing_disks()
+    await repair_label_copies(pool)  # a damaged label copy, rewritten from the good one
     await pool.enable_intent_log()
     volumes = {v.name: Volume(pool, v) for v in pool.metadata.volumes if v.tiers is None}
     return pool, volumes
