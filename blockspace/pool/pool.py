@@ -324,6 +324,7 @@ class Pool:
                 disks[record.disk_id] = PoolDisk(record, geometry, None, record.path_hint)
                 continue
             device, label, scan = found
+            check_record(record, label, metadata, device.path)
             if record.state in USABLE_STATES:
                 reason = stale_reason(scan, newest, sealed)
                 if reason is not None:
@@ -1043,6 +1044,31 @@ def _scan_slots(
     for problem in problems:
         log.info("ignored metadata copy: %s", problem)
     return best, scans
+
+
+def check_record(record: DiskRecord, label: DiskLabel, metadata: PoolMetadata, path: str) -> None:
+    """The metadata's record of a disk must say what the disk's own label says: a map
+    that places extents past a disk's end, or metadata slots of another size (crafted, or
+    of another pool's history), is refused with one line rather than trusted."""
+    geometry = label.geometry
+    found = [
+        (what, mine, theirs)
+        for what, mine, theirs in (
+            ("disk id", record.disk_id, label.disk_id),
+            ("size", record.size, geometry.disk_size),
+            ("extent count", record.extent_count, geometry.extent_count),
+            ("slab size", metadata.slab_size, geometry.slab_size),
+            ("metadata slot size", metadata.meta_slot_size, geometry.meta_slot_size),
+        )
+        if mine != theirs
+    ]
+    if found:
+        what, mine, theirs = found[0]
+        raise FormatError(
+            f"{path}: the pool metadata (generation {metadata.generation}) gives disk "
+            f"{record.disk_id} {what} {mine}, its label {theirs}: the metadata is damaged "
+            "or crafted; not opened"
+        )
 
 
 def _check_identities(members: list[tuple[Device, DiskLabel]]) -> None:
