@@ -214,3 +214,68 @@ def test_the_metadata_area_of_a_sparse_image_is_allocated_at_create(tmp_path: Pa
                 pool.close()
 
         trio.run(scenario)
+
+
+async def fill_until_refused(volume: Volume, host: HostFileSystem) -> tuple[int, bytearray]:
+    """Write chunks until the host is full; (index of the refused chunk, model)."""
+    host.capacity = host.used + 3 * MiB + 5 * PAGE
+    model = bytearray(volume.size)
+    for index in range(volume.size // CHUNK):
+        try:
+            await volume.write(index * CHUNK, pattern(index))
+        except HostSpaceError:
+            return index, model
+        model[index * CHUNK : (index + 1) * CHUNK] = pattern(index)
+    raise AssertionError("the host never filled up")
+
+
+def test_a_refused_mirror_write_is_resynced_before_its_complete_copy_is_trusted() -> None:
+    """The refused write reached one copy whole and the other in part: with the whole copy's
+    disk lost before anything else touched the range, the range still reads back, per block,
+    as the old or the new contents. Its regions waited for a resync like an unclean stop's,
+    instead of a read trusting the whole copy and leaving the torn one as it was."""
+    async def scenario() -> None:
+        pool, volume, host = await make(LAYOUTS["mirror-2"], errno.ENOSPC)
+        failed_at, model = await fill_until_refused(volume, host)
+        offset = failed_at * CHUNK
+        slab, start = divmod(offset, volume.slab_data_size)
+        new = pattern(failed_at)
+        whole = []
+        for disk_id, extent in volume.record.slabs[slab]:
+            device = pool.disks[disk_id].device
+            assert isinstance(device, MemoryDevice)
+            at = pool.extent_offset(disk_id, extent) + start
+            whole.append((device.data[at : at + CHUNK] == new, device))
+        assert sorted(done for done, _ in whole) == [False, True]  # one copy torn
+        host.capacity += 64 * MiB  # room again; the refused range is not written again
+        next(device for done, device in whole if done).failed = True
+        seen = await volume.read(offset, CHUNK)
+        for block in range(0, CHUNK, 4096):
+            assert seen[block : block + 4096] in (bytes(4096), pattern(failed_at, 4096))
+        assert await volume.read(0, offset) == bytes(model[:offset])
+
+    trio.run(scenario)
+
+
+@pytest.mark.parametrize("position", [0, 1, 2])
+def test_a_refused_parity_write_reads_the_same_after_a_disk_is_lost(position: int) -> None:
+    """Parity: once a read went through the refused range (which resyncs it first: parity
+    recomputed from the data), losing any one disk changes nothing read there. A disk lost
+    before that resync is the write hole of an unclean stop followed by a disk loss (README,
+    "Disks and failures")."""
+    async def scenario() -> None:
+        pool, volume, host = await make(LAYOUTS["parity-2+1"], errno.ENOSPC)
+        failed_at, model = await fill_until_refused(volume, host)
+        offset = failed_at * CHUNK
+        host.capacity += 64 * MiB
+        first = await volume.read(offset, CHUNK)
+        for block in range(0, CHUNK, 4096):
+            assert first[block : block + 4096] in (bytes(4096), pattern(failed_at, 4096))
+        disk_id, _ = volume.record.slabs[offset // volume.slab_data_size][position]
+        lost = pool.disks[disk_id].device
+        assert isinstance(lost, MemoryDevice)
+        lost.failed = True
+        assert await volume.read(offset, CHUNK) == first
+        assert await volume.read(0, offset) == bytes(model[:offset])
+
+    trio.run(scenario)
