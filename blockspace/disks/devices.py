@@ -308,9 +308,10 @@ class Device(abc.ABC):
         return None
 
     def reserve_sync(self, offset: int, length: int) -> None:  # noqa: B027 - optional hook
-        """Make the host allocate the range now, contents unchanged, so later writes there
-        need no new room (a sparse image's metadata area). HostSpaceError if the host has
-        no room; a no-op where the device cannot or need not (block devices, memory)."""
+        """Zeros written over the range, so the host has allocated it and later writes there
+        need no new room (a sparse image's metadata area, before anything is put in it).
+        HostSpaceError if the host has no room; a no-op where the device need not (block
+        devices, memory)."""
 
     @property
     def closed(self) -> bool:
@@ -638,19 +639,14 @@ class FileDevice(Device):
             self._write_zeros(end, offset + length - end)
 
     def reserve_sync(self, offset: int, length: int) -> None:
+        # Written, not fallocate'd: an unwritten extent of ext4 is a hole to SEEK_DATA until
+        # written, and then still needs an extent conversion; zeros are plainly allocated.
         what = f"reserve at {offset}"
         self._check(what, offset, length)
         self._check_writable(what)
-        fallocate = _libc_fallocate()
-        if self.info.is_block or fallocate is None or length == 0:
+        if self.info.is_block or length == 0:
             return
-        if fallocate(self._fd, 0, offset, length) != 0:
-            code = ctypes.get_errno()
-            if code in HOST_SPACE_ERRNOS:
-                raise _os_error(self.path, what, OSError(code, os.strerror(code)))
-            # Not supported here (or refused): writes there may still need room later.
-            log.debug("%s: cannot preallocate %d bytes at %d: %s", self.path, length, offset,
-                      os.strerror(code))
+        self._write_zeros(offset, length)
 
     def host_room(self) -> int | None:
         if self.info.is_block or self._closed:
