@@ -31,6 +31,14 @@ class DeviceError(BlockspaceError):
     errno = errno.EIO
 
 
+class HostSpaceError(DeviceError):
+    """The host file system under an image (or a thin device's pool) has no room for a write
+    (ENOSPC, EDQUOT): a fault of the host, not of the disk. The write fails with ENOSPC and
+    the disk stays in service (README, "Disks and failures")."""
+
+    errno = errno.ENOSPC
+
+
 class Unrecoverable(BlockspaceError):
     """Data cannot be read: too many columns of a stripe are unavailable."""
 

@@ -18,6 +18,7 @@ from blockspace.admin.registry import Registry
 from blockspace.disks.devices import FileDevice, probe
 from blockspace.errors import FormatError, InvalidInput
 from blockspace.geometry.layouts import default_layout
+from blockspace.pool.label_copies import repair_label_copies
 from blockspace.pool.lease import LeaseOptions, lease_summary
 from blockspace.pool.pool import Pool, read_label
 
@@ -273,7 +274,8 @@ async def scrub(
         if volume is not None and volume not in volumes:
             raise InvalidInput(f"no volume {volume!r} in pool {name!r}")
         scrubber = Scrubber(lambda: volumes,
-                            lambda p: registry.save_scrub_state(name, p.to_state()))
+                            lambda p: registry.save_scrub_state(name, p.to_state()),
+                            check_labels=lambda: repair_label_copies(pool))
         scrubber.plan(volume, rate)
 
         async def on_slab() -> None:
@@ -308,7 +310,7 @@ def _tier_statuses(pool: Pool, registry: Registry, name: str, volume: str | None
 
 async def tier_status(registry: Registry, name: str, volume: str | None) -> list[Any]:
     """`tier status` of an unmounted pool, from the metadata and the heat last saved."""
-    async with opened_pool(registry, name) as pool:
+    async with opened_pool(registry, name) as pool:  # read-only: takes no lease
         return _tier_statuses(pool, registry, name, volume)
 
 

@@ -20,6 +20,7 @@ from blockspace.errors import BlockspaceError, DeviceError, FormatError, Invalid
 from blockspace.geometry.allocator import max_slabs
 from blockspace.geometry.layouts import KINDS, LayoutSpec, default_layout
 from blockspace.ondisk.label import MEDIA, compute_geometry
+from blockspace.pool.label_copies import repair_label_copies
 from blockspace.pool.lease import LeaseOptions, WriterLease
 from blockspace.pool.pool import Pool, read_label
 from blockspace.volume.concurrency import leaves
@@ -113,13 +114,16 @@ async def opened_pool(
     registry: Registry, name: str, *, writer: LeaseOptions | None = None
 ) -> AsyncIterator[Pool]:
     """Open a registered, unmounted pool for offline work: for writing (the writer lease
-    taken, see `opened_disks`) unless `writer` is None."""
+    taken, see `opened_disks`) unless `writer` is None; after a command that wrote, damaged
+    label copies are rewritten from the good ones, as at mount."""
     entry = registry.get(name)
     mount = registry.mount_info(name)
     if mount is not None:
         raise BlockspaceError(f"pool {name!r} is mounted at {mount.mountpoint} (pid {mount.pid})")
     async with opened_disks(entry.disks, entry.uuid, name, writer=writer) as pool:
         yield pool
+        if writer is not None:  # a command that changed the pool: as at mount
+            await repair_label_copies(pool)
 
 
 @asynccontextmanager
@@ -223,6 +227,7 @@ def pool_status(
     lease: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     free_map = pool.allocator.free_map()
+    pool.check_host_room()
     disks: list[dict[str, Any]] = []
     for disk_id, disk in sorted(pool.disks.items()):
         disk_record = disk.record
@@ -247,6 +252,7 @@ def pool_status(
                 "state_since": disk_record.state_since,
                 "data_extents": pool.extents_on(disk_id),
                 "errors": dict(disk.errors),
+                "host_full": pool.host_full.get(disk_id),
             }
         )
     volumes = []
@@ -289,4 +295,12 @@ def pool_status(
         "volumes": volumes,
         "scrub": scrub,
         "lease": lease,  # who writes the pool (blockspace/pool/lease.py summary), if known
+        "actions": [host_full_action(d["path"]) for d in disks if d["host_full"]],
     }
+
+
+def host_full_action(path: str) -> str:
+    """What `pool status` asks of the user while a disk's host file system is full."""
+    directory = os.path.dirname(os.path.abspath(path))
+    return (f"host file system under {path} is full: free space there ({directory}); "
+            "writes that need new space fail with ENOSPC until then")

@@ -102,6 +102,8 @@ def print_status(s: dict[str, Any]) -> None:
     lease_line = describe_lease(s.get("lease"))
     if lease_line:
         console.print(lease_line)
+    for action in s.get("actions", []):
+        console.print(f"action: {action}")
     rebuild = s.get("rebuild")
     if rebuild and rebuild.get("state") == "running":
         eta = rebuild.get("eta_seconds")

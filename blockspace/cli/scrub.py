@@ -94,6 +94,8 @@ def print_progress(p: dict[str, Any]) -> None:
     for item in report["unrecoverable"]:
         console.print(f"  unrecoverable: {item['volume']} bytes {item['offset']}"
                       f"+{item['length']}")
+    for line in report.get("labels_repaired", []):
+        console.print(f"  label repaired: {line}")
 
 
 def add_commands(commands: Any, common: Parser) -> None:

@@ -22,6 +22,9 @@ Every OS failure becomes a `DeviceError` ("<path>: read at <offset>: <strerror>"
 read-only one, are refused up front with the errno the OS would give (EBADF); out-of-range
 requests are refused before touching the disk, and they and short reads have os_errno None.
 The class attribute `DeviceError.errno` stays EIO: that is what the FUSE layer returns.
+ENOSPC and EDQUOT (the host file system under an image is full, or a quota) raise the
+subclass `HostSpaceError` (errno ENOSPC): a fault of the host, which the pool does not hold
+against the disk.
 
 Cancellation: a request that is still queued when its task is cancelled is withdrawn (it
 never runs and the task sees `trio.Cancelled`). Once a worker has started it, it cannot be
@@ -53,7 +56,7 @@ import trio
 
 from blockspace.disks import uring
 from blockspace.disks.locks import in_use_message
-from blockspace.errors import BlockspaceError, DeviceError, InvalidInput
+from blockspace.errors import BlockspaceError, DeviceError, HostSpaceError, InvalidInput
 from blockspace.latency import OpCounter
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,8 @@ _RING_RETRY_ERRNOS = frozenset({errno.EAGAIN, errno.EINVAL, errno.EOPNOTSUPP, er
 _RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if hasattr(os, "preadv") else None
 _NOWAIT_FLAG = _RWF_NOWAIT or 0  # only used where _RWF_NOWAIT is known to exist
 _IOV_MAX = 1024  # buffers one preadv takes (Linux UIO_MAXIOV)
+# errnos of a host file system (or quota) without room: HostSpaceError, not a disk failure
+HOST_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 # errnos meaning "this way of zeroing is not available here": fall back to writing zeros
 _ZERO_FALLBACK_ERRNOS = frozenset({errno.EOPNOTSUPP, errno.ENOTTY, errno.ENOSYS, errno.EINVAL})
 
@@ -191,7 +196,9 @@ class DeviceStats:
 
 
 def _os_error(path: str, what: str, exc: OSError) -> DeviceError:
-    err = DeviceError(f"{path}: {what}: {exc.strerror or os.strerror(exc.errno or 0) or exc}")
+    # No room on the host file system (or quota): the disk itself is fine.
+    kind = HostSpaceError if exc.errno in HOST_SPACE_ERRNOS else DeviceError
+    err = kind(f"{path}: {what}: {exc.strerror or os.strerror(exc.errno or 0) or exc}")
     err.os_errno = exc.errno  # type: ignore[attr-defined]
     return err
 
@@ -303,6 +310,17 @@ class Device(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the device; idempotent. Later I/O raises DeviceError."""
+
+    def host_room(self) -> int | None:
+        """Bytes the host file system under this device still has free; None where that is
+        not known (a block device, memory)."""
+        return None
+
+    def reserve_sync(self, offset: int, length: int) -> None:  # noqa: B027 - optional hook
+        """Zeros written over the range, so the host has allocated it and later writes there
+        need no new room (a sparse image's metadata area, before anything is put in it).
+        HostSpaceError if the host has no room; a no-op where the device need not (block
+        devices, memory)."""
 
     @property
     def closed(self) -> bool:
@@ -634,6 +652,25 @@ class FileDevice(Device):
             self._write_zeros(offset, start - offset)
         if end < offset + length:
             self._write_zeros(end, offset + length - end)
+
+    def reserve_sync(self, offset: int, length: int) -> None:
+        # Written, not fallocate'd: an unwritten extent of ext4 is a hole to SEEK_DATA until
+        # written, and then still needs an extent conversion; zeros are plainly allocated.
+        what = f"reserve at {offset}"
+        self._check(what, offset, length)
+        self._check_writable(what)
+        if self.info.is_block or length == 0:
+            return
+        self._write_zeros(offset, length)
+
+    def host_room(self) -> int | None:
+        if self.info.is_block or self._closed:
+            return None
+        try:
+            st = os.fstatvfs(self._fd)  # a local statfs: no I/O to wait for
+        except OSError:
+            return None
+        return st.f_bfree * st.f_frsize  # we write as root: the reserved blocks count
 
     def _check_writable(self, what: str) -> None:
         if not self.writable:

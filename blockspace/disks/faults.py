@@ -538,6 +538,12 @@ class FaultyDevice(Device):
         self._before("flush", "flush", 0, 0)
         self.inner.flush_sync()
 
+    def reserve_sync(self, offset: int, length: int) -> None:
+        self.inner.reserve_sync(offset, length)
+
+    def host_room(self) -> int | None:
+        return self.inner.host_room()
+
     def zero_sync(self, offset: int, length: int) -> None:
         what = f"zero at {offset}"
         self._check(what, offset, length)

@@ -55,6 +55,9 @@ LAYOUT_KEYS = ("kind", "columns", "copies", "parity", "interleave")
 MAX_COLUMNS = 1024  # only a sanity bound; the allocator needs width distinct disks
 MAX_VOLUME_SIZE = 1 << 60  # 1 EiB: thin volumes may exceed the pool, but not absurdly
 MAX_GENERATION = (1 << 63) - 1
+# A decoded map must leave room for this many commits before MAX_GENERATION: a crafted
+# generation near the top would make the first commit unwritable (issue 17 item 5).
+COMMIT_HEADROOM = 1 << 32
 MAX_PATH_HINT = 4096
 # Decompressed JSON may be at most this many times the raw slot (and never above 1 GiB).
 MAX_EXPANSION = 64
@@ -306,13 +309,15 @@ def _validate_disks(md: PoolMetadata) -> dict[int, DiskRecord]:
     return by_id
 
 
-def validate(md: PoolMetadata) -> None:
-    """Check every field and the cross-references of a map. Raises FormatError."""
+def validate(md: PoolMetadata, *, decoded: bool = False) -> None:
+    """Check every field and the cross-references of a map. Raises FormatError. A map
+    `decoded` from a disk must also leave room for commits after it."""
     if not isinstance(md, PoolMetadata):
         raise FormatError("not pool metadata")
     check_uuid("pool uuid", md.pool_uuid)
     _name("pool", md.name)
-    _int("pool metadata generation", md.generation, 0, MAX_GENERATION)
+    _int("pool metadata generation", md.generation, 0,
+         MAX_GENERATION - COMMIT_HEADROOM if decoded else MAX_GENERATION)
     slab_size = _int("pool slab size", md.slab_size, MIN_SLAB_SIZE, MAX_SLAB_SIZE)
     if not _power_of_two(slab_size):
         raise FormatError(f"pool slab size {slab_size} is not a power of two")
@@ -689,7 +694,7 @@ def _from_document(document: object) -> PoolMetadata:
         next_disk_id=top["next_disk_id"],
         opened_seq=top.get("opened_seq", 0),
     )
-    validate(md)
+    validate(md, decoded=True)
     for volume in md.volumes:
         volume.created = float(volume.created)
     return md

@@ -20,7 +20,14 @@ import trio
 
 from blockspace.disks.devices import Device, FileDevice
 from blockspace.disks.io_errors import io_error_line
-from blockspace.errors import BlockspaceError, DeviceError, FormatError, InvalidInput, NoSpace
+from blockspace.errors import (
+    BlockspaceError,
+    DeviceError,
+    FormatError,
+    HostSpaceError,
+    InvalidInput,
+    NoSpace,
+)
 from blockspace.geometry.allocator import Extent, ExtentAllocator
 from blockspace.geometry.erasure import (
     FRAGMENT_FORMAT,
@@ -78,6 +85,7 @@ DEFAULT_IO_TIMEOUT = 30.0
 # replace it.
 USABLE_STATES = ("online", "retiring", "resyncing", "failing")
 ALLOCATABLE_STATES = ("online", "resyncing", "failing")
+HOST_ROOM = 1 << 20  # free bytes on a host file system that end its "full" condition
 FAILING_CHECKSUM_ERRORS = 64  # bad blocks in one session that make a disk "failing"
 # Write sequence numbers are wall-clock nanoseconds: a session's writes are numbered above
 # its start less this much (a clock stepped back between sessions).
@@ -160,6 +168,15 @@ def error_kind(what: str) -> str:
     return "read" if "read" in what else "write"
 
 
+async def reserve_head(device: Device, geometry: DiskGeometry) -> None:
+    """Host room for the labels, metadata and intent slots of a sparse image, allocated at
+    once: commits and intent records then never need new room on the host, so a full host
+    file system cannot stop the pool from recording its state (README, "Disks and
+    failures"). HostSpaceError if there is not even that."""
+    await trio.to_thread.run_sync(device.reserve_sync, 0, geometry.data_start)
+    await trio.to_thread.run_sync(device.reserve_sync, geometry.backup_label_offset, LABEL_SIZE)
+
+
 def read_label(device: Device) -> DiskLabel | None:
     """The disk's label (primary, else backup); None if it carries no Blockspace label."""
     primary = device.read_sync(0, LABEL_SIZE)
@@ -193,6 +210,11 @@ class Pool:
         self.evacuating: set[int] = set()  # disks a running rebuild is emptying
         # Extents of a returning disk not resynced yet: treated as absent by all I/O.
         self.resyncing: set[Extent] = set()
+        # Disks whose host file system had no room for a write (ENOSPC/EDQUOT), and why:
+        # shown by `pool status` until a data write to the disk succeeds again. Not a fault
+        # of the disk: nothing is marked failed for it.
+        self.host_full: dict[int, str] = {}
+        self.host_space_errors = 0  # how many writes were refused so, ever (never decreases)
         self_test_once("xxh3")
         self.record_codecs()
 
@@ -257,6 +279,8 @@ class Pool:
         image = encode_metadata(metadata, meta_slot_size)
         for device in devices:
             make_private(device)
+        for device, geometry in zip(devices, geometries, strict=True):
+            await reserve_head(device, geometry)
         for disk, label in zip(disks.values(), labels, strict=True):
             assert disk.device is not None
             raw_label = encode_label(label)
@@ -325,6 +349,7 @@ class Pool:
                     stale.append(record.disk_id)
                 disks[record.disk_id] = PoolDisk(record, label.geometry, None, device.path)
                 continue
+            check_record(record, label, metadata, device.path)
             if record.state in USABLE_STATES:
                 reason = stale_reason(scan, newest, sealed)
                 if reason is not None:
@@ -427,10 +452,15 @@ class Pool:
                 if not failed:
                     self._unsaved_states -= saving
                     return
-                if len(failed) == len(targets):
+                broken = [(d, e) for d, e in failed if not isinstance(e, HostSpaceError)]
+                if len(broken) == len(targets):
                     raise DeviceError(f"pool metadata could not be written: {failed[0][1]}")
+                if not broken:
+                    # No room on a host file system: the disk is fine, but this generation
+                    # is not on every disk in service, so the change it holds is refused.
+                    raise HostSpaceError(f"pool metadata could not be written: {failed[0][1]}")
                 # Record the failed disks in a new generation on the survivors.
-                for disk_id, error in failed:
+                for disk_id, error in broken:
                     self._set_state(disk_id, "failed", str(error))
 
     async def _write_metadata(
@@ -444,6 +474,10 @@ class Pool:
 
         try:
             await self.disk_io(disk, "metadata write", write)
+            self.note_written(disk.record.disk_id)
+        except HostSpaceError as error:
+            self.note_host_full(disk.record.disk_id, error)
+            failed.append((disk.record.disk_id, error))
         except DeviceError as error:
             self.count_device_error(disk.record.disk_id, "write")
             failed.append((disk.record.disk_id, error))
@@ -470,6 +504,8 @@ class Pool:
             with trio.CancelScope(deadline=trio.current_time() + timeout, shield=shield) as scope:
                 try:
                     return await op(device)
+                except HostSpaceError:
+                    raise  # retrying cannot make room on the host
                 except DeviceError as error:
                     if attempt + 1 == attempts:
                         raise  # the caller counts the error it gives up on
@@ -491,6 +527,36 @@ class Pool:
                     await self.mark_failed(disk_id, reason)
                 raise DeviceError(f"disk {disk_id}: {reason}")
         raise AssertionError("unreachable")
+
+    def note_host_full(self, disk_id: int, error: HostSpaceError) -> None:
+        """A write to this disk found no room on its host file system: remembered for
+        `pool status` (and logged once), never counted against the disk."""
+        self.host_space_errors += 1
+        if disk_id not in self.host_full:
+            log.warning("disk %d (%s): the host file system under it is full, writes that "
+                        "need new space fail with ENOSPC: %s", disk_id,
+                        self.disks[disk_id].path, error)
+        self.host_full[disk_id] = str(error)
+
+    def note_written(self, disk_id: int) -> None:
+        """A write to this disk succeeded: if its host was full, it has room again, unless
+        the host says otherwise (an overwrite of allocated blocks needs no room)."""
+        if self.host_full and disk_id in self.host_full:
+            device = self.disks[disk_id].device
+            room = device.host_room() if device is not None else None
+            if room is None or room >= HOST_ROOM:
+                del self.host_full[disk_id]
+                log.info("disk %d (%s): writes succeed again, the host file system has room",
+                         disk_id, self.disks[disk_id].path)
+
+    def check_host_room(self) -> None:
+        """Forget the full-host condition of disks whose host has room again (`pool
+        status`: the condition is shown while it lasts)."""
+        for disk_id in list(self.host_full):
+            device = self.disks[disk_id].device
+            room = device.host_room() if device is not None else None
+            if room is not None and room >= HOST_ROOM:
+                self.note_written(disk_id)
 
     def count_device_error(self, disk_id: int, kind: str) -> None:
         """One more failed device request of `kind` ("read" or "write") on this disk, as
@@ -557,15 +623,25 @@ class Pool:
 
             try:
                 await self.disk_io(disk, "write-intent write", write)
+                self.note_written(disk.record.disk_id)
+            except HostSpaceError as error:
+                self.note_host_full(disk.record.disk_id, error)
+                failed.append((disk.record.disk_id, error))
             except DeviceError as error:
                 self.count_device_error(disk.record.disk_id, "write")
                 failed.append((disk.record.disk_id, error))
 
         await run_all([bind(write_one, disk) for disk in targets])
         if len(failed) == len(targets):
-            raise DeviceError("the write-intent log could not be written to any disk")
+            raise failed[0][1] if all(isinstance(e, HostSpaceError) for _, e in failed) \
+                else DeviceError("the write-intent log could not be written to any disk")
+        full = [error for _, error in failed if isinstance(error, HostSpaceError)]
         for disk_id, error in failed:
-            await self.mark_failed(disk_id, str(error))
+            if not isinstance(error, HostSpaceError):
+                await self.mark_failed(disk_id, str(error))
+        if full:
+            # The disk is fine, but the record is not on it: the write that needs it fails.
+            raise HostSpaceError(f"the write-intent log could not be written: {full[0]}")
 
     def _set_state(self, disk_id: int, state: str, reason: str) -> None:
         disk = self.disks[disk_id]
@@ -617,6 +693,7 @@ class Pool:
         make_private(device)
         # No stale metadata or intent record of an earlier life may be read back from it.
         await device.zero(0, geometry.data_start)
+        await reserve_head(device, geometry)
         disk = PoolDisk(record, geometry, device, device.path)
         self.disks[disk_id] = disk
         self.metadata.disks.append(record)
@@ -788,6 +865,9 @@ class Pool:
 
             try:
                 await self.disk_io(disk, "zeroing of a new extent", op)
+            except HostSpaceError as error:  # the slab is not placed: the write gets ENOSPC
+                self.note_host_full(disk_id, error)
+                raise
             except DeviceError as error:
                 self.count_device_error(disk_id, "write")
                 await self.mark_failed(disk_id, str(error))
@@ -1004,7 +1084,7 @@ class Pool:
 
         try:
             await self.disk_io(disk, "flush", flush)
-        except DeviceError as error:
+        except DeviceError as error:  # ENOSPC here too: writes it took may be lost
             self.count_device_error(disk.record.disk_id, "write")
             # The disk leaves service durably before this flush may report success, even
             # if another task marked it first: if no disk can take that record any more,
@@ -1074,6 +1154,31 @@ def _scan_slots(
     for problem in problems:
         log.info("ignored metadata copy: %s", problem)
     return best, scans
+
+
+def check_record(record: DiskRecord, label: DiskLabel, metadata: PoolMetadata, path: str) -> None:
+    """The metadata's record of a disk must say what the disk's own label says: a map
+    that places extents past a disk's end, or metadata slots of another size (crafted, or
+    of another pool's history), is refused with one line rather than trusted."""
+    geometry = label.geometry
+    found = [
+        (what, mine, theirs)
+        for what, mine, theirs in (
+            ("disk id", record.disk_id, label.disk_id),
+            ("size", record.size, geometry.disk_size),
+            ("extent count", record.extent_count, geometry.extent_count),
+            ("slab size", metadata.slab_size, geometry.slab_size),
+            ("metadata slot size", metadata.meta_slot_size, geometry.meta_slot_size),
+        )
+        if mine != theirs
+    ]
+    if found:
+        what, mine, theirs = found[0]
+        raise FormatError(
+            f"{path}: the pool metadata (generation {metadata.generation}) gives disk "
+            f"{record.disk_id} {what} {mine}, its label {theirs}: the metadata is damaged "
+            "or crafted; not opened"
+        )
 
 
 def _check_identities(members: list[tuple[Device, DiskLabel]]) -> None:

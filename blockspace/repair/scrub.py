@@ -38,6 +38,7 @@ class ScrubReport:
     mismatches: int = 0  # copies that differ / parity that does not match its data
     repaired_blocks: int = 0
     unrecoverable: list[tuple[str, int, int]] = field(default_factory=list)  # volume, start, len
+    labels_repaired: list[str] = field(default_factory=list)  # a label copy rewritten, per disk
 
     def add(self, other: "ScrubReport") -> None:
         self.bytes_checked += other.bytes_checked
@@ -46,6 +47,7 @@ class ScrubReport:
         self.mismatches += other.mismatches
         self.repaired_blocks += other.repaired_blocks
         self.unrecoverable.extend(other.unrecoverable)
+        self.labels_repaired.extend(other.labels_repaired)
 
     def add_check(self, volume: "Volume", slab: int, check: Check) -> None:
         """What a check of one chunk of `slab` found; its unrecoverable extent ranges as
@@ -170,6 +172,7 @@ class ScrubProgress:
                 (str(u["volume"]), int(u["offset"]), int(u["length"]))
                 for u in report_data.get("unrecoverable", [])
             ],
+            labels_repaired=[str(line) for line in report_data.get("labels_repaired", [])],
         )
         return cls(
             state=str(data.get("state", "idle")),
@@ -196,8 +199,11 @@ class Scrubber:
     def __init__(
         self, volumes: Callable[[], dict[str, "Volume"]], save: Save,
         progress: ScrubProgress | None = None,
+        *, check_labels: Callable[[], Awaitable[list[str]]] | None = None,
     ) -> None:
         self._volumes = volumes
+        # Rewrites damaged label copies (pool/label_copies.py), once per run, reported.
+        self._check_labels = check_labels
         self._save = save
         self.progress = progress or ScrubProgress()
         self._resume = trio.Event()
@@ -248,6 +254,8 @@ class Scrubber:
         progress = self.progress
         with trio.CancelScope() as scope:
             self._cancel_scope = scope
+            if self._check_labels is not None and progress.state == "running":
+                progress.report.labels_repaired.extend(await self._check_labels())
             last_save = time.monotonic()
             while progress.cursor and progress.state in ("running", "paused"):
                 if progress.state == "paused":

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 from blockspace.disks.devices import Device
 from blockspace.errors import BlockspaceError
+from blockspace.pool.label_copies import repair_label_copies
 from blockspace.pool.pool import Pool
 from blockspace.volume.volume import Volume
 
@@ -24,7 +25,8 @@ async def bring_up(
 ) -> tuple[Pool, dict[str, Volume]]:
     """Open the pool on `devices`, take it for writing with `claim` (the daemon's writer
     lease, blockspace/pool/lease.py: before anything is written), record its absent disks
-    as missing, start the write-intent log (which learns the regions an unclean stop left
+    as missing, rewrite damaged label copies from the good ones (`label_copies.py`), start
+    the write-intent log (which learns the regions an unclean stop left
     dirty) and build its plain volumes, by name; each picks up its dirty regions for
     `resync_dirty_regions`.
     Tiered volumes are served on top of their (hidden) tier volumes, by the tier service.
@@ -35,6 +37,7 @@ async def bring_up(
     if claim is not None:
         await claim(pool)
     await pool.note_missing_disks()
+    await repair_label_copies(pool)  # a damaged label copy, rewritten from the good one
     await pool.enable_intent_log()
     volumes = {v.name: Volume(pool, v) for v in pool.metadata.volumes if v.tiers is None}
     return pool, volumes

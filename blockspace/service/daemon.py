@@ -24,6 +24,7 @@ from blockspace.disks.faults import FaultyDevice
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.events.hooks import hooks_dir
 from blockspace.geometry.layouts import default_layout
+from blockspace.pool.label_copies import repair_label_copies
 from blockspace.pool.lease import LeaseOptions, WriterLease
 from blockspace.pool.pool import Pool
 from blockspace.repair.rebuild import check_rate
@@ -78,6 +79,7 @@ class Daemon:
         self.scrubber = Scrubber(
             lambda: self.volumes, self._save_scrub,
             ScrubProgress.from_state(saved) if saved else None,
+            check_labels=self._check_labels,
         )
         self._nursery: trio.Nursery | None = None
         self.disks: DiskManager | None = None
@@ -247,6 +249,9 @@ class Daemon:
         if op == "rebuild_status":
             return manager.rebuilder.progress.to_dict()
         raise InvalidInput(f"unknown request {op!r}")
+
+    async def _check_labels(self) -> list[str]:
+        return await repair_label_copies(self.pool) if self.pool is not None else []
 
     def _save_scrub(self, progress: ScrubProgress) -> None:
         self.registry.save_scrub_state(self.options.pool, progress.to_state())

@@ -19,7 +19,7 @@ import trio
 from blockspace.disks import uring
 from blockspace.disks.devices import Device
 from blockspace.disks.io_errors import io_error_line
-from blockspace.errors import DeviceError, SlabUnmapped
+from blockspace.errors import DeviceError, HostSpaceError, SlabUnmapped
 from blockspace.geometry.layouts import ExtentWrite
 from blockspace.ondisk.checksums import ENTRY_SIZE, bad_blocks, block_runs, entries_for
 from blockspace.ondisk.metadata import VolumeRecord
@@ -199,11 +199,13 @@ class ExtentIO:
     async def write_verified(
         self, extents: Extents, position: int, start: int, data: bytes | memoryview,
         *, seq: int = 0, entries: bytes | None = None, catching_up: bool = False,
+        host_full: list[HostSpaceError] | None = None,
     ) -> bool:
         """Write whole blocks and their checksum entries (computed for write `seq`, or the
         given ones when copying); False if the disk is out (a failed write takes the disk
-        out of service, durably, before returning). `catching_up`: also to a returning
-        disk's extent that awaits its catch-up."""
+        out of service, durably, before returning) or its host file system had no room
+        (the disk stays in service; the error is added to `host_full`). `catching_up`:
+        also to a returning disk's extent that awaits its catch-up."""
         disk_id, extent = extents[position]
         device = self.pool.extent_device(disk_id, extent, resync=catching_up)
         if device is None:
@@ -223,7 +225,11 @@ class ExtentIO:
                                                     data=(offset, data)),
                 device=device, attempts=IO_ATTEMPTS, shield=True, fail_on_timeout=True,
                 offset=offset, length=len(data))
-            return True
+        except HostSpaceError as error:
+            self.pool.note_host_full(disk_id, error)
+            if host_full is not None:
+                host_full.append(error)
+            return False
         except DeviceError as error:
             log.error("%s; the disk is taken out of service",
                       io_error_line(disk_id, f"write (extent {extent})", offset, len(data),
@@ -231,6 +237,8 @@ class ExtentIO:
             self.pool.count_device_error(disk_id, "write")
             await self.pool.mark_failed(disk_id, str(error))
             return False
+        self.pool.note_written(disk_id)
+        return True
 
     async def write_runs(
         self, extents: Extents, position: int, start: int, blocks: list[int],
@@ -255,7 +263,11 @@ class ExtentIO:
         `seq`, all at once; True where written (False: the disk is out, or was just taken
         out). Writes to disks that take io_uring go out in one submission with one wait;
         the others, and any that did not complete cleanly that way, go through
-        `write_verified` (retries; a real error fails the disk)."""
+        `write_verified` (retries; a real error fails the disk).
+
+        HostSpaceError once all are done if a disk still in service had no room on its
+        host file system for its part: the write is not on every copy, so it is not
+        acknowledged (the caller marks its regions for resync, see Volume)."""
         written = [False] * len(writes)
         careful: list[int] = []
         staged: list[Staged] = []
@@ -281,12 +293,17 @@ class ExtentIO:
         if staged:
             careful += await self._run_batch(staged, written)
 
+        host_full: list[HostSpaceError] = []
+
         async def write_one(index: int) -> None:
             position, offset, payload = writes[index]
             written[index] = await self.write_verified(
-                extents, position, offset, payload, entries=entries_of[id(payload)])
+                extents, position, offset, payload, entries=entries_of[id(payload)],
+                host_full=host_full)
 
         await run_all([bind(write_one, index) for index in careful])
+        if host_full:
+            raise HostSpaceError(f"volume {self.name!r}: {host_full[0]}")
         return written
 
     async def _run_batch(self, staged: list[Staged], written: list[bool]) -> list[int]:
@@ -315,6 +332,7 @@ class ExtentIO:
                         disk_id, f"no answer to a write within {timeout:g}s")
             elif uring.check(results, [view.nbytes for _, view in chain.pieces]) is None:
                 device.ring_written(chain)
+                self.pool.note_written(disk_id)
                 written[index] = True
             else:  # failed or short: the careful path retries, and fails the disk if it must
                 redo.append(index)

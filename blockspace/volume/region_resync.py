@@ -16,6 +16,12 @@ either the old or the new contents of an unacknowledged write, never garbage, so
 Each kind's rule is its `Redundancy.make_consistent` (mirror.py, parity.py); this module
 keeps the account of what is still dirty and resyncs a region under its row locks.
 
+A write that found no room on a host file system for some of its copies (`HostSpaceError`)
+leaves its regions in the same state; `defer` puts them back here and keeps them dirty in
+the log, so they are resynced before the next I/O into them (or at the next mount). A resync
+that itself finds no room leaves the region pending, and is not tried again while a host
+is still full.
+
 The cost of trusting data inside a dirty region: a block that also rotted on the disk in
 that same region is accepted. Outside dirty regions, checksums keep their full force.
 """
@@ -56,6 +62,16 @@ class RegionResync:
         # Write-intent regions, in extent bytes: a whole number of rows.
         self.region_size = region_size(spec.interleave)
         self.pending: set[Region] = {(s, r) for k, s, r in self.pool.recovering if k == key}
+        self.blocked: set[Region] = set()  # pending, last resync cut short by a full host
+
+    def defer(self, slab: int, regions: set[int]) -> None:
+        """Regions a write left half done for want of host space: resynced like an unclean
+        stop's, kept dirty in the write-intent log (and recorded at a clean stop) till then."""
+        keys = {(self.key, slab, region) for region in regions}
+        self.pending.update((slab, region) for region in regions)
+        self.pool.recovering.update(keys)
+        if self.pool.intent is not None:
+            self.pool.intent.hold(keys)
 
     def regions(self, slab: int, start: int, end: int) -> set[int]:
         """Intent regions a range [start, end) of a slab's volume data touches."""
@@ -77,11 +93,18 @@ class RegionResync:
                 return  # another task got here first
             extents = self.io.record.slabs.get(slab)
             if extents is not None:
+                refused = self.pool.host_space_errors
                 blocks = await self.redundancy.make_consistent(extents, start, end)
+                if self.pool.host_space_errors != refused:  # not every copy rewritten
+                    self.blocked.add((slab, region))
+                    log.warning("volume %s: slab %d region %d not resynced yet: a host file "
+                                "system is full", self.io.name, slab, region)
+                    return
                 if blocks:
                     log.info("volume %s: resynced slab %d region %d (%d blocks rewritten)",
                              self.io.name, slab, region, blocks)
             self.pending.discard((slab, region))
+            self.blocked.discard((slab, region))
             key = (self.key, slab, region)
             self.pool.recovering.discard(key)
             if self.pool.intent is not None:
@@ -92,5 +115,7 @@ class RegionResync:
         ever read or used for a parity read-modify-write."""
         if self.pending:
             for region in self.regions(slab, start, end):
+                if (slab, region) in self.blocked and self.pool.host_full:
+                    continue  # no room yet: the I/O goes on (reads take the newest copy)
                 if (slab, region) in self.pending:
                     await self.resync_region(slab, region)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import trio
 
-from blockspace.errors import InvalidInput, SlabUnmapped
+from blockspace.errors import HostSpaceError, InvalidInput, SlabUnmapped
 from blockspace.geometry.erasure import ErasureCodec
 from blockspace.geometry.layouts import LayoutSpec, Piece, split
 from blockspace.ondisk.metadata import VolumeRecord
@@ -245,16 +245,21 @@ class Volume:
         end = offset + len(data)
         start, aligned_end = align_down(offset), align_up(end)
         await self.region_resync.before_io(slab, start, aligned_end)
+        regions = self.region_resync.regions(slab, start, aligned_end)
         intent = self.pool.intent
-        if intent is None:
-            return await self._write_locked(slab, offset, data)
-        keys = {(self.key, slab, region)
-                for region in self.region_resync.regions(slab, start, aligned_end)}
-        await intent.begin(keys)
+        keys = {(self.key, slab, region) for region in regions}
+        if intent is not None:
+            await intent.begin(keys)
         try:
             return await self._write_locked(slab, offset, data)
+        except HostSpaceError:
+            # Some copies (columns) may hold the new data and others not: the state an
+            # unclean stop leaves, resynced the same way (and kept dirty until then).
+            self.region_resync.defer(slab, regions)
+            raise
         finally:
-            intent.end(keys)
+            if intent is not None:
+                intent.end(keys)
 
     async def _write_locked(self, slab: int, offset: int, data: memoryview) -> bool:
         end = offset + len(data)

@@ -16,6 +16,7 @@ from uring_support import small_tmpfs as small_tmpfs_at
 
 from blockspace.disks import uring
 from blockspace.disks.devices import FileDevice, open_device
+from blockspace.errors import HostSpaceError
 from blockspace.geometry.layouts import LayoutSpec
 from blockspace.pool.pool import Pool
 from blockspace.volume.volume import Volume
@@ -91,23 +92,35 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield where
 
 
-def test_a_copy_whose_disk_fills_up_fails_that_disk_and_the_mirror_write_still_lands(
+def test_a_copy_whose_host_fills_up_fails_the_write_with_enospc_not_the_disk(
     tmp_path: Path, small_tmpfs: Path
 ) -> None:
-    """The batch's chain for the full disk comes back short (ENOSPC); the careful path
-    retries it, fails the disk, and the write is acknowledged on the other copy."""
+    """The batch's chain for the image on a full tmpfs comes back short (ENOSPC); the careful
+    path retries it and gets ENOSPC again: a full host is not a dead disk (issue 17), so the
+    write fails with ENOSPC (it is not on every copy) and the disk stays in service."""
     paths = images([tmp_path, small_tmpfs])
 
     async def main() -> None:
         pool, volume, _ = await make(paths, LayoutSpec("mirror", 1, copies=2))
         data = os.urandom(4 * MiB)  # more than the 3 MiB tmpfs holds
+        acknowledged = 0
+        refused: HostSpaceError | None = None
         for offset in range(0, len(data), MiB):
-            await volume.write(offset, data[offset : offset + MiB])
+            try:
+                await volume.write(offset, data[offset : offset + MiB])
+            except HostSpaceError as error:
+                refused = error
+                break
+            acknowledged = offset + MiB
+        assert refused is not None
+        assert refused.errno == errno.ENOSPC
+        assert acknowledged >= MiB
         full = pool.disks[1]
-        assert full.record.state == "failed"
-        assert full.errors["write"] >= 1
+        assert full.record.state == "online"
+        assert full.errors["write"] == 0
+        assert 1 in pool.host_full
         assert pool.disks[0].record.state == "online"
-        assert await volume.read(0, len(data)) == data
+        assert await volume.read(0, acknowledged) == data[:acknowledged]
 
     trio.run(main)
 

@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from blockspace.errors import FormatError, NoSpace
 from blockspace.ondisk.label import LABEL_SIZE, MEDIA, compute_geometry
 from blockspace.ondisk.metadata import (
+    COMMIT_HEADROOM,
+    MAX_GENERATION,
     META_HEADER_SIZE,
     META_MAGIC,
     META_VERSION,
@@ -301,7 +303,8 @@ def pools(draw: st.DrawFn) -> PoolMetadata:
     return PoolMetadata(
         pool_uuid=str(draw(st.uuids())),
         name=draw(names),
-        generation=draw(st.integers(0, (1 << 63) - 1)),
+        # A decoded map leaves room for commits (COMMIT_HEADROOM): the top is refused.
+        generation=draw(st.integers(0, MAX_GENERATION - COMMIT_HEADROOM)),
         slab_size=slab_size,
         meta_slot_size=slot,
         disks=disks,
