@@ -167,28 +167,18 @@ class Mirror:
                 choice.entries)
         return written
 
-    async def count_failed(
-        self, extents: Extents, merge: Merge, *, warn: bool, behind: bool = True
-    ) -> None:
-        """Blocks that failed their checksum count against their disks; with `behind`, so
-        do blocks of a copy behind the chosen one (zeroed, or a lost write): damage in
-        service, though not in a returning disk's catch-up, where it is what it missed."""
-        counts = dict(merge.choice.failed)
-        if behind:
-            for position, count in merge.choice.behind.items():
-                counts[position] = counts.get(position, 0) + count
-        for position, count in sorted(counts.items()):
+    async def count_failed(self, extents: Extents, merge: Merge, *, warn: bool) -> None:
+        """Blocks that failed their checksum count against their disks."""
+        for position, count in merge.choice.failed.items():
             disk_id, extent = extents[position]
             if warn:
-                log.warning("checksum mismatch on disk %d, extent %d: %d blocks (%d failing, "
-                            "%d behind the other copies)", disk_id, extent, count,
-                            merge.choice.failed.get(position, 0),
-                            count - merge.choice.failed.get(position, 0))
+                log.warning("checksum mismatch on disk %d, extent %d: %d blocks", disk_id,
+                            extent, count)
             await self.pool.count_checksum_errors(disk_id, count)
 
     async def merge_copies(
         self, slab: int, extents: Extents, column: int, start: int, end: int,
-        *, repair: bool = True, count_behind: bool = True,
+        *, repair: bool = True,
     ) -> tuple[bytes, bytes, Choice]:
         """A read's self-heal: compare every copy of a column range block by block, take
         the newest that verifies, and (with `repair`) rewrite the others. Caller holds the
@@ -200,7 +190,7 @@ class Mirror:
                 f"{start}"
             )
         choice = merge.choice
-        await self.count_failed(extents, merge, warn=True, behind=count_behind)
+        await self.count_failed(extents, merge, warn=True)
         merge.rewrite_unreadable()
         if choice.unrecoverable:
             first = start + choice.unrecoverable[0] * BLOCK
@@ -240,7 +230,7 @@ class Mirror:
             choice = merge.choice
             found.blocks_checked += blocks * len(merge.copies)
             found.bytes_checked += (end - start) * len(merge.copies)
-            found.checksum_errors += choice.checksum_errors + choice.lost
+            found.checksum_errors += choice.checksum_errors
             found.mismatches += choice.mismatches + choice.stale
             await self.count_failed(extents, merge, warn=False)
             for index in choice.unrecoverable:
@@ -293,7 +283,6 @@ class Mirror:
                                   "catching up")
             if len(set(entries.values())) == 1:
                 continue  # every copy carries the same writes
-            _, _, choice = await self.merge_copies(slab, extents, column, start, end,
-                                                   count_behind=False)
+            _, _, choice = await self.merge_copies(slab, extents, column, start, end)
             rewritten += len(choice.repairs.get(position, ())) * CSUM_BLOCK
         return rewritten
