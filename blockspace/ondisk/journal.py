@@ -405,3 +405,40 @@ def min_slot_size(disk_sizes: Sequence[int], slab_size: int, path_bytes: int) ->
     the journal stays a constant per commit."""
     state = max_state_size(disk_sizes, slab_size, path_bytes)
     return align_up(META_HEADER_SIZE + state + max(MIN_JOURNAL, state // 4), 64 << 10)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading a slot image held in memory (tools, tests)
+
+
+def bytes_reader(raw: bytes) -> Reader:
+    """A Reader over a slot image held in memory."""
+
+    def read(offset: int, length: int) -> bytes:
+        return bytes(raw[offset : offset + length])
+
+    return read
+
+
+def decode_slot(raw: bytes, pool_uuid: str) -> PoolMetadata:
+    """The newest state of one whole slot image (either format). FormatError if none."""
+    read = bytes_reader(raw)
+    return replay(read, index_slot(read, len(raw), pool_uuid), len(raw), pool_uuid)
+
+
+def mapped_in_write(data: bytes, pool_uuid: str, slot_size: int) -> dict[str, dict[int, Any]]:
+    """What one metadata write (a checkpoint or a record, as it went to a device) maps:
+    volume name -> slab index -> extents. {} for a seal record."""
+    if data[:8] == RECORD_MAGIC:
+        header = RECORD_HEADER.unpack_from(data)
+        generation, length, flags = header[3], header[5], header[2]
+        if flags == FLAG_SEAL:
+            return {}
+        body = decode_record(bytes(data[RECORD_HEADER_SIZE : RECORD_HEADER_SIZE + length]),
+                             generation, slot_size, pool_uuid)
+        names = {v.uuid: v.name for v in body.state.volumes}
+        return {names[u]: dict(mapped) for u, (mapped, _) in body.slabs.items()}
+    read = bytes_reader(data)
+    md = decode_checkpoint(read, read_checkpoint(read, slot_size, pool_uuid), slot_size,
+                           pool_uuid)
+    return {v.name: dict(v.slabs) for v in md.volumes}

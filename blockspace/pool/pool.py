@@ -469,6 +469,8 @@ class Pool:
             try:
                 record = b""
                 ids = {d.record.disk_id for d in targets}
+                # A disk out of service misses records: back, it needs a checkpoint first.
+                journal.disks &= ids
                 if journal.version == 2 and not journal.force_checkpoint and ids <= journal.disks:
                     record = encode_record(self.metadata, journal.base, slabs, units)
                     if journal.tail + len(record) + reserve > slot_size:
