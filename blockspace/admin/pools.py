@@ -16,7 +16,7 @@ from blockspace.errors import BlockspaceError, DeviceError, FormatError, Invalid
 from blockspace.geometry.allocator import max_slabs
 from blockspace.geometry.layouts import KINDS, LayoutSpec, default_layout
 from blockspace.ondisk.label import MEDIA, compute_geometry
-from blockspace.pool.pool import Pool, read_label
+from blockspace.pool.pool import Pool, read_label, required_slot_size
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,9 @@ def pool_status(
         health = "degraded"
     else:
         health = "online"
+    metadata = metadata_status(pool)
+    if metadata["error"] and health == "online":
+        health = "degraded"  # changes may not be recordable: not a healthy pool
     return {
         "name": pool.name,
         "uuid": pool.uuid,
@@ -229,4 +232,21 @@ def pool_status(
         "disks": disks,
         "volumes": volumes,
         "scrub": scrub,
+        "metadata": metadata,
     }
+
+
+def metadata_status(pool: Pool) -> dict[str, Any]:
+    """The metadata area: its format, size, what the pool's capacity may need, and the
+    error of the last commit if it failed (a change, or a disk failure, not recorded)."""
+    needed = required_slot_size([d.record.size for d in pool.disks.values()], pool.slab_size,
+                                [d.record.path_hint for d in pool.disks.values()])
+    size = pool.metadata.meta_slot_size
+    warning = ""
+    if size < needed:
+        warning = (f"the metadata area ({size} bytes) is smaller than the {needed} bytes the "
+                   "pool's full map may need: allocation can fail with ENOSPC before the "
+                   "disks are full")
+    return {"format": pool.journal.version, "slot_size": size, "needed": needed,
+            "generation": pool.metadata.generation, "error": pool.metadata_error,
+            "warning": warning}

@@ -92,6 +92,10 @@ def print_status(s: dict[str, Any]) -> None:
             since = d.get("state_since") or 0
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if since else "?"
             console.print(f"disk {d['id']} {d['state']} since {when}: {d['state_reason']}")
+    metadata = s.get("metadata") or {}
+    for problem in (metadata.get("error"), metadata.get("warning")):
+        if problem:
+            console.print(f"metadata: {problem}")
     rebuild = s.get("rebuild")
     if rebuild and rebuild.get("state") == "running":
         eta = rebuild.get("eta_seconds")
