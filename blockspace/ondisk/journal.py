@@ -29,6 +29,7 @@ value is a crafted or corrupt slot: FormatError, one line. Pure code: `Reader` d
 
 from __future__ import annotations
 
+import json
 import struct
 import uuid
 import zlib
@@ -87,7 +88,7 @@ def encode_checkpoint(md: PoolMetadata, slot_size: int) -> bytes:
         validate(md)
     except FormatError as exc:
         raise ValueError(f"refusing to write invalid pool metadata: {exc}") from None
-    document = compact_json(metadata_document(md))
+    document = _document_in_pieces(md)
     payload = zlib.compress(document, COMPRESSION)
     total = align_up(META_HEADER_SIZE + len(payload), BLOCK)
     if total > slot_size:
@@ -99,6 +100,37 @@ def encode_checkpoint(md: PoolMetadata, slot_size: int) -> bytes:
     header = META_HEADER.pack(META_MAGIC, FORMAT_VERSION, 0, md.generation, len(payload),
                               xxhash.xxh3_64_intdigest(payload), uuid.UUID(md.pool_uuid).bytes)
     return (header + payload).ljust(total, b"\0")
+
+
+ROWS_PER_PIECE = 2048
+
+
+def _rows_json(rows: list[Any]) -> str:
+    pieces = (json.dumps(rows[i : i + ROWS_PER_PIECE], separators=(",", ":"))[1:-1]
+              for i in range(0, len(rows), ROWS_PER_PIECE))
+    return "[" + ",".join(piece for piece in pieces if piece) + "]"
+
+
+def _document_in_pieces(md: PoolMetadata) -> bytes:
+    """`compact_json(metadata_document(md))`, but the maps encoded a few thousand rows per
+    json.dumps call: a single call over a map of 500k slabs holds the GIL for its whole
+    length, which would stall the trio thread however the work is threaded."""
+    document = metadata_document(md, maps=False)
+    maps: dict[str, str] = {}
+    for i, (entry, volume) in enumerate(zip(document["volumes"], md.volumes, strict=True)):
+        # A token no JSON string of the document can hold: names and paths have no
+        # control characters.
+        token = f"\\u0001slabs{i}"
+        entry["slabs"] = f"\x01slabs{i}"
+        maps[token] = _rows_json(slab_rows(volume.slabs, sorted(volume.slabs)))
+        if volume.tiers is not None:
+            flat = tier_rows(volume.tiers.map, sorted(volume.tiers.map))
+            entry["tiers"]["map"] = f"\x01tiers{i}"
+            maps[f"\\u0001tiers{i}"] = _rows_json(flat)
+    text = compact_json(document).decode("utf-8")
+    for token, encoded in maps.items():
+        text = text.replace(f'"{token}"', encoded, 1)
+    return text.encode("utf-8")
 
 
 @dataclass(frozen=True)

@@ -319,3 +319,24 @@ def test_the_slot_bound_holds_a_full_map_of_single_extent_slabs() -> None:
     document = json.dumps(metadata_document(md), separators=(",", ":"))
     assert len(document) <= bound
     assert min_slot_size(sizes, md.slab_size, paths) >= bound + (16 << 10)
+
+
+def test_a_checkpoint_encodes_the_version_1_document_in_pieces() -> None:
+    """The maps are encoded a few thousand rows per call (the GIL is let go between them):
+    the document is still exactly the version-1 one, tier maps included, and replays."""
+    from blockspace.ondisk import journal
+    from tests.unit.test_tier_metadata import tiered_sample
+
+    md = tiered_sample()
+    big = md.volume("media.v2")
+    big.slabs.clear()
+    for i in range(5000):  # more rows than one piece
+        big.slabs[i] = [(0, 0), (1, 0), (2, 0), (3, 0)]  # shape only: not validated here
+    expected = json.dumps(metadata_document(md), sort_keys=True, separators=(",", ":"))
+    assert journal._document_in_pieces(md) == expected.encode()  # noqa: SLF001
+    md = tiered_sample()
+    md.volume("fast").tiers.map[7] = (1, True)  # type: ignore[union-attr]
+    slot = Slot(md)
+    decoded = slot.decode()
+    assert decoded.volume("fast").tiers == md.volume("fast").tiers
+    assert same(decoded, md)
