@@ -5,6 +5,7 @@ validating new disks, and the status report (a plain dict, the same for tables a
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -132,6 +133,10 @@ async def opened_disks(paths: Sequence[str], pool_uuid: str, name: str) -> Async
 
 
 def volume_state(pool: Pool, spec: LayoutSpec, slabs: dict[int, list[tuple[int, int]]]) -> str:
+    # Only extents on a disk out of service, or awaiting resync, can be absent: with every
+    # disk in service and nothing resyncing there is nothing to look at (status at 500k slabs).
+    if all(disk.usable for disk in pool.disks.values()) and not pool.resyncing:
+        return "online"
     worst = 0
     for extents in slabs.values():
         lost = sum(pool.extent_device(*extent) is None for extent in extents)
@@ -165,6 +170,8 @@ def pool_status(
     pool: Pool, mountpoint: str | None = None, scrub: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     free_map = pool.allocator.free_map()
+    on_disk = Counter(d for volume in pool.metadata.volumes for extents in volume.slabs.values()
+                      for d, _ in extents)
     disks: list[dict[str, Any]] = []
     for disk_id, disk in sorted(pool.disks.items()):
         disk_record = disk.record
@@ -187,7 +194,7 @@ def pool_status(
                 "state": state,
                 "state_reason": disk_record.state_reason,
                 "state_since": disk_record.state_since,
-                "data_extents": pool.extents_on(disk_id),
+                "data_extents": on_disk[disk_id],
                 "errors": dict(disk.errors),
             }
         )

@@ -720,20 +720,24 @@ def _list(what: str, obj: object) -> list[Any]:
     return obj
 
 
+_INTS = frozenset({int})
+
+
 def _slab_map(where: str, rows: object) -> dict[int, list[tuple[int, int]]]:
-    slabs: dict[int, list[tuple[int, int]]] = TrackedMap()
-    previous: int | None = None
+    slabs: dict[int, list[tuple[int, int]]] = {}
+    previous = -1
     for row in _list(f"{where} slabs", rows):
-        if not isinstance(row, list) or len(row) < 3 or len(row) % 2 != 1:
+        # C-level checks: mount decodes every row of a big map through here.
+        if type(row) is not list or len(row) < 3 or not len(row) & 1:
             raise FormatError(f"{where} slab entry is not [index, disk, extent, ...]")
-        if any(type(n) is not int for n in row):
+        if set(map(type, row)) != _INTS:
             raise FormatError(f"{where} slab entry holds a non-integer")
         index = row[0]
-        if previous is not None and index <= previous:
+        if index <= previous:
             raise FormatError(f"{where} slab entries are not strictly ascending at {index}")
         previous = index
-        slabs[index] = [(row[i], row[i + 1]) for i in range(1, len(row), 2)]
-    return slabs
+        slabs[index] = list(zip(row[1::2], row[2::2], strict=True))
+    return TrackedMap(slabs)
 
 
 def parse_slab_rows(where: str, rows: object) -> dict[int, list[tuple[int, int]]]:
@@ -771,13 +775,15 @@ def _tier_info(where: str, obj: object, maps: bool = True) -> TierInfo:
     return TierInfo(fields["unit"], fields["ssd"], fields["hdd"], tier_map, pins)
 
 
-def metadata_from_document(document: object, *, maps: bool = True) -> PoolMetadata:
+def metadata_from_document(document: object, *, maps: bool = True,
+                           check: bool = True) -> PoolMetadata:
     """The metadata a (strict-JSON) document describes, validated; FormatError otherwise.
-    Without `maps`: the small part (`metadata_document(maps=False)`), maps left empty."""
-    return _from_document(document, maps)
+    Without `maps`: the small part (`metadata_document(maps=False)`), maps left empty.
+    Without `check`: shapes and types only; the caller runs `validate` (once, after replay)."""
+    return _from_document(document, maps, check)
 
 
-def _from_document(document: object, maps: bool = True) -> PoolMetadata:
+def _from_document(document: object, maps: bool = True, check: bool = True) -> PoolMetadata:
     top = _exact_keys("pool metadata", document, _TOP_KEYS, _TOP_OPTIONAL)
     volume_keys = _VOLUME_KEYS if maps else _VOLUME_KEYS - {"slabs"}
     disks = []
@@ -806,7 +812,8 @@ def _from_document(document: object, maps: bool = True) -> PoolMetadata:
         next_disk_id=top["next_disk_id"],
         opened_seq=top.get("opened_seq", 0),
     )
-    validate(md)
+    if check:
+        validate(md)
     for volume in md.volumes:
         volume.created = float(volume.created)
     return md
