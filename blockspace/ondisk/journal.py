@@ -60,6 +60,7 @@ from blockspace.ondisk.metadata import (
     slab_rows,
     tier_rows,
     validate,
+    validate_slabs,
     validate_small,
 )
 
@@ -208,6 +209,10 @@ def encode_record(
         if volume is None or not indexes:
             continue  # deleted: the small state no longer lists it
         mapped = sorted(i for i in indexes if i in volume.slabs)
+        try:
+            validate_slabs(md, volume, mapped)
+        except FormatError as exc:
+            raise ValueError(f"refusing to write invalid pool metadata: {exc}") from None
         slab_delta[volume_uuid] = {"set": slab_rows(volume.slabs, mapped),
                                    "free": sorted(i for i in indexes if i not in volume.slabs)}
     unit_delta: dict[str, dict[str, list[Any]]] = {}

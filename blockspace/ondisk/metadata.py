@@ -886,3 +886,18 @@ def validate_small(md: PoolMetadata) -> None:
         for v in md.volumes
     ]
     validate(dataclasses.replace(md, volumes=volumes))
+
+
+def validate_slabs(md: PoolMetadata, volume: VolumeRecord, indexes: Iterable[int]) -> None:
+    """`validate`'s checks of some of a volume's slab-map entries (index range, width,
+    known disks, extents inside them, distinct disks), what a journal record carries; an
+    extent used twice across the map is the allocator's to prevent, and the replay's
+    final `validate` to catch."""
+    width = layout_width(volume.layout)
+    slab_data = int(volume.layout["columns"]) * md.slab_size
+    slab_count = -(-volume.size // slab_data)
+    disks = {d.disk_id: d for d in md.disks}
+    where = f"volume {volume.name}"
+    for index in indexes:
+        _int(f"{where} slab index", index, 0, slab_count - 1)
+        _validate_placement(f"{where} slab {index}", volume.slabs[index], width, disks, set())

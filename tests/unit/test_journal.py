@@ -340,3 +340,17 @@ def test_a_checkpoint_encodes_the_version_1_document_in_pieces() -> None:
     decoded = slot.decode()
     assert decoded.volume("fast").tiers == md.volume("fast").tiers
     assert same(decoded, md)
+
+
+@pytest.mark.parametrize("placement", [[(0, 9)], [(0, 9), (0, 10)], [(0, 9), (9, 9)],
+                                       [(0, 10**6), (1, 9)]],
+                         ids=["narrow", "same-disk", "unknown-disk", "beyond-disk"])
+def test_a_record_of_a_bad_placement_is_never_written(placement: list[tuple[int, int]]) -> None:
+    """Writing a record the replay would refuse is a bug: ValueError, nothing encoded."""
+    md = sample()
+    home = md.volume("home")
+    home.slabs.take_dirty()  # type: ignore[attr-defined]
+    home.slabs[2] = placement
+    md.generation += 1
+    with pytest.raises(ValueError, match="refusing to write invalid pool metadata"):
+        encode_record(md, 7, {home.uuid: home.slabs.take_dirty()}, {})  # type: ignore[attr-defined]
