@@ -724,9 +724,15 @@ _INTS = frozenset({int})
 
 
 def _slab_map(where: str, rows: object) -> dict[int, list[tuple[int, int]]]:
-    slabs: dict[int, list[tuple[int, int]]] = {}
+    slabs: TrackedMap[int, list[tuple[int, int]]] = TrackedMap()
+    put = dict.__setitem__  # nothing is dirty in a map just decoded
     previous = -1
-    for row in _list(f"{where} slabs", rows):
+    pending = _list(f"{where} slabs", rows)
+    # Consumed from the end, each parsed row let go at once: the decoded JSON of a big map
+    # and the map built from it are not both whole in memory (mount's peak RSS).
+    pending.reverse()
+    while pending:
+        row = pending.pop()
         # C-level checks: mount decodes every row of a big map through here.
         if type(row) is not list or len(row) < 3 or not len(row) & 1:
             raise FormatError(f"{where} slab entry is not [index, disk, extent, ...]")
@@ -736,8 +742,8 @@ def _slab_map(where: str, rows: object) -> dict[int, list[tuple[int, int]]]:
         if index <= previous:
             raise FormatError(f"{where} slab entries are not strictly ascending at {index}")
         previous = index
-        slabs[index] = list(zip(row[1::2], row[2::2], strict=True))
-    return TrackedMap(slabs)
+        put(slabs, index, list(zip(row[1::2], row[2::2], strict=True)))
+    return slabs
 
 
 def parse_slab_rows(where: str, rows: object) -> dict[int, list[tuple[int, int]]]:
