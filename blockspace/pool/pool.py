@@ -461,7 +461,9 @@ class Pool:
                 raise DeviceError("no usable disk left to hold the pool metadata")
             saving = set(self._unsaved_states)
             # A disk leaving service is always recorded: only other commits keep the reserve.
-            reserve = 0 if saving else self.reserve
+            # So is the conversion of a version-1 pool whose state fits its (older, maybe
+            # smaller) slot at all: refusing it would leave the pool unmountable.
+            reserve = 0 if saving or journal.version == 1 else self.reserve
             self.metadata.generation += 1
             generation = self.metadata.generation
             slabs, units = self._take_dirty()
