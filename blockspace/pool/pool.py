@@ -480,7 +480,7 @@ class Pool:
                 failed: list[tuple[int, DeviceError]] = []
                 if record:
                     offset, slot = journal.tail, journal.slot
-                    self.reserve = max(MIN_RESERVE, 2 * len(record))
+                    self.reserve = max(self.reserve, 2 * len(record))  # never shrinks
                     wrote = True
                     await self._write_all(targets, slot, offset, record, failed)
                     journal.tail += len(record)

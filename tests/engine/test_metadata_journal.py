@@ -480,3 +480,50 @@ def test_pool_status_reports_a_metadata_commit_that_failed(tmp_path: Path) -> No
 
     trio.run(scenario)
 
+
+
+def test_a_full_metadata_area_refuses_changes_but_still_records_a_disk_failure() -> None:
+    """Volumes created until the state no longer leaves the reserve free: that creation
+    fails with ENOSPC, is rolled back and is shown by `pool status`; a disk failure after it
+    is still recorded (it may use the reserve), and survives a reopen."""
+    from blockspace.admin.pools import pool_status
+    from blockspace.errors import NoSpace
+
+    async def scenario() -> None:
+        inner = [MemoryDevice(16 * MiB, path=f"mem{i}") for i in range(3)]
+        rail = PowerRail()
+        devices = [PowerCutDevice(device, rail=rail, close_inner=False) for device in inner]
+        pool = await Pool.create("full", devices, media=["hdd"] * 3, slab_size=MiB,
+                                 meta_slot_size=64 << 10)
+
+        for n in range(3):
+            await pool.create_volume(f"volume-with-a-long-name-{n:05d}", MiB, MIRROR, "thin")
+        # The area nearly full: keep all but a few KiB for the reserve (filling a 64 KiB slot
+        # with ~900 volume records instead takes minutes, one checkpoint per commit at the end).
+        pool.reserve = (64 << 10) - 8192
+
+        async def fill() -> None:
+            for n in range(3, 5000):
+                await pool.create_volume(f"volume-with-a-long-name-{n:05d}", MiB, MIRROR,
+                                         "thin")
+
+        with pytest.raises(NoSpace) as refused:
+            await fill()
+        assert "kept for recording a disk failure" in str(refused.value)
+        created = len(pool.metadata.volumes)
+        assert f"volume-with-a-long-name-{created:05d}" not in \
+            {v.name for v in pool.metadata.volumes}
+        status = pool_status(pool)
+        assert "kept for recording a disk failure" in status["metadata"]["error"]
+        assert status["health"] == "degraded"
+        await pool.mark_failed(1, "test: pulled")  # the reserve is for this
+        assert pool.metadata_error == ""
+        pool.close()
+        reopened = await Pool.open(inner)
+        try:
+            assert reopened.disks[1].record.state == "failed"
+            assert len(reopened.metadata.volumes) == created
+        finally:
+            reopened.close()
+
+    trio.run(scenario)
