@@ -358,6 +358,34 @@ def test_commits_append_to_the_active_slot_and_checkpoints_alternate(tmp_path: P
     trio.run(scenario)
 
 
+def test_every_metadata_write_is_flushed_before_its_commit_returns() -> None:
+    """Each record and checkpoint a commit writes is followed, on the same disk, by a
+    completed flush before the commit returns (a write in the disk's cache is not a
+    commit: a power cut would take it)."""
+
+    async def scenario() -> None:
+        log: list[Op] = []
+        devices = recorded_disks(3, log)
+        pool = await Pool.create("fl", devices, media=["hdd"] * 3, slab_size=MiB,
+                                 meta_slot_size=META_SLOT)
+        for n in range(40):  # records, and checkpoints when the journal fills
+            log.clear()
+            await pool.create_volume(f"v{n}", MiB, MIRROR, "thin")
+            for device in devices:
+                geometry = geometry_of(pool, device.path)
+                mine = [(i, op) for i, op in enumerate(log) if op.disk == device.path]
+                writes = [i for i, op in mine if op.kind == "write" and op.phase == "done"
+                          and in_metadata_slots(geometry, op)]
+                assert writes, f"commit {n} wrote no metadata to {device.path}"
+                flushed = [i for i, op in mine if op.kind == "flush" and op.phase == "done"]
+                late = f"commit {n}: {device.path}'s metadata write not flushed before it returned"
+                assert flushed, late
+                assert flushed[-1] > writes[-1], late
+        pool.close()
+
+    trio.run(scenario)
+
+
 @pytest.mark.parametrize("what", ["record", "checkpoint"])
 @pytest.mark.parametrize("how", ["flip", "tear"])
 def test_a_damaged_newest_commit_on_every_disk_opens_the_previous_generation(
