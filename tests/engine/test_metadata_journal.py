@@ -527,3 +527,27 @@ def test_a_full_metadata_area_refuses_changes_but_still_records_a_disk_failure()
             reopened.close()
 
     trio.run(scenario)
+
+
+def test_concurrent_commits_share_one_write() -> None:
+    """Group commit: 20 tasks that each create a volume at once cost a few generations,
+    not 20 (each caller returns once a commit that started after its change is durable)."""
+
+    async def scenario() -> None:
+        inner = [MemoryDevice(16 * MiB, path=f"mem{i}") for i in range(3)]
+        rail = PowerRail()
+        devices = [PowerCutDevice(device, rail=rail, close_inner=False) for device in inner]
+        pool = await Pool.create("group", devices, media=["hdd"] * 3, slab_size=MiB,
+                                 meta_slot_size=256 << 10)
+        before = pool.metadata.generation
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                nursery.start_soon(pool.create_volume, f"v{n}", MiB, MIRROR, "thin")
+        assert len(pool.metadata.volumes) == 20
+        assert pool.metadata.generation - before <= 3
+        pool.close()
+        reopened = await Pool.open(inner)
+        assert len(reopened.metadata.volumes) == 20
+        reopened.close()
+
+    trio.run(scenario)
