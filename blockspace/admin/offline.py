@@ -26,7 +26,7 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 async def create_pool(
-    name: str, disks: Sequence[NewDisk], *, slab_size: int, meta_slot_size: int
+    name: str, disks: Sequence[NewDisk], *, slab_size: int, meta_slot_size: int | None
 ) -> dict[str, Any]:
     """Label checked new disks (admin.pools.check_new_disks) as a pool; its status."""
     devices = [FileDevice(disk.path) for disk in disks]

@@ -5,6 +5,7 @@ validating new disks, and the status report (a plain dict, the same for tables a
 import logging
 import os
 import stat
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from blockspace.geometry.layouts import KINDS, LayoutSpec, default_layout
 from blockspace.ondisk.label import MEDIA, compute_geometry
 from blockspace.pool.label_copies import repair_label_copies
 from blockspace.pool.lease import LeaseOptions, WriterLease
-from blockspace.pool.pool import Pool, read_label
+from blockspace.pool.pool import Pool, read_label, required_slot_size
 from blockspace.volume.concurrency import leaves
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,10 @@ async def opened_disks(
 
 
 def volume_state(pool: Pool, spec: LayoutSpec, slabs: dict[int, list[tuple[int, int]]]) -> str:
+    # Only extents on a disk out of service, or awaiting resync, can be absent: with every
+    # disk in service and nothing resyncing there is nothing to look at (status at 500k slabs).
+    if all(disk.usable for disk in pool.disks.values()) and not pool.resyncing:
+        return "online"
     worst = 0
     for extents in slabs.values():
         lost = sum(pool.extent_device(*extent) is None for extent in extents)
@@ -228,6 +233,8 @@ def pool_status(
 ) -> dict[str, Any]:
     free_map = pool.allocator.free_map()
     pool.check_host_room()
+    on_disk = Counter(d for volume in pool.metadata.volumes for extents in volume.slabs.values()
+                      for d, _ in extents)
     disks: list[dict[str, Any]] = []
     for disk_id, disk in sorted(pool.disks.items()):
         disk_record = disk.record
@@ -250,7 +257,7 @@ def pool_status(
                 "state": state,
                 "state_reason": disk_record.state_reason,
                 "state_since": disk_record.state_since,
-                "data_extents": pool.extents_on(disk_id),
+                "data_extents": on_disk[disk_id],
                 "errors": dict(disk.errors),
                 "host_full": pool.host_full.get(disk_id),
             }
@@ -281,6 +288,9 @@ def pool_status(
         health = "degraded"
     else:
         health = "online"
+    metadata = metadata_status(pool)
+    if metadata["error"] and health == "online":
+        health = "degraded"  # changes may not be recordable: not a healthy pool
     return {
         "name": pool.name,
         "uuid": pool.uuid,
@@ -296,6 +306,7 @@ def pool_status(
         "scrub": scrub,
         "lease": lease,  # who writes the pool (blockspace/pool/lease.py summary), if known
         "actions": [host_full_action(d["path"]) for d in disks if d["host_full"]],
+        "metadata": metadata,
     }
 
 
@@ -304,3 +315,19 @@ def host_full_action(path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     return (f"host file system under {path} is full: free space there ({directory}); "
             "writes that need new space fail with ENOSPC until then")
+
+
+def metadata_status(pool: Pool) -> dict[str, Any]:
+    """The metadata area: its format, size, what the pool's capacity may need, and the
+    error of the last commit if it failed (a change, or a disk failure, not recorded)."""
+    needed = required_slot_size([d.record.size for d in pool.disks.values()], pool.slab_size,
+                                [d.record.path_hint for d in pool.disks.values()])
+    size = pool.metadata.meta_slot_size
+    warning = ""
+    if size < needed:
+        warning = (f"the metadata area ({size} bytes) is smaller than the {needed} bytes the "
+                   "pool's full map may need: allocation can fail with ENOSPC before the "
+                   "disks are full")
+    return {"format": pool.journal.version, "slot_size": size, "needed": needed,
+            "generation": pool.metadata.generation, "error": pool.metadata_error,
+            "warning": warning}

@@ -25,7 +25,12 @@ from blockspace.cli.output import console, emit, table
 from blockspace.cli.tiers import annotate_status
 from blockspace.errors import InvalidInput
 from blockspace.ondisk.label import validate_name
-from blockspace.pool.pool import DEFAULT_META_SLOT_SIZE, DEFAULT_SLAB_SIZE
+from blockspace.pool.pool import (
+    DEFAULT_META_SLOT_SIZE,
+    DEFAULT_SLAB_SIZE,
+    check_slot_size,
+    required_slot_size,
+)
 from blockspace.service import control
 from blockspace.units import format_size, parse_size
 
@@ -36,11 +41,15 @@ def cmd_create(args: argparse.Namespace) -> int:
     if args.name in registry.pools():
         raise InvalidInput(f"a pool named {args.name!r} already exists")
     slab_size = parse_size(args.slab_size)
-    meta_slot_size = parse_size(args.metadata_size)
+    meta_slot_size = parse_size(args.metadata_size) if args.metadata_size else None
     disks = check_new_disks(
-        args.disks, media=args.media, slab_size=slab_size, meta_slot_size=meta_slot_size,
-        force=args.force,
+        args.disks, media=args.media, slab_size=slab_size,
+        meta_slot_size=meta_slot_size or DEFAULT_META_SLOT_SIZE, force=args.force,
     )
+    needed = required_slot_size([d.size for d in disks], slab_size,
+                                [os.path.abspath(d.path) for d in disks])
+    if meta_slot_size is not None:
+        check_slot_size(meta_slot_size, needed, "pool")  # before anything is written
     # Absolute paths: the metadata keeps them as the hint shown for a missing disk.
     disks = [replace(d, path=os.path.abspath(d.path)) for d in disks]
 
@@ -104,6 +113,10 @@ def print_status(s: dict[str, Any]) -> None:
         console.print(lease_line)
     for action in s.get("actions", []):
         console.print(f"action: {action}")
+    metadata = s.get("metadata") or {}
+    for problem in (metadata.get("error"), metadata.get("warning")):
+        if problem:
+            console.print(f"metadata: {problem}")
     rebuild = s.get("rebuild")
     if rebuild and rebuild.get("state") == "running":
         eta = rebuild.get("eta_seconds")
@@ -231,8 +244,9 @@ def add_commands(commands: Any, common: Parser) -> None:
     p.add_argument("disks", nargs="+", metavar="DISK", help="image files or block devices")
     p.add_argument("--slab-size", default=format_size(DEFAULT_SLAB_SIZE),
                    help="extent size on each disk (power of two, default 64M)")
-    p.add_argument("--metadata-size", default=format_size(DEFAULT_META_SLOT_SIZE),
-                   help="size of each of the two metadata slots per disk (default 4M)")
+    p.add_argument("--metadata-size", default=None,
+                   help="size of each of the two metadata slots per disk (default: 4M, or what "
+                        "the pool's capacity needs if more; a smaller size than that is refused)")
     p.add_argument("--media", choices=["ssd", "hdd"],
                    help="media class of the disks (default: the kernel's rotational flag "
                         "for block devices, hdd for image files)")

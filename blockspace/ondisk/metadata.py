@@ -13,12 +13,14 @@ outside its disk, none used twice, slabs on distinct disks. Pure code: no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import struct
 import uuid
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import xxhash
 
@@ -45,7 +47,10 @@ from blockspace.ondisk.label import (
 META_MAGIC = b"BLKSPCMD"
 META_VERSION = 1
 META_HEADER_SIZE = 64
-_HEADER = struct.Struct("<8sIIQQQ16s8x")
+# magic, version, flags, generation, payload length, xxh3_64(payload), pool uuid, 8 zero bytes:
+# a version-1 slot, and a format-2 checkpoint (blockspace/ondisk/journal.py).
+META_HEADER = struct.Struct("<8sIIQQQ16s8x")
+_HEADER = META_HEADER
 assert _HEADER.size == META_HEADER_SIZE
 
 DISK_STATES = ("online", "missing", "failed", "retiring", "retired", "resyncing", "failing")
@@ -90,6 +95,72 @@ MAX_TIER_UNIT = GIB
 MAX_PINS = 64
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class TrackedMap(dict[K, V]):
+    """A dict that remembers which keys changed since `take_dirty`: a commit journals the
+    changed slab-map (or tier-map) entries only, so its cost follows the change, not the map.
+    Reads are plain dict reads; every mutating method records the keys it touches."""
+
+    dirty: set[K]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dirty = set()
+
+    def __setitem__(self, key: K, value: V) -> None:
+        self.dirty.add(key)
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: K) -> None:
+        self.dirty.add(key)
+        super().__delitem__(key)
+
+    def pop(self, key: K, *default: Any) -> Any:  # type: ignore[override]
+        self.dirty.add(key)
+        return super().pop(key, *default)
+
+    def popitem(self) -> tuple[K, V]:
+        key, value = super().popitem()
+        self.dirty.add(key)
+        return key, value
+
+    def setdefault(self, key: K, default: Any = None) -> Any:  # type: ignore[override]
+        self.dirty.add(key)
+        return super().setdefault(key, default)
+
+    def clear(self) -> None:
+        self.dirty.update(self)
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+    def __ior__(self, other: Any) -> TrackedMap[K, V]:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+    def take_dirty(self) -> set[K]:
+        """The keys changed since the last call (the caller journals their current value)."""
+        taken, self.dirty = self.dirty, set()
+        return taken
+
+    def mark_dirty(self, keys: Iterable[K]) -> None:
+        """Give back keys a failed commit did not record."""
+        self.dirty.update(keys)
+
+
+def tracked(mapping: dict[K, V]) -> TrackedMap[K, V]:
+    """`mapping` as a TrackedMap with nothing dirty (itself if it already is one)."""
+    if isinstance(mapping, TrackedMap):
+        return mapping
+    result: TrackedMap[K, V] = TrackedMap(mapping)
+    return result
+
+
 @dataclass
 class DiskRecord:
     disk_id: int
@@ -125,6 +196,10 @@ class TierInfo:
     map: dict[int, tuple[int, bool]]
     pins: list[tuple[int, int, str]]
 
+    def __post_init__(self) -> None:
+        if isinstance(self.map, dict):
+            self.map = tracked(self.map)
+
 
 @dataclass(frozen=True)
 class CodecInfo:
@@ -150,6 +225,10 @@ class VolumeRecord:
     created: float
     tiers: TierInfo | None = None
     codec: CodecInfo | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.slabs, dict):
+            self.slabs = tracked(self.slabs)
 
     @property
     def ec_type(self) -> str | None:
@@ -490,11 +569,23 @@ def _validate_placement(
 # encoding
 
 
+def json_cap(raw_len: int) -> int:
+    """How far a payload read from `raw_len` bytes may expand (no compression bombs)."""
+    return _json_cap(raw_len)
+
+
 def _json_cap(raw_len: int) -> int:
     return min(MAX_JSON_SIZE, MAX_EXPANSION * max(raw_len, MIN_META_SLOT_SIZE))
 
 
-def _document(md: PoolMetadata) -> dict[str, Any]:
+def metadata_document(md: PoolMetadata, *, maps: bool = True) -> dict[str, Any]:
+    """The JSON document of `md`. Without `maps`: the small part only (no volume slab
+    maps, no tier maps), as every format-2 journal record carries it."""
+    document = _document(md, maps)
+    return document
+
+
+def _document(md: PoolMetadata, maps: bool = True) -> dict[str, Any]:
     return {
         "pool_uuid": md.pool_uuid,
         "name": md.name,
@@ -526,12 +617,9 @@ def _document(md: PoolMetadata) -> dict[str, Any]:
                 "size": v.size,
                 "layout": {key: v.layout[key] for key in LAYOUT_KEYS},
                 "provisioning": v.provisioning,
-                "slabs": [
-                    [index, *(n for pair in v.slabs[index] for n in pair)]
-                    for index in sorted(v.slabs)
-                ],
+                **({"slabs": slab_rows(v.slabs, sorted(v.slabs))} if maps else {}),
                 "created": float(v.created),
-                **({"tiers": _tiers_document(v.tiers)} if v.tiers is not None else {}),
+                **({"tiers": _tiers_document(v.tiers, maps)} if v.tiers is not None else {}),
                 **({"codec": _codec_document(v.codec)} if v.codec is not None else {}),
             }
             for v in md.volumes
@@ -544,16 +632,33 @@ def _codec_document(codec: CodecInfo) -> dict[str, Any]:
             "fragments": codec.fragments}
 
 
-def _tiers_document(tiers: TierInfo) -> dict[str, Any]:
+def slab_rows(
+    slabs: dict[int, list[tuple[int, int]]], indexes: Iterable[int]
+) -> list[list[int]]:
+    """[index, disk, extent, disk, extent, ...] per slab of `indexes` (each mapped)."""
+    return [[index, *(n for pair in slabs[index] for n in pair)] for index in indexes]
+
+
+def tier_rows(tier_map: dict[int, tuple[int, bool]], units: Iterable[int]) -> list[int]:
+    """Flat [unit, slot, dirty, ...] for `units` (each mapped)."""
+    return [n for index in units for n in (index, tier_map[index][0], int(tier_map[index][1]))]
+
+
+def _tiers_document(tiers: TierInfo, maps: bool = True) -> dict[str, Any]:
     return {
         "unit": tiers.unit,
         "ssd": tiers.ssd,
         "hdd": tiers.hdd,
         # Flat [unit, slot, dirty, ...], ascending by unit: compact and compresses well.
-        "map": [n for index in sorted(tiers.map) for n in
-                (index, tiers.map[index][0], int(tiers.map[index][1]))],
+        **({"map": tier_rows(tiers.map, sorted(tiers.map))} if maps else {}),
         "pins": [list(pin) for pin in tiers.pins],
     }
+
+
+def compact_json(document: object) -> bytes:
+    """The canonical encoding every metadata record uses."""
+    text = json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return text.encode("utf-8")
 
 
 def encode_metadata(md: PoolMetadata, slot_size: int) -> bytes:
@@ -565,8 +670,7 @@ def encode_metadata(md: PoolMetadata, slot_size: int) -> bytes:
         validate(md)
     except FormatError as exc:
         raise ValueError(f"refusing to write invalid pool metadata: {exc}") from None
-    text = json.dumps(_document(md), sort_keys=True, separators=(",", ":"), allow_nan=False)
-    document = text.encode("utf-8")
+    document = compact_json(_document(md))
     payload = zlib.compress(document, 6)
     total = META_HEADER_SIZE + len(payload)
     if total > slot_size:
@@ -591,6 +695,11 @@ def encode_metadata(md: PoolMetadata, slot_size: int) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 # decoding
+
+
+def decompress_bounded(payload: bytes, cap: int) -> bytes:
+    """zlib-decompress at most `cap` bytes; FormatError on bad, truncated or larger data."""
+    return _decompress(payload, cap)
 
 
 def _decompress(payload: bytes, cap: int) -> bytes:
@@ -626,29 +735,50 @@ def _list(what: str, obj: object) -> list[Any]:
     return obj
 
 
+_INTS = frozenset({int})
+
+
 def _slab_map(where: str, rows: object) -> dict[int, list[tuple[int, int]]]:
-    slabs: dict[int, list[tuple[int, int]]] = {}
-    previous: int | None = None
-    for row in _list(f"{where} slabs", rows):
-        if not isinstance(row, list) or len(row) < 3 or len(row) % 2 != 1:
+    slabs: TrackedMap[int, list[tuple[int, int]]] = TrackedMap()
+    put = dict.__setitem__  # nothing is dirty in a map just decoded
+    previous = -1
+    pending = _list(f"{where} slabs", rows)
+    # Consumed from the end, each parsed row let go at once: the decoded JSON of a big map
+    # and the map built from it are not both whole in memory (mount's peak RSS).
+    pending.reverse()
+    while pending:
+        row = pending.pop()
+        # C-level checks: mount decodes every row of a big map through here.
+        if type(row) is not list or len(row) < 3 or not len(row) & 1:
             raise FormatError(f"{where} slab entry is not [index, disk, extent, ...]")
-        if any(type(n) is not int for n in row):
+        if set(map(type, row)) != _INTS:
             raise FormatError(f"{where} slab entry holds a non-integer")
         index = row[0]
-        if previous is not None and index <= previous:
+        if index <= previous:
             raise FormatError(f"{where} slab entries are not strictly ascending at {index}")
         previous = index
-        slabs[index] = [(row[i], row[i + 1]) for i in range(1, len(row), 2)]
+        put(slabs, index, list(zip(row[1::2], row[2::2], strict=True)))
     return slabs
 
 
-def _tier_info(where: str, obj: object) -> TierInfo:
+def parse_slab_rows(where: str, rows: object) -> dict[int, list[tuple[int, int]]]:
+    """Slab rows as `slab_rows` writes them (strictly ascending); ranges: `validate`."""
+    return _slab_map(where, rows)
+
+
+def parse_tier_rows(where: str, flat: object) -> dict[int, tuple[int, bool]]:
+    """A flat tier map as `tier_rows` writes it (strictly ascending); ranges: `validate`."""
+    return _tier_info(where, {"unit": 0, "ssd": "", "hdd": "", "map": flat, "pins": []}).map
+
+
+def _tier_info(where: str, obj: object, maps: bool = True) -> TierInfo:
     """Shape and types of a "tiers" object; ranges are checked by `validate`."""
-    fields = _exact_keys(f"{where} tiers", obj, _TIER_KEYS)
-    flat = _list(f"{where} tier map", fields["map"])
+    keys = _TIER_KEYS if maps else _TIER_KEYS - {"map"}
+    fields = _exact_keys(f"{where} tiers", obj, keys)
+    flat = _list(f"{where} tier map", fields["map"] if maps else [])
     if len(flat) % 3 or any(type(n) is not int for n in flat):
         raise FormatError(f"{where} tier map is not [unit, slot, dirty, ...] integers")
-    tier_map: dict[int, tuple[int, bool]] = {}
+    tier_map: dict[int, tuple[int, bool]] = TrackedMap()
     previous = -1
     for i in range(0, len(flat), 3):
         index, slot, dirty = flat[i : i + 3]
@@ -666,19 +796,28 @@ def _tier_info(where: str, obj: object) -> TierInfo:
     return TierInfo(fields["unit"], fields["ssd"], fields["hdd"], tier_map, pins)
 
 
-def _from_document(document: object) -> PoolMetadata:
+def metadata_from_document(document: object, *, maps: bool = True,
+                           check: bool = True) -> PoolMetadata:
+    """The metadata a (strict-JSON) document describes, validated; FormatError otherwise.
+    Without `maps`: the small part (`metadata_document(maps=False)`), maps left empty.
+    Without `check`: shapes and types only; the caller runs `validate` (once, after replay)."""
+    return _from_document(document, maps, check)
+
+
+def _from_document(document: object, maps: bool = True, check: bool = True) -> PoolMetadata:
     top = _exact_keys("pool metadata", document, _TOP_KEYS, _TOP_OPTIONAL)
+    volume_keys = _VOLUME_KEYS if maps else _VOLUME_KEYS - {"slabs"}
     disks = []
     for entry in _list("pool metadata disks", top["disks"]):
         fields = _exact_keys("pool metadata disk", entry, _DISK_KEYS, _DISK_OPTIONAL)
         disks.append(DiskRecord(**fields))
     volumes = []
     for entry in _list("pool metadata volumes", top["volumes"]):
-        fields = _exact_keys("pool metadata volume", entry, _VOLUME_KEYS, _VOLUME_OPTIONAL)
+        fields = _exact_keys("pool metadata volume", entry, volume_keys, _VOLUME_OPTIONAL)
         where = f"volume {fields['name']!r:.70}"
-        fields["slabs"] = _slab_map(where, fields["slabs"])
+        fields["slabs"] = _slab_map(where, fields["slabs"] if maps else [])
         if "tiers" in fields:
-            fields["tiers"] = _tier_info(where, fields["tiers"])
+            fields["tiers"] = _tier_info(where, fields["tiers"], maps)
         if "codec" in fields:
             codec = _exact_keys(f"{where} codec", fields["codec"], _CODEC_KEYS)
             fields["codec"] = CodecInfo(**codec)
@@ -694,7 +833,8 @@ def _from_document(document: object) -> PoolMetadata:
         next_disk_id=top["next_disk_id"],
         opened_seq=top.get("opened_seq", 0),
     )
-    validate(md, decoded=True)
+    if check:
+        validate(md, decoded=True)
     for volume in md.volumes:
         volume.created = float(volume.created)
     return md
@@ -740,3 +880,45 @@ def decode_metadata(raw: BytesLike, pool_uuid: str | None = None) -> PoolMetadat
     if uuid.UUID(md.pool_uuid).bytes != uuid_bytes:
         raise FormatError("pool metadata uuid mismatch between header and body")
     return md
+
+
+def snapshot(md: PoolMetadata) -> PoolMetadata:
+    """A copy of `md` that later changes to `md` do not reach, cheap enough for the trio
+    thread (each map copied by dict.copy; slab placements and tier entries are replaced,
+    never changed in place), so a checkpoint can be encoded from it in a worker thread."""
+    volumes = []
+    for v in md.volumes:
+        tiers = None
+        if v.tiers is not None:
+            tiers = dataclasses.replace(v.tiers, map=TrackedMap(v.tiers.map),
+                                        pins=list(v.tiers.pins))
+        volumes.append(dataclasses.replace(v, slabs=TrackedMap(v.slabs), layout=dict(v.layout),
+                                           tiers=tiers))
+    return dataclasses.replace(md, disks=[dataclasses.replace(d) for d in md.disks],
+                               volumes=volumes)
+
+
+def validate_small(md: PoolMetadata) -> None:
+    """`validate` of everything but the maps (what a journal record carries whole): its
+    cost follows the number of disks and volumes only."""
+    volumes = [
+        dataclasses.replace(
+            v, slabs={}, tiers=None if v.tiers is None else dataclasses.replace(v.tiers, map={}))
+        for v in md.volumes
+    ]
+    validate(dataclasses.replace(md, volumes=volumes))
+
+
+def validate_slabs(md: PoolMetadata, volume: VolumeRecord, indexes: Iterable[int]) -> None:
+    """`validate`'s checks of some of a volume's slab-map entries (index range, width,
+    known disks, extents inside them, distinct disks), what a journal record carries; an
+    extent used twice across the map is the allocator's to prevent, and the replay's
+    final `validate` to catch."""
+    width = layout_width(volume.layout)
+    slab_data = int(volume.layout["columns"]) * md.slab_size
+    slab_count = -(-volume.size // slab_data)
+    disks = {d.disk_id: d for d in md.disks}
+    where = f"volume {volume.name}"
+    for index in indexes:
+        _int(f"{where} slab index", index, 0, slab_count - 1)
+        _validate_placement(f"{where} slab {index}", volume.slabs[index], width, disks, set())

@@ -1,8 +1,9 @@
 """A pool: its disks, their labels, and the replicated metadata.
 
-Metadata generation g is written to slot g % 2 of every usable disk, each flushed, before a
-change is acknowledged; opening takes the highest generation that verifies on any disk.
-A disk that was missing or failed when the metadata last changed stays out of service
+Each metadata generation is appended to the journal of the active slot of every usable disk
+(or checkpointed whole into the other slot: blockspace/pool/metastore.py), each flushed,
+before a change is acknowledged; opening takes the highest generation that verifies on any
+disk. A disk that was missing or failed when the metadata last changed stays out of service
 even if it comes back: its contents are stale.
 """
 
@@ -39,6 +40,12 @@ from blockspace.geometry.erasure import (
 from blockspace.geometry.erasure import self_test as erasure_self_test
 from blockspace.geometry.layouts import LayoutSpec, absent_positions
 from blockspace.ondisk.checksums import self_test as checksum_self_test
+from blockspace.ondisk.journal import (
+    encode_checkpoint,
+    encode_record,
+    encode_seal,
+    min_slot_size,
+)
 from blockspace.ondisk.label import (
     BLOCK,
     LABEL_SIZE,
@@ -57,9 +64,9 @@ from blockspace.ondisk.metadata import (
     CodecInfo,
     DiskRecord,
     PoolMetadata,
+    TrackedMap,
     VolumeRecord,
-    decode_metadata,
-    encode_metadata,
+    snapshot,
 )
 from blockspace.pool.checksum_store import ChecksumStore
 from blockspace.pool.intent import (
@@ -70,6 +77,14 @@ from blockspace.pool.intent import (
     volume_key,
 )
 from blockspace.pool.intent import Key as IntentKey
+from blockspace.pool.metastore import (
+    MIN_RESERVE,
+    JournalPosition,
+    SlotScan,
+    load_newest,
+    own_state,
+    scan_member,
+)
 from blockspace.units import format_size
 from blockspace.volume.concurrency import bind, run_all
 
@@ -188,10 +203,19 @@ def read_label(device: Device) -> DiskLabel | None:
 
 
 class Pool:
-    def __init__(self, metadata: PoolMetadata, disks: dict[int, PoolDisk]) -> None:
+    def __init__(self, metadata: PoolMetadata, disks: dict[int, PoolDisk],
+                 journal: JournalPosition | None = None) -> None:
         self.metadata = metadata
         self.disks = disks
         self._commit_lock = trio.Lock()
+        # Where the next metadata record goes; unknown: the first commit checkpoints.
+        self.journal = journal if journal is not None else JournalPosition(
+            slot=metadata.generation % 2, base=-1, tail=0, version=1, force_checkpoint=True)
+        self._commit_requests = 0  # commits asked for so far (their changes are in memory)
+        self._committed_through = 0  # every one of those up to here is durable
+        # Why the last commit failed (cleared by the next that succeeds): `pool status`.
+        self.metadata_error = ""
+        self.reserve = MIN_RESERVE
         used = metadata.used_extents()
         self.allocator = ExtentAllocator(
             {disk_id: disk.record.extent_count for disk_id, disk in disks.items()}, used
@@ -234,15 +258,22 @@ class Pool:
         *,
         media: Sequence[str],
         slab_size: int = DEFAULT_SLAB_SIZE,
-        meta_slot_size: int = DEFAULT_META_SLOT_SIZE,
+        meta_slot_size: int | None = None,
     ) -> "Pool":
-        """Label `devices` as a new pool. Validates everything before the first write."""
+        """Label `devices` as a new pool. Validates everything before the first write.
+        `meta_slot_size`: by default the larger of 4 MiB and what the pool's largest state
+        needs (`min_slot_size`); a size given that cannot hold it is refused."""
         self_test_once("xxh3")
         validate_name("pool", name)
         if not devices:
             raise InvalidInput("a pool needs at least one disk")
         if len(media) != len(devices) or any(m not in MEDIA for m in media):
             raise InvalidInput(f"media must be one of {', '.join(MEDIA)}")
+        needed = required_slot_size([d.size for d in devices], slab_size,
+                                    [d.path for d in devices])
+        if meta_slot_size is None:
+            meta_slot_size = max(DEFAULT_META_SLOT_SIZE, needed)
+        check_slot_size(meta_slot_size, needed, "pool")
         geometries = [compute_geometry(d.size, slab_size, meta_slot_size) for d in devices]
         pool_uuid = str(uuid.uuid4())
         now = time.time()
@@ -276,7 +307,7 @@ class Pool:
             volumes=[],
             next_disk_id=len(devices),
         )
-        image = encode_metadata(metadata, meta_slot_size)
+        image = encode_checkpoint(metadata, meta_slot_size)
         for device in devices:
             make_private(device)
         for device, geometry in zip(devices, geometries, strict=True):
@@ -286,15 +317,15 @@ class Pool:
             raw_label = encode_label(label)
             geometry = disk.geometry
             # Both slots hold generation 0, so no stale slot of an earlier pool can win.
-            await disk.device.write(geometry.meta_offset, image)
-            await disk.device.write(geometry.meta_offset + meta_slot_size, image)
+            await disk.device.write(geometry.meta_slot_offset(0), image)
+            await disk.device.write(geometry.meta_slot_offset(1), image)
             await disk.device.write(geometry.backup_label_offset, raw_label)
             await disk.device.flush()
             # The primary label goes last: a disk is a member only once all else is there.
             await disk.device.write(0, raw_label)
             await disk.device.flush()
         log.info("created pool %s (%s) on %d disks", name, pool_uuid, len(devices))
-        return cls(metadata, disks)
+        return cls(metadata, disks, JournalPosition(0, 0, len(image), 2, set(disks)))
 
     @classmethod
     async def open(
@@ -326,9 +357,11 @@ class Pool:
             raise BlockspaceError("the disks given belong to more than one pool")
         pool_uuid = pool_uuids.pop()
         _check_identities(members)
-        metadata, scans = _scan_slots(members, pool_uuid)
+        problems: list[str] = []
+        scans = [scan_member(device, label, pool_uuid, problems) for device, label in members]
+        metadata, journal = load_newest(members, scans, pool_uuid, problems)
         newest = metadata.generation
-        sealed = any(scan.generations.count(newest) == 2 for scan in scans)
+        sealed = any(scan.sealed and scan.newest == newest for scan in scans)
         disks: dict[int, PoolDisk] = {}
         by_uuid = {label.disk_uuid: (device, label, scan)
                    for (device, label), scan in zip(members, scans, strict=True)}
@@ -353,6 +386,7 @@ class Pool:
             if record.state in USABLE_STATES:
                 reason = stale_reason(scan, newest, sealed)
                 if reason is not None:
+                    own_state(device, label, scan, pool_uuid)
                     _take_out_stale(record, scan, reason)
                     stale.append(record.disk_id)
             usable = record.state in USABLE_STATES
@@ -360,7 +394,8 @@ class Pool:
                 record, label.geometry, device if usable else None, device.path,
                 returned=None if usable else device,
             )
-        pool = cls(metadata, disks)
+        journal.disks &= {d for d, disk in disks.items() if disk.usable}
+        pool = cls(metadata, disks, journal)
         pool._unsaved_states.update(stale)
         for disk_id, disk in disks.items():
             if disk.record.state == "resyncing":  # interrupted: every extent again
@@ -424,52 +459,146 @@ class Pool:
             volume.codec = codec
 
     async def commit(self, *, seal: bool = False) -> None:
-        """Write the next metadata generation to every usable disk, durably.
+        """Make the metadata as it is in memory durable on every usable disk: the next
+        generation, one journal record of what changed (or a checkpoint of the whole
+        state), each disk's copy flushed.
 
-        With `seal` (at mount and at a clean stop) the generation is then written to the
-        other slot of every disk too: both slots holding it prove it reached every disk, so
-        a disk found with anything older is stale (see `stale_reason`)."""
+        Group commit: a caller whose change a commit started after it already recorded
+        returns at once; the others ride the next one. With `seal` (at mount and at a clean
+        stop) a seal record follows once the generation is on every disk: it proves the
+        generation reached them all, so a disk found with anything older is stale (see
+        `stale_reason`)."""
         self.record_codecs()  # a volume added since (a tier's, or created) records its code
+        self._commit_requests += 1
+        ticket = self._commit_requests
         async with self._commit_lock:
-            while True:
-                self.metadata.generation += 1
-                generation = self.metadata.generation
-                saving = set(self._unsaved_states)
-                image = encode_metadata(self.metadata, self.metadata.meta_slot_size)
-                targets = [d for d in self.disks.values() if d.usable]
-                if not targets:
-                    raise DeviceError("no usable disk left to hold the pool metadata")
+            if self._committed_through >= ticket and not seal:
+                return
+            covered = self._commit_requests
+            try:
+                await self._commit_locked(seal)
+            except BaseException as error:
+                self.metadata_error = f"a metadata commit failed: {error}"[:300]
+                raise
+            self.metadata_error = ""
+            self._committed_through = covered
+
+    def _take_dirty(self) -> tuple[dict[str, set[int]], dict[str, set[int]]]:
+        slabs: dict[str, set[int]] = {}
+        units: dict[str, set[int]] = {}
+        for volume in self.metadata.volumes:
+            if isinstance(volume.slabs, TrackedMap) and volume.slabs.dirty:
+                slabs[volume.uuid] = volume.slabs.take_dirty()
+            tiers = volume.tiers
+            if tiers is not None and isinstance(tiers.map, TrackedMap) and tiers.map.dirty:
+                units[volume.uuid] = tiers.map.take_dirty()
+        return slabs, units
+
+    def _give_back(self, slabs: dict[str, set[int]], units: dict[str, set[int]]) -> None:
+        for volume in self.metadata.volumes:
+            if volume.uuid in slabs and isinstance(volume.slabs, TrackedMap):
+                volume.slabs.mark_dirty(slabs[volume.uuid])
+            tiers = volume.tiers
+            if volume.uuid in units and tiers is not None and isinstance(tiers.map, TrackedMap):
+                tiers.map.mark_dirty(units[volume.uuid])
+
+    async def _commit_locked(self, seal: bool) -> None:
+        slot_size = self.metadata.meta_slot_size
+        while True:
+            journal = self.journal
+            targets = [d for d in self.disks.values() if d.usable]
+            if not targets:
+                raise DeviceError("no usable disk left to hold the pool metadata")
+            saving = set(self._unsaved_states)
+            # A disk leaving service is always recorded: only other commits keep the reserve.
+            # So is the conversion of a version-1 pool whose state fits its (older, maybe
+            # smaller) slot at all: refusing it would leave the pool unmountable.
+            reserve = 0 if saving or journal.version == 1 else self.reserve
+            self.metadata.generation += 1
+            generation = self.metadata.generation
+            slabs, units = self._take_dirty()
+            wrote = False
+            try:
+                record = b""
+                ids = {d.record.disk_id for d in targets}
+                # A disk out of service misses records: back, it needs a checkpoint first.
+                journal.disks &= ids
+                if journal.version == 2 and not journal.force_checkpoint and ids <= journal.disks:
+                    record = encode_record(self.metadata, journal.base, slabs, units)
+                    if journal.tail + len(record) + reserve > slot_size:
+                        record = b""  # the journal is full: checkpoint instead
                 failed: list[tuple[int, DeviceError]] = []
-                async with trio.open_nursery() as nursery:
-                    for disk in targets:
-                        nursery.start_soon(self._write_metadata, disk, image, generation % 2,
-                                           failed)
+                if record:
+                    offset, slot = journal.tail, journal.slot
+                    self.reserve = max(self.reserve, 2 * len(record))  # never shrinks
+                    wrote = True
+                    await self._write_all(targets, slot, offset, record, failed)
+                    journal.tail += len(record)
+                else:
+                    image = await self._encode_checkpoint(reserve)
+                    slot = 1 - journal.slot
+                    wrote = True
+                    await self._write_all(targets, slot, 0, image, failed)
+                    journal = self.journal = JournalPosition(slot, generation, len(image), 2,
+                                                             set(ids))
+                journal.disks -= {disk_id for disk_id, _ in failed}
                 if not failed and seal:
-                    async with trio.open_nursery() as nursery:
-                        for disk in targets:
-                            nursery.start_soon(self._write_metadata, disk, image,
-                                               (generation + 1) % 2, failed)
-                if not failed:
-                    self._unsaved_states -= saving
-                    return
-                broken = [(d, e) for d, e in failed if not isinstance(e, HostSpaceError)]
-                if len(broken) == len(targets):
-                    raise DeviceError(f"pool metadata could not be written: {failed[0][1]}")
-                if not broken:
-                    # No room on a host file system: the disk is fine, but this generation
-                    # is not on every disk in service, so the change it holds is refused.
-                    raise HostSpaceError(f"pool metadata could not be written: {failed[0][1]}")
-                # Record the failed disks in a new generation on the survivors.
-                for disk_id, error in broken:
-                    self._set_state(disk_id, "failed", str(error))
+                    seal_record = encode_seal(self.metadata.pool_uuid, generation, journal.base)
+                    if journal.tail + len(seal_record) <= slot_size:
+                        await self._write_all(targets, journal.slot, journal.tail, seal_record,
+                                              failed)
+                        journal.tail += len(seal_record)
+                        journal.disks -= {disk_id for disk_id, _ in failed}
+                    else:  # no room for the seal: a checkpoint of the same state next time
+                        journal.force_checkpoint = True
+            except BaseException:
+                if wrote:  # on some disks, perhaps: a checkpoint makes them agree again
+                    self.journal.force_checkpoint = True
+                else:
+                    self.metadata.generation -= 1
+                self._give_back(slabs, units)
+                raise
+            if not failed:
+                self._unsaved_states -= saving
+                return
+            self.journal.force_checkpoint = True  # not on every disk: they must agree again
+            broken = [(d, e) for d, e in failed if not isinstance(e, HostSpaceError)]
+            if len(broken) == len(targets):
+                raise DeviceError(f"pool metadata could not be written: {failed[0][1]}")
+            if not broken:
+                # No room on a host file system: the disk is fine, but this generation is
+                # not on every disk in service, so the change it holds is refused.
+                raise HostSpaceError(f"pool metadata could not be written: {failed[0][1]}")
+            # Record the failed disks in a new generation on the survivors.
+            for disk_id, error in broken:
+                self._set_state(disk_id, "failed", str(error))
+
+    async def _encode_checkpoint(self, reserve: int) -> bytes:
+        """The whole state as a checkpoint, encoded (and validated and compressed) in a
+        worker thread from a snapshot: only the snapshot's dict copies run here."""
+        copy = snapshot(self.metadata)
+        slot_size = self.metadata.meta_slot_size
+        image = await trio.to_thread.run_sync(encode_checkpoint, copy, slot_size)
+        if len(image) + reserve > slot_size:
+            raise NoSpace(f"pool metadata ({len(image)} bytes) leaves less than the "
+                          f"{reserve} bytes kept for recording a disk failure in the "
+                          f"metadata area ({slot_size} bytes)")
+        return image
+
+    async def _write_all(self, targets: list[PoolDisk], slot: int, offset: int, data: bytes,
+                         failed: list[tuple[int, DeviceError]]) -> None:
+        async with trio.open_nursery() as nursery:
+            for disk in targets:
+                nursery.start_soon(self._write_metadata, disk, slot, offset, data, failed)
 
     async def _write_metadata(
-        self, disk: PoolDisk, image: bytes, slot: int, failed: list[tuple[int, DeviceError]]
+        self, disk: PoolDisk, slot: int, offset: int, data: bytes,
+        failed: list[tuple[int, DeviceError]],
     ) -> None:
-        offset = disk.geometry.meta_offset + slot * self.metadata.meta_slot_size
+        where = disk.geometry.meta_slot_offset(slot) + offset
 
         async def write(device: Device) -> None:
-            await device.write(offset, image)
+            await device.write(where, data)
             await device.flush()
 
         try:
@@ -682,6 +811,11 @@ class Pool:
         if media not in MEDIA:
             raise InvalidInput(f"media must be one of {', '.join(MEDIA)}")
         geometry = compute_geometry(device.size, self.slab_size, self.metadata.meta_slot_size)
+        needed = required_slot_size([*(d.record.size for d in self.disks.values()), device.size],
+                                    self.slab_size,
+                                    [*(d.record.path_hint for d in self.disks.values()),
+                                     device.path])
+        check_slot_size(self.metadata.meta_slot_size, needed, "pool with the new disk")
         disk_id = self.metadata.next_disk_id
         disk_uuid = str(uuid.uuid4())
         record = DiskRecord(
@@ -1098,62 +1232,30 @@ class Pool:
                 disk.device.close()
 
 
-@dataclass
-class SlotScan:
-    """What the metadata slots of one member hold: the generations of its valid copies, and
-    from its newest one what a catch-up needs (the session it last took part in, and since
-    when it had been away then, if it had)."""
-
-    generations: list[int]
-    opened_seq: int = 0
-    missed_since: int = 0
-
-    @property
-    def newest(self) -> int | None:
-        return max(self.generations, default=None)
-
-
 def newest_metadata(members: list[tuple[Device, DiskLabel]], pool_uuid: str) -> PoolMetadata:
     """The newest valid metadata on any of `members` (FormatError if none has one)."""
-    return _scan_slots(members, pool_uuid)[0]
+    problems: list[str] = []
+    scans = [scan_member(device, label, pool_uuid, problems) for device, label in members]
+    return load_newest(members, scans, pool_uuid, problems)[0]
 
 
-def _scan_slots(
-    members: list[tuple[Device, DiskLabel]], pool_uuid: str
-) -> tuple[PoolMetadata, list[SlotScan]]:
-    """The newest metadata on any member, and what each member's own slots hold."""
-    best: PoolMetadata | None = None
-    problems = []
-    scans = []
-    for device, label in members:
-        own: PoolMetadata | None = None
-        generations = []
-        geometry = label.geometry
-        for slot in (0, 1):
-            offset = geometry.meta_offset + slot * geometry.meta_slot_size
-            try:
-                raw = device.read_sync(offset, geometry.meta_slot_size)
-                candidate = decode_metadata(raw, pool_uuid)
-            except (FormatError, DeviceError) as error:
-                problems.append(f"{device.path} slot {slot}: {error}")
-                continue
-            generations.append(candidate.generation)
-            if own is None or candidate.generation > own.generation:
-                own = candidate
-        scan = SlotScan(generations)
-        if own is not None:
-            scan.opened_seq = own.opened_seq
-            for record in own.disks:
-                if record.disk_uuid == label.disk_uuid:
-                    scan.missed_since = record.missed_since
-            if best is None or own.generation > best.generation:
-                best = own
-        scans.append(scan)
-    if best is None:
-        raise FormatError("no valid copy of the pool metadata: " + "; ".join(problems))
-    for problem in problems:
-        log.info("ignored metadata copy: %s", problem)
-    return best, scans
+def required_slot_size(sizes: Sequence[int], slab_size: int, paths: Sequence[str]) -> int:
+    """The smallest metadata slot a pool of disks of `sizes` needs (`min_slot_size`),
+    counting each path hint as the metadata will record it (and room to grow)."""
+    path_bytes = sum(len(path.encode()) + 256 for path in paths)
+    return min_slot_size(sizes, slab_size, path_bytes)
+
+
+def check_slot_size(meta_slot_size: int, needed: int, what: str) -> None:
+    """InvalidInput naming the minimum if the metadata area cannot hold the largest state."""
+    if meta_slot_size < needed:
+        from blockspace.units import format_size
+
+        raise InvalidInput(
+            f"the metadata area ({format_size(meta_slot_size)}, --metadata-size) is too small "
+            f"for this {what}: the metadata of its capacity at this slab size may need "
+            f"{format_size(needed)} ({needed} bytes)"
+        )
 
 
 def check_record(record: DiskRecord, label: DiskLabel, metadata: PoolMetadata, path: str) -> None:

@@ -173,7 +173,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     root = tmp_path_factory.mktemp("cli-world")
     make_disks(root, {f"{name}.img": DISK for name in ("p0", "p1", "p2", "t0", "t1", "free0",
                                                         "free1")})
-    make_disks(root, {"small.img": SMALL_DISK})
+    make_disks(root, {"small.img": SMALL_DISK, "big.img": 64 << 30})
     (root / "adir").mkdir()
     (root / "free0.link").symlink_to("free0.img")
     os.link(root / "free1.img", root / "free1.hard")
@@ -224,6 +224,10 @@ BAD_INPUT = [
     case("metadata-size-not-4k", [*NEW, "free0.img", "--slab-size", "16M",
                                   "--metadata-size", "1000"],
          2, "invalid metadata slot size 1000B"),
+    # issue 16: the metadata of a full 64 GiB of 1 MiB slabs cannot fit 64 KiB
+    case("metadata-size-too-small", [*NEW, "big.img", "--slab-size", "1M",
+                                     "--metadata-size", "64K"],
+         2, "the metadata area (64K, --metadata-size) is too small for this pool", "may need"),
     case("media-unknown", [*NEW, "free0.img", "--media", "nvme"],
          2, "argument --media: invalid choice: 'nvme'"),
     # pool create: names

@@ -25,6 +25,7 @@ from blockspace.geometry import erasure
 from blockspace.geometry.layouts import LayoutSpec
 from blockspace.ondisk import checksums
 from blockspace.ondisk.checksums import SelfTestFailed
+from blockspace.ondisk.journal import decode_slot
 from blockspace.ondisk.metadata import CodecInfo, decode_metadata, encode_metadata
 from blockspace.pool.pool import Pool
 from blockspace.repair.scrub import ScrubReport, scrub_slab
@@ -100,7 +101,7 @@ def on_disk(path: Path, pool: Pool) -> list[CodecInfo | None]:
         for slot in (0, 1):
             handle.seek(geometry.meta_offset + slot * geometry.meta_slot_size)
             try:
-                md = decode_metadata(handle.read(geometry.meta_slot_size), pool.uuid)
+                md = decode_slot(handle.read(geometry.meta_slot_size), pool.uuid)
             except FormatError:
                 continue
             if best is None or md.generation > best.generation:

@@ -19,8 +19,9 @@ from blockspace.disks.devices import Buffer, Device, byte_view, open_device
 from blockspace.disks.faults import FaultSpec, FaultyDevice
 from blockspace.errors import DeviceError, FormatError
 from blockspace.geometry.layouts import LayoutSpec, data_positions
+from blockspace.ondisk.journal import RECORD_HEADER_SIZE, index_slot, mapped_in_write
 from blockspace.ondisk.label import DiskGeometry
-from blockspace.ondisk.metadata import META_HEADER_SIZE, PoolMetadata, decode_metadata
+from blockspace.ondisk.metadata import PoolMetadata
 from blockspace.pool.intent import INTENT_SLOT_SIZE, Key, decode_intent, volume_key
 from blockspace.pool.pool import Pool
 from blockspace.testing.memory_device import MemoryDevice
@@ -150,13 +151,10 @@ def check_zeroed_and_flushed_before_mapped(
             continue
         if not in_metadata_slots(geometry_of(pool, op.disk), op):
             continue
-        written = decode_metadata(op.data, pool.uuid)
-        for record in written.volumes:
-            if record.name != volume_name:
-                continue
-            for slab in slabs:
-                for mapped_disk, mapped_extent in record.slabs.get(slab, []):
-                    first_mapping.setdefault((mapped_disk, mapped_extent), index)
+        written = mapped_in_write(op.data, pool.uuid, META_SLOT).get(volume_name, {})
+        for slab in slabs:
+            for mapped_disk, mapped_extent in written.get(slab, []):
+                first_mapping.setdefault((mapped_disk, mapped_extent), index)
     checked = 0
     for slab in slabs:
         for disk_id, extent in volume.slabs[slab]:
@@ -290,7 +288,8 @@ def image_files(directory: Path, count: int, size: int = 12 * MiB) -> list[Path]
 
 
 def slot_generations(pool: Pool) -> list[tuple[int | None, int | None]]:
-    """(generation in slot 0, in slot 1) of every disk; None where a slot does not decode."""
+    """(newest generation in slot 0, in slot 1) of every disk: its checkpoint and the
+    journal records after it; None where a slot's checkpoint does not verify."""
     found = []
     for disk in pool.disks.values():
         assert disk.device is not None
@@ -298,7 +297,8 @@ def slot_generations(pool: Pool) -> list[tuple[int | None, int | None]]:
         for slot in (0, 1):
             raw = disk.device.read_sync(disk.geometry.meta_slot_offset(slot), META_SLOT)
             try:
-                pair.append(decode_metadata(raw, pool.uuid).generation)
+                pair.append(index_slot(lambda o, n, r=raw: r[o : o + n], META_SLOT,
+                                       pool.uuid).generation)
             except FormatError:
                 pair.append(None)
         found.append((pair[0], pair[1]))
@@ -306,28 +306,31 @@ def slot_generations(pool: Pool) -> list[tuple[int | None, int | None]]:
 
 
 def damage(path: Path, offset: int, how: str, before: bytes) -> None:
-    """Flip bytes in the middle of the payload of the slot at `offset` of an image file, or
-    tear it: the new generation's header and first half, then the bytes the slot held
-    before (a write cut short)."""
+    """Flip bytes in the middle of the payload of the record or checkpoint at `offset` of
+    an image file, or tear it: its first sector new, then the bytes held before (a write cut
+    short)."""
     with open(path, "r+b") as f:
         f.seek(offset)
-        written = f.read(META_SLOT)
-        slot = bytearray(written)
-        payload = int.from_bytes(slot[24:32], "little")  # header: u64 payload length
+        written = f.read(len(before))
+        block = bytearray(written)
+        payload = int.from_bytes(block[32:40] if block[:8] == b"BLKSPCJR" else block[24:32],
+                                 "little")  # header: u64 payload length
         assert payload > 16
-        middle = META_HEADER_SIZE + payload // 2
+        middle = RECORD_HEADER_SIZE + payload // 2
         if how == "flip":
             for i in range(middle, middle + 4):
-                slot[i] ^= 0xFF
+                block[i] ^= 0xFF
         else:
-            slot[middle:] = before[middle:]
-        # a tear changes nothing only if the last commit never wrote this slot
-        assert slot != bytearray(written), "the last commit did not write this slot"
+            block[512:] = before[512:]
+        assert block != bytearray(written), "the last commit did not write here"
         f.seek(offset)
-        f.write(slot)
+        f.write(block)
 
 
-def test_consecutive_commits_alternate_between_the_two_metadata_slots(tmp_path: Path) -> None:
+def test_commits_append_to_the_active_slot_and_checkpoints_alternate(tmp_path: Path) -> None:
+    """Format 2: each commit appends a record to the journal of the active slot, the other
+    slot keeps the previous checkpoint; a full journal is checkpointed into the other slot,
+    so the previous state stays whole until the new checkpoint is on every disk."""
     paths = image_files(tmp_path, 3)
 
     async def scenario() -> None:
@@ -337,9 +340,17 @@ def test_consecutive_commits_alternate_between_the_two_metadata_slots(tmp_path: 
             assert slot_generations(pool) == [(0, 0)] * 3
             for n in range(1, 5):
                 await pool.create_volume(f"v{n}", MiB, MIRROR, "thin")
-                # generation n in slot n % 2, generation n - 1 kept in the other
-                expected = (n, n - 1) if n % 2 == 0 else (n - 1, n)
                 assert pool.metadata.generation == n
+                assert slot_generations(pool) == [(n, 0)] * 3
+            for slot in (1, 0):
+                for _ in range(64):  # a 64 KiB slot's journal holds far fewer records
+                    if pool.journal.slot == slot:
+                        break
+                    await pool.commit()
+                assert pool.journal.slot == slot, "no checkpoint went to the other slot"
+                g = pool.metadata.generation
+                assert pool.journal.base == g  # a checkpoint of generation g
+                expected = (g - 1, g) if slot == 1 else (g, g - 1)
                 assert slot_generations(pool) == [expected] * 3
         finally:
             pool.close()
@@ -347,33 +358,63 @@ def test_consecutive_commits_alternate_between_the_two_metadata_slots(tmp_path: 
     trio.run(scenario)
 
 
-@pytest.mark.parametrize("commits", [3, 4])  # the newest generation in slot 1, in slot 0
+def test_every_metadata_write_is_flushed_before_its_commit_returns() -> None:
+    """Each record and checkpoint a commit writes is followed, on the same disk, by a
+    completed flush before the commit returns (a write in the disk's cache is not a
+    commit: a power cut would take it)."""
+
+    async def scenario() -> None:
+        log: list[Op] = []
+        devices = recorded_disks(3, log)
+        pool = await Pool.create("fl", devices, media=["hdd"] * 3, slab_size=MiB,
+                                 meta_slot_size=META_SLOT)
+        for n in range(40):  # records, and checkpoints when the journal fills
+            log.clear()
+            await pool.create_volume(f"v{n}", MiB, MIRROR, "thin")
+            for device in devices:
+                geometry = geometry_of(pool, device.path)
+                mine = [(i, op) for i, op in enumerate(log) if op.disk == device.path]
+                writes = [i for i, op in mine if op.kind == "write" and op.phase == "done"
+                          and in_metadata_slots(geometry, op)]
+                assert writes, f"commit {n} wrote no metadata to {device.path}"
+                flushed = [i for i, op in mine if op.kind == "flush" and op.phase == "done"]
+                late = f"commit {n}: {device.path}'s metadata write not flushed before it returned"
+                assert flushed, late
+                assert flushed[-1] > writes[-1], late
+        pool.close()
+
+    trio.run(scenario)
+
+
+@pytest.mark.parametrize("what", ["record", "checkpoint"])
 @pytest.mark.parametrize("how", ["flip", "tear"])
-def test_a_damaged_newest_metadata_slot_on_every_disk_opens_the_previous_generation(
-    tmp_path: Path, commits: int, how: str
+def test_a_damaged_newest_commit_on_every_disk_opens_the_previous_generation(
+    tmp_path: Path, what: str, how: str
 ) -> None:
-    """Generation g written to slot g % 2 of every disk, then that slot ruined on all of
-    them (a power cut during the commit): the pool opens at g - 1 with g - 1's map."""
+    """The newest commit (a journal record, or a checkpoint into the other slot) ruined on
+    every disk (a power cut during the commit): the pool opens at the generation before,
+    with that generation's map."""
     paths = image_files(tmp_path, 3)
 
-    async def build() -> tuple[str, list[bytes], list[int]]:
+    async def build() -> tuple[str, list[bytes], list[int], int]:
         devices = [open_device(str(p)) for p in paths]
         pool = await Pool.create("ab", devices, media=["hdd"] * 3, slab_size=MiB,
                                  meta_slot_size=META_SLOT)
         try:
-            for n in range(1, commits):
-                await pool.create_volume(f"v{n}", MiB, MIRROR, "thin")
-            slot = commits % 2  # where the last commit, generation `commits`, must go
-            offsets = [pool.disks[i].geometry.meta_slot_offset(slot) for i in range(3)]
-            before = [device.read_sync(offset, META_SLOT)
-                      for device, offset in zip(devices, offsets, strict=True)]
-            await pool.create_volume(f"v{commits}", MiB, MIRROR, "thin")
-            assert pool.metadata.generation == commits
-            return pool.uuid, before, offsets
+            await pool.create_volume("v1", MiB, MIRROR, "thin")
+            if what == "checkpoint":  # the next commit must checkpoint into slot 1
+                pool.journal.tail = META_SLOT
+            slot, offset = (1, 0) if what == "checkpoint" else (0, pool.journal.tail)
+            offsets = [pool.disks[i].geometry.meta_slot_offset(slot) + offset for i in range(3)]
+            before = [device.read_sync(o, 16384) for device, o in zip(devices, offsets,
+                                                                      strict=True)]
+            await pool.create_volume("v2", MiB, MIRROR, "thin")
+            assert pool.journal.slot == slot
+            return pool.uuid, before, offsets, pool.metadata.generation
         finally:
             pool.close()
 
-    pool_uuid, before, offsets = trio.run(build)
+    pool_uuid, before, offsets, newest = trio.run(build)
     for path, offset, old in zip(paths, offsets, before, strict=True):
         damage(path, offset, how, old)
 
@@ -386,8 +427,8 @@ def test_a_damaged_newest_metadata_slot_on_every_disk_opens_the_previous_generat
 
     metadata = trio.run(reopen)
     assert metadata.pool_uuid == pool_uuid
-    assert metadata.generation == commits - 1
-    assert [v.name for v in metadata.volumes] == [f"v{n}" for n in range(1, commits)]
+    assert metadata.generation == newest - 1
+    assert [v.name for v in metadata.volumes] == ["v1"]
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,8 +20,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from blockspace.geometry.layouts import LayoutSpec, code_position, data_positions, split
+from blockspace.ondisk.journal import decode_slot
 from blockspace.ondisk.label import BLOCK, LABEL_SIZE, pick_label
-from blockspace.ondisk.metadata import PoolMetadata, decode_metadata
+from blockspace.ondisk.metadata import PoolMetadata
 
 FS_IOC_FIEMAP = 0xC020660B
 FIEMAP_FLAG_SYNC = 0x1
@@ -106,7 +107,7 @@ def read_pool_map(images: Iterable[str]) -> PoolMap:
                 raw = os.pread(fd, geometry.meta_slot_size,
                                geometry.meta_offset + slot * geometry.meta_slot_size)
                 try:
-                    candidate = decode_metadata(raw, label.pool_uuid)
+                    candidate = decode_slot(raw, label.pool_uuid)
                 except Exception:  # a torn or foreign slot: the other one will do
                     continue
                 if best is None or candidate.generation > best.generation:
