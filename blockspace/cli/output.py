@@ -15,9 +15,13 @@ from rich.table import Table
 
 from blockspace.units import format_size
 
-# Piped output (logs, CI) gets wide tables rather than truncated paths. Rich looks up
-# sys.stdout at each print, so a caller that redirects stdout (tools/scenarios) captures it.
-console = Console(width=None if sys.stdout.isatty() else 160)
+# Piped output (logs, CI) gets wide tables unless $COLUMNS says how wide; paths fold
+# rather than being cut either way. Rich looks up sys.stdout at each print, so a caller
+# that redirects stdout (tools/scenarios) captures it.
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160)
+
+# Columns whose cells fold onto more lines instead of ending in "…": a cut path is useless.
+FOLDED = frozenset({"path", "mounted at", "mountpoint", "command"})
 
 
 def emit(args: argparse.Namespace, data: Any, human: Callable[[Any], None]) -> None:
@@ -46,10 +50,19 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[str]], title: str | No
     """A rich table of text cells (titled tables are left-justified, as in `pool status`)."""
     result = Table(title=title, title_justify="left") if title else Table()
     for column in columns:
-        result.add_column(column)
+        result.add_column(column, overflow="fold" if column in FOLDED else "ellipsis")
     for row in rows:
         result.add_row(*row)
     return result
+
+
+def make_progress(out: Console) -> Any:
+    """A rich Progress without rich's own time-remaining column: the description carries
+    our ETA (from the job's own pace), and two ETAs that disagree help nobody."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                    TaskProgressColumn(), console=out)
 
 
 @contextmanager
@@ -60,9 +73,7 @@ def progress_bar(args: argparse.Namespace, what: str) -> Iterator[Callable[[dict
     if args.json or not sys.stderr.isatty():
         yield lambda progress: None
         return
-    from rich.progress import Progress
-
-    bar = Progress(console=Console(stderr=True))
+    bar = make_progress(Console(stderr=True))
     bar.start()
     task = bar.add_task(what, total=100)
 

@@ -93,6 +93,10 @@ def print_status(s: dict[str, Any]) -> None:
         f"slab size {format_size(s['slab_size'])}, raw {format_size(s['raw_size'])}, "
         f"free {format_size(s['raw_free'])}, metadata generation {s['generation']}"
     )
+    if s.get("status"):  # what is wrong and what to do, first (as zpool status does)
+        console.print(f"status: {s['status']}", markup=False)
+    for action in s.get("actions", []):
+        console.print(f"action: {action}", markup=False)
     disk_rows = []
     for d in s["disks"]:
         errors = d["errors"]
@@ -111,10 +115,6 @@ def print_status(s: dict[str, Any]) -> None:
     lease_line = describe_lease(s.get("lease"))
     if lease_line:
         console.print(lease_line)
-    if s.get("status"):
-        console.print(f"status: {s['status']}", markup=False)
-    for action in s.get("actions", []):
-        console.print(f"action: {action}", markup=False)
     rebuild = s.get("rebuild")
     if rebuild and rebuild.get("state") == "running":
         eta = rebuild.get("eta_seconds")
