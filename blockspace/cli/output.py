@@ -24,11 +24,28 @@ console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS")
 FOLDED = frozenset({"path", "mounted at", "mountpoint", "command"})
 
 
+# The version of the --json contract (README "JSON output"): every document that is an
+# object carries it; it goes up only when a key is removed or changes meaning (new keys do
+# not change it). A document that is a list stays a bare list: wrapping it would break
+# every `for item in doc` consumer, and its items are the objects the contract describes.
+JSON_VERSION = 1
+
+
+def versioned(data: Any) -> Any:
+    """`data` with "json_version" if it is an object (lists and scalars as they are)."""
+    return {"json_version": JSON_VERSION, **data} if isinstance(data, dict) else data
+
+
+def json_line(data: Any) -> str:
+    """One line of a --json stream (events --follow, iostat): versioned like a document."""
+    return json.dumps(versioned(data), sort_keys=True)
+
+
 def emit(args: argparse.Namespace, data: Any, human: Callable[[Any], None]) -> None:
     """`data` as JSON with --json, else through `human`."""
     try:
         if args.json:
-            print(json.dumps(data, indent=2, sort_keys=True))
+            print(json.dumps(versioned(data), indent=2, sort_keys=True))
         else:
             human(data)
         sys.stdout.flush()
