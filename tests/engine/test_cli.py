@@ -554,7 +554,7 @@ def test_volume_round_trip_then_export_and_import(tmp_path: Path) -> None:
 
     # export: the registry forgets, the disks are untouched
     images = {name: fingerprint(tmp_path / name) for name in disks}
-    assert run_json("pool", "export", "rt") == {"name": "rt"}
+    assert run_json("pool", "export", "rt") == {"name": "rt", "json_version": 1}
     assert run_json("pool", "list") == []
     assert {name: fingerprint(tmp_path / name) for name in disks} == images
 
