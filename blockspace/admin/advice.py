@@ -14,6 +14,8 @@ from blockspace.units import format_size
 # Disk states that hold no usable copy of their data: the redundancy of their volumes is
 # reduced until a rebuild or a resync brings it back.
 LOST_STATES = ("failed", "missing")
+# Disks a rebuild may write to.
+IN_SERVICE = ("online", "failing", "resyncing")
 
 
 @dataclass(frozen=True)
@@ -81,19 +83,32 @@ def _repair_findings(status: dict[str, Any], job: dict[str, Any] | None
         return
     if not lost:
         return
-    if not status.get("mountpoint"):
-        yield ("automatic repair is not running: the pool is not mounted",
-               f"mount the pool, or run `blockspace pool repair {pool}`")
-        return
+    in_service = [d for d in disks if d["state"] in IN_SERVICE]
+    short = [(v["name"], width) for v in status["volumes"]
+             if v["state"] != "online" and (width := volume_width(v, status)) > len(in_service)]
     needed = sum(d["data_extents"] for d in lost)
-    spare = sum(d["free_extents"] for d in disks if d["state"] in ("online", "failing"))
-    if spare < needed:
+    spare = sum(d["free_extents"] for d in in_service)
+    if short:
+        name, width = short[0]
+        yield (f"automatic repair is not running: no spare capacity to rebuild onto (volume "
+               f"{name} needs {width} disks, {len(in_service)} in service)",
+               f"add a disk (`blockspace disk add {pool} DISK`) or replace the lost one")
+    elif spare < needed:
         yield (f"automatic repair is not running: no spare capacity to rebuild onto "
                f"({needed} extents to rebuild, {spare} free on the disks in service)",
                f"add a disk (`blockspace disk add {pool} DISK`) or replace the lost one")
+    elif not status.get("mountpoint"):
+        yield ("automatic repair is not running: the pool is not mounted",
+               f"mount the pool, or run `blockspace pool repair {pool}`")
     else:
         yield ("automatic repair is not running",
                f"start it: `blockspace pool repair {pool}`")
+
+
+def volume_width(volume: dict[str, Any], status: dict[str, Any]) -> int:
+    """How many disks each slab of `volume` spans (its footprint over its slabs)."""
+    slabs, slab_size = volume.get("slabs") or 0, status.get("slab_size") or 0
+    return int(volume["footprint"] // (slabs * slab_size)) if slabs and slab_size else 0
 
 
 def _fullness(status: dict[str, Any], limits: Thresholds) -> Iterable[tuple[str, str]]:

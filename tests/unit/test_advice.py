@@ -23,13 +23,14 @@ def volume(name: str = "v", state: str = "online", *, size: int = 64 * MiB,
            ) -> dict[str, Any]:
     return {"name": name, "state": state, "size": size, "provisioning": provisioning,
             "layout": {"kind": kind, "copies": 2, "parity": 0, "columns": 1, "interleave": 1},
-            "allocated": allocated}
+            "allocated": allocated, "slabs": 1, "footprint": 2 * 16 * MiB}  # 2 disks wide
 
 
 def status(disks: list[dict[str, Any]], volumes: list[dict[str, Any]] | None = None, *,
            health: str = "online", mountpoint: str | None = "/mnt/p", **extra: Any
            ) -> dict[str, Any]:
-    return {"name": "p", "health": health, "mountpoint": mountpoint, "disks": disks,
+    return {"name": "p", "health": health, "slab_size": 16 * MiB, "mountpoint": mountpoint,
+            "disks": disks,
             "volumes": volumes or [], "raw_size": 3 * 14 * 16 * MiB,
             "usable": {"simple": 400 * MiB, "mirror-2": 200 * MiB, "mirror-3": None,
                        "parity-1": 300 * MiB, "parity-2": None}, "actions": [], **extra}
@@ -60,6 +61,19 @@ def test_no_spare_capacity_is_the_reason_repair_does_not_run() -> None:
             "to rebuild, 7 free on the disks in service)") in advice.status
     assert any(a.startswith("add a disk (`blockspace disk add p DISK`)")
                for a in advice.actions)
+
+
+@pytest.mark.parametrize("mountpoint", ["/mnt/p", None])
+def test_too_few_disks_left_is_no_spare_capacity(mountpoint: str | None) -> None:
+    # a 2-disk mirror that lost one disk: the other holds the surviving copy, plenty of free
+    # extents but no second disk to put the new copy on
+    doc = status([disk(0, free=100), disk(1, "failed")], [volume(state="degraded")],
+                 health="degraded", mountpoint=mountpoint)
+    advice = advise(doc, LIMITS)
+    assert ("automatic repair is not running: no spare capacity to rebuild onto (volume v "
+            "needs 2 disks, 1 in service)") in advice.status
+    assert "start it" not in " ".join(advice.actions)
+    assert "not mounted" not in advice.status
 
 
 def test_a_missing_disk_of_an_unmounted_pool() -> None:
