@@ -11,6 +11,12 @@ with one line naming the file and the key, so a typo never silently means a defa
     rate = "0"                 # repair, retire, replace, rebalance moves
     [thresholds]
     pool_full_percent = 80     # a "threshold" event when allocation crosses it (and 90, 95)
+    thin_overcommit_percent = 100  # `pool status` warns when thin volumes promise more
+    [tier]
+    optimizer_period = 300     # seconds between the tier optimizer's scheduled passes
+    rate = "64M"               # per second moved between tiers; "0" = unlimited
+    [metrics]
+    address = ""               # the default of `mount --metrics` (HOST:PORT; "" = off)
 
 Command-line options always win over the file."""
 
@@ -22,6 +28,8 @@ from typing import Any
 
 from blockspace.errors import InvalidInput
 from blockspace.pool.pool import DEFAULT_IO_TIMEOUT
+from blockspace.service.metrics import parse_metrics_address
+from blockspace.tiering.optimizer import DEFAULT_INTERVAL, DEFAULT_RATE
 from blockspace.units import parse_size
 
 DEFAULT_PATH = Path("/etc/blockspace/blockspace.toml")
@@ -34,6 +42,10 @@ class Config:
     scrub_rate: int = 0
     rebuild_rate: int = 0
     pool_full_percent: int = 80
+    thin_overcommit_percent: int = 100
+    tier_optimizer_period: float = DEFAULT_INTERVAL
+    tier_rate: int = DEFAULT_RATE
+    metrics_address: str = ""
     source: str = "built-in defaults"
 
     def as_dict(self) -> dict[str, Any]:
@@ -62,12 +74,40 @@ def _percent(value: object) -> int:
     return value
 
 
+def _overcommit(value: object) -> int:
+    if type(value) is not int or not 1 <= value <= 10000:
+        raise ValueError("takes a whole percentage from 1 to 10000")
+    return value
+
+
+def _period(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not 1 <= value <= 86400:  # also refuses nan
+        raise ValueError("takes seconds between 1 and 86400")
+    return float(value)
+
+
+def _address(value: object) -> str:
+    if not isinstance(value, str):
+        raise ValueError('takes "HOST:PORT" as a string ("" = off)')
+    if value:
+        try:
+            parse_metrics_address(value)
+        except InvalidInput:
+            raise ValueError("takes HOST:PORT, e.g. \"127.0.0.1:9469\"") from None
+    return value
+
+
 # section -> key -> (Config field, parser of the TOML value)
 _KEYS: dict[str, dict[str, tuple[str, Any]]] = {
     "daemon": {"io_timeout": ("io_timeout", _seconds)},
     "scrub": {"rate": ("scrub_rate", _rate)},
     "rebuild": {"rate": ("rebuild_rate", _rate)},
-    "thresholds": {"pool_full_percent": ("pool_full_percent", _percent)},
+    "thresholds": {"pool_full_percent": ("pool_full_percent", _percent),
+                   "thin_overcommit_percent": ("thin_overcommit_percent", _overcommit)},
+    "tier": {"optimizer_period": ("tier_optimizer_period", _period),
+             "rate": ("tier_rate", _rate)},
+    "metrics": {"address": ("metrics_address", _address)},
 }
 
 

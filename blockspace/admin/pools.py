@@ -207,9 +207,11 @@ def states_of_volumes(pool: Pool) -> dict[str, str]:
     return states
 
 
-def usable_capacity(pool: Pool) -> dict[str, int | None]:
-    """Volume bytes that still fit, per resiliency, from the current free space."""
-    usable_ids = pool.usable_disk_ids()
+def usable_capacity(pool: Pool, media: str | None = None) -> dict[str, int | None]:
+    """Volume bytes that still fit, per resiliency, from the current free space (of the
+    disks of one media class, if given)."""
+    usable_ids = [d for d in pool.usable_disk_ids()
+                  if media is None or pool.disks[d].record.media == media]
     free = {d: n for d, n in pool.allocator.free_map().items() if d in usable_ids}
     result: dict[str, int | None] = {}
     variants: dict[str, list[dict[str, int]]] = {
@@ -301,6 +303,9 @@ def pool_status(
         "raw_size": sum(d["extents"] for d in disks) * pool.slab_size,
         "raw_free": sum(d["free_bytes"] for d in disks if d["state"] == "online"),
         "usable": usable_capacity(pool),
+        # per media class only when the pool has both: a volume lives on one class
+        "usable_by_media": {m: usable_capacity(pool, m) for m in MEDIA}
+        if {d["media"] for d in disks} >= set(MEDIA) else None,
         "disks": disks,
         "volumes": volumes,
         "scrub": scrub,

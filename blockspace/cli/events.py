@@ -4,7 +4,6 @@ directory, so they work mounted or not. The history is recorded here too, by `ma
 command that changes a pool succeeds."""
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -13,7 +12,7 @@ from typing import Any
 
 from blockspace.admin.registry import Registry
 from blockspace.cli.common import OK, Parser, registry_of
-from blockspace.cli.output import console, emit, table
+from blockspace.cli.output import console, emit, json_line, table
 from blockspace.events import history
 from blockspace.events.log import EventLog, events_path
 from blockspace.events.record import Event, describe, make_event
@@ -58,7 +57,7 @@ def print_events(events: list[Event]) -> None:
 
 def print_one(args: argparse.Namespace, event: Event) -> None:
     try:
-        print(json.dumps(event, sort_keys=True) if args.json else event_line(event), flush=True)
+        print(json_line(event) if args.json else event_line(event), flush=True)
     except BrokenPipeError:
         raise SystemExit(1) from None
 

@@ -4,12 +4,11 @@ same ones the Prometheus endpoint exposes). The first report covers the time sin
 mount; each further one the INTERVAL before it."""
 
 import argparse
-import json
 import time
 from typing import Any
 
 from blockspace.cli.common import OK, Parser, daemon_socket
-from blockspace.cli.output import console, table
+from blockspace.cli.output import console, json_line, table
 from blockspace.service import control
 from blockspace.service.iostat import report
 from blockspace.units import format_size
@@ -73,7 +72,7 @@ def cmd_iostat(args: argparse.Namespace) -> int:
         data = report(snapshot, previous)
         data["time"] = time.time()
         if args.json:
-            print(json.dumps(data, sort_keys=True), flush=True)  # one JSON line per report
+            print(json_line(data), flush=True)  # one JSON line per report
         else:
             print_report(data, args.verbose)
         done += 1

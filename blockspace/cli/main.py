@@ -7,7 +7,6 @@ One module per command group: cli/pool.py, volume.py, disk.py, scrub.py, mount.p
 faults.py, tiers.py, attach.py, system.py; what they print goes through cli/output.py."""
 
 import argparse
-import json
 import logging
 import sys
 import traceback
@@ -30,7 +29,7 @@ from blockspace.cli import (
     volume,
 )
 from blockspace.cli.common import INTERNAL_ERROR, Parser, UsageError
-from blockspace.cli.output import error_line
+from blockspace.cli.output import error_line, json_line
 from blockspace.errors import BlockspaceError
 
 
@@ -86,7 +85,7 @@ def fail(message: str, exit_code: int, json_mode: bool) -> int:
     script reading stdout learns why without parsing the line."""
     error_line(message)
     if json_mode:
-        print(json.dumps({"error": message, "exit_code": exit_code}, sort_keys=True))
+        print(json_line({"error": message, "exit_code": exit_code}))
     return exit_code
 
 

@@ -39,6 +39,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if args.nbd is not None:
         nbd = str(parse_address(args.nbd or str(default_socket_path(registry.run_dir,
                                                                     args.pool))))
+    if args.metrics is None:  # the configured default ([metrics] address, "" = off)
+        args.metrics = load_config().metrics_address
     if args.metrics:
         parse_metrics_address(args.metrics)  # bad input before anything starts
     log_file = args.log_file or str(registry.log_path(args.pool))
@@ -159,7 +161,8 @@ def add_commands(commands: Any, common: Parser) -> None:
                    help="run the event hooks in DIR (default $BLOCKSPACE_HOOKS_DIR or "
                         "/etc/blockspace/hooks.d)")
     p.add_argument("--metrics", metavar="HOST:PORT",
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)")
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics (default: the "
+                        "config file's [metrics] address; off without one)")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
     p = commands.add_parser("unmount", aliases=["umount"], parents=[common],

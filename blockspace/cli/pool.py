@@ -10,6 +10,8 @@ from typing import Any
 import trio
 
 from blockspace.admin import offline
+from blockspace.admin.advice import Thresholds, advise
+from blockspace.admin.config import load_config
 from blockspace.admin.pools import check_new_disks
 from blockspace.admin.registry import PoolEntry
 from blockspace.cli import disk, events
@@ -77,6 +79,13 @@ def status_of(args: argparse.Namespace, name: str) -> dict[str, Any]:
     annotate_status(status)
     # The name the user addresses the pool by; `pool import --name` may differ from the labels'.
     status["name"] = name
+    config = load_config()
+    # An interrupted disk job resumes at the next mount; while mounted the daemon's
+    # `rebuild` progress tells instead.
+    job = registry.job_state(name) if socket_path is None else None
+    advice = advise(status, Thresholds(config.pool_full_percent,
+                                       config.thin_overcommit_percent), job)
+    status["status"], status["actions"] = advice.status, advice.actions
     return status
 
 
@@ -93,6 +102,10 @@ def print_status(s: dict[str, Any]) -> None:
         f"slab size {format_size(s['slab_size'])}, raw {format_size(s['raw_size'])}, "
         f"free {format_size(s['raw_free'])}, metadata generation {s['generation']}"
     )
+    if s.get("status"):  # what is wrong and what to do, first (as zpool status does)
+        console.print(f"status: {s['status']}", markup=False)
+    for action in s.get("actions", []):
+        console.print(f"action: {action}", markup=False)
     disk_rows = []
     for d in s["disks"]:
         errors = d["errors"]
@@ -111,8 +124,6 @@ def print_status(s: dict[str, Any]) -> None:
     lease_line = describe_lease(s.get("lease"))
     if lease_line:
         console.print(lease_line)
-    for action in s.get("actions", []):
-        console.print(f"action: {action}")
     metadata = s.get("metadata") or {}
     for problem in (metadata.get("error"), metadata.get("warning")):
         if problem:
@@ -144,11 +155,17 @@ def print_status(s: dict[str, Any]) -> None:
               format_size(v["allocated"]), format_size(v["footprint"]), v["state"])
              for v in s["volumes"]],
             title="volumes"))
+    by_media = s.get("usable_by_media") or {}
+    media = sorted(by_media)
     console.print(table(
-        ("resiliency", "fits"),
-        [(kind, format_size(size) if size is not None else "too few disks")
+        ("resiliency", "fits", *(f"fits ({m})" for m in media)),
+        [(kind, fits(size), *(fits(by_media[m].get(kind)) for m in media))
          for kind, size in s["usable"].items()],
         title="fits in free space"))
+
+
+def fits(size: int | None) -> str:
+    return format_size(size) if size is not None else "too few disks"
 
 
 def describe_lease(lease: dict[str, Any] | None) -> str:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import struct
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ import trio
 
 from blockspace.admin import offline
 from blockspace.cli.common import FAILED, OK, NotMounted, Parser, lease_options, pool_socket
+from blockspace.cli.heat_chart import write_png
 from blockspace.cli.output import console, emit
 from blockspace.errors import InvalidInput
 from blockspace.service import control
@@ -206,34 +205,6 @@ def print_status(s: dict[str, Any]) -> None:
                   "log scale)", markup=False, highlight=False)
     console.print(f"  ssd   |{fill_line(heat['ssd_fraction'])}|  (share of each span on ssd)",
                   markup=False, highlight=False)
-
-
-def write_png(path: Path, s: dict[str, Any], cell: int = 12, height: int = 48) -> None:
-    """The heat map as a PNG: a heat band (black..red..yellow, log scale) over an ssd band
-    (how much of each span is on the ssd tier, in blue)."""
-    heat = s["heat_map"]["heat"]
-    fractions = s["heat_map"]["ssd_fraction"]
-    top = max(heat, default=0.0)
-    width = len(heat) * cell
-    rows = []
-    for y in range(height + height // 3):
-        row = bytearray([0])  # filter: none
-        for value, fraction in zip(heat, fractions, strict=True):
-            if y < height:
-                level = math.log1p(value) / math.log1p(top) if top > 0 and value > 0 else 0.0
-                pixel = (min(255, int(510 * level)), max(0, int(510 * level) - 255), 0)
-            else:
-                pixel = (0, 0, int(255 * fraction))
-            row += bytes(pixel) * cell
-        rows.append(bytes(row))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (struct.pack(">I", len(data)) + kind + data
-                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
-
-    header = struct.pack(">IIBBBBB", width, len(rows), 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
-                     + chunk(b"IDAT", zlib.compress(b"".join(rows), 9)) + chunk(b"IEND", b""))
 
 
 # ---- parser --------------------------------------------------------------------------------

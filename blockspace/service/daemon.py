@@ -109,15 +109,18 @@ class Daemon:
             )
             self.pool = pool
             # Tiered volumes are served on top of their (hidden) tier volumes.
+            config = load_config()
             self.tiers = tiers = TierService(pool, self.volumes, self.registry.root,
-                                             self.options.pool)
+                                             self.options.pool,
+                                             period=config.tier_optimizer_period,
+                                             rate=config.tier_rate)
             self.observer = observer = Observer(
                 Sources(pool, self.options.pool, self.options.mountpoint,
                         lambda: self.disks.rebuilder.progress.to_dict() if self.disks else None,
                         lambda: self.scrubber.progress.to_dict(), lambda: tiers.tiered),
                 self.registry.root, hooks=hooks_dir(self.options.hooks_dir or None),
                 metrics=self.options.metrics,
-                pool_full_percent=load_config().pool_full_percent)
+                pool_full_percent=config.pool_full_percent)
             self.fs = VolumeFS(tiers.served, uid=self.options.uid, gid=self.options.gid,
                                io=observer.io, on_error=observer.on_io_error)
             fuse_options = set(pyfuse3.default_options)

@@ -18,7 +18,7 @@ from blockspace.errors import InvalidInput
 from blockspace.pool.pool import Pool
 from blockspace.tiering import admin as tier_admin
 from blockspace.tiering.heat import HeatMap
-from blockspace.tiering.optimizer import TierOptimizer
+from blockspace.tiering.optimizer import DEFAULT_INTERVAL, DEFAULT_RATE, TierOptimizer
 from blockspace.tiering.tiered_volume import TieredVolume
 from blockspace.volume.volume import Volume
 
@@ -27,8 +27,11 @@ log = logging.getLogger(__name__)
 
 class TierService:
     def __init__(self, pool: Pool, volumes: dict[str, Volume], state_dir: Path,
-                 pool_name: str) -> None:
+                 pool_name: str, *, period: float = DEFAULT_INTERVAL,
+                 rate: int = DEFAULT_RATE) -> None:
         self.pool = pool
+        self.period = period  # each optimizer's pass interval and move rate ([tier] config)
+        self.rate = rate
         self.volumes = volumes  # the daemon's engine volumes (shared, kept up to date)
         self.state_dir = state_dir
         self.pool_name = pool_name
@@ -50,7 +53,8 @@ class TierService:
         volume = TieredVolume(self.pool, record, self.volumes[tiers.ssd],
                               self.volumes[tiers.hdd], heat)
         self.tiered[name] = volume
-        self.optimizers[name] = TierOptimizer(volume, save_heat=self._save_heat)
+        self.optimizers[name] = TierOptimizer(volume, interval=self.period, rate=self.rate,
+                                              save_heat=self._save_heat)
         if self._nursery is not None:
             self._start(name)
         return volume

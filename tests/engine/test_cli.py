@@ -74,7 +74,8 @@ def assert_one_line_error(result: Result, rc: int, *expected: str, json_mode: bo
     assert "Traceback" not in result.err, result.err
     assert result.rc == rc, (result.rc, result.err)
     if json_mode:
-        assert result.json() == {"error": result.err.rstrip("\n"), "exit_code": rc}
+        assert result.json() == {"error": result.err.rstrip("\n"), "exit_code": rc,
+                                 "json_version": 1}
     else:
         assert result.out == ""
     lines = result.err.splitlines()
@@ -550,14 +551,14 @@ def test_volume_round_trip_then_export_and_import(tmp_path: Path) -> None:
     assert status["raw_free"] == created["raw_free"] - 4 * 3 * SLAB
 
     deleted = run_json("volume", "delete", "rt", "v")
-    assert deleted == {"name": "v", "deleted": True}
+    assert deleted == {"name": "v", "deleted": True, "json_version": 1}
     table = ok(state, "volume", "list", "rt", cwd=tmp_path).out
     assert "parity-1" in table
     assert " v " not in table
 
     # export: the registry forgets, the disks are untouched
     images = {name: fingerprint(tmp_path / name) for name in disks}
-    assert run_json("pool", "export", "rt") == {"name": "rt"}
+    assert run_json("pool", "export", "rt") == {"name": "rt", "json_version": 1}
     assert run_json("pool", "list") == []
     assert {name: fingerprint(tmp_path / name) for name in disks} == images
 

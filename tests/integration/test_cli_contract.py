@@ -345,7 +345,7 @@ def test_bad_input_is_one_line_the_documented_code_and_changes_nothing(
     assert result.returncode == bad.code(mode), (result.returncode, result.stderr)
     if "--json" in result.args:  # the line and the code as an object on stdout as well
         assert json.loads(result.stdout) == {"error": result.stderr.rstrip("\n"),
-                                             "exit_code": result.returncode}
+                                             "exit_code": result.returncode, "json_version": 1}
     else:
         assert result.stdout == ""
     lines = result.stderr.splitlines()

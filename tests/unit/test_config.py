@@ -26,9 +26,27 @@ def test_values_are_read() -> None:
             config.pool_full_percent) == (2.5, 100 << 20, 1 << 30, 90)
 
 
+def test_the_tier_metrics_and_overcommit_keys_are_read() -> None:
+    config = parse_config('[thresholds]\nthin_overcommit_percent = 150\n'
+                          '[tier]\noptimizer_period = 60\nrate = "0"\n'
+                          '[metrics]\naddress = ":9469"\n', "f")
+    assert (config.thin_overcommit_percent, config.tier_optimizer_period, config.tier_rate,
+            config.metrics_address) == (150, 60.0, 0, ":9469")
+    assert (Config().tier_optimizer_period, Config().tier_rate, Config().metrics_address,
+            Config().thin_overcommit_percent) == (300.0, 64 << 20, "", 100)
+
+
 @pytest.mark.parametrize(("text", "message"), [
+    ("[thresholds]\nthin_overcommit_percent = 0\n", "takes a whole percentage from 1 to 10000"),
+    ("[tier]\noptimizer_period = 0.5\n", "f: tier.optimizer_period = 0.5: takes seconds "
+                                         "between 1 and 86400"),
+    ("[tier]\nrate = 5\n", "f: tier.rate = 5: takes a size per second as a string"),
+    ("[tier]\nperiod = 5\n", "f: unknown key tier.period (known: optimizer_period, rate)"),
+    ("[metrics]\naddress = \"nowhere\"\n", "f: metrics.address = 'nowhere': takes HOST:PORT"),
+    ("[metrics]\naddress = 9469\n", "f: metrics.address = 9469: takes \"HOST:PORT\""),
     ("[daemon\n", "f: not valid TOML: "),
-    ("[deamon]\nio_timeout = 3\n", "f: unknown section [deamon] (known: daemon, rebuild, "),
+    ("[deamon]\nio_timeout = 3\n",
+     "f: unknown section [deamon] (known: daemon, metrics, rebuild, "),
     ("[daemon]\nio_timout = 3\n", "f: unknown key daemon.io_timout (known: io_timeout)"),
     ("daemon = 3\n", "f: daemon must be a [daemon] table"),
     ("[daemon]\nio_timeout = 0\n", "f: daemon.io_timeout = 0: takes seconds between 0.1 and"),
