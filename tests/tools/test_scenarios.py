@@ -327,3 +327,16 @@ def test_scenario_short(scenario: str, layout: str, workroot: Path) -> None:
     assert result.bytes_checked > 0, line
     expected = EXPECTED[scenario](layout)
     assert result.verdict == expected, line + "\n" + "\n".join(result.problems)
+
+
+# The trials of issue 17 item 9, each on its layouts, quick size (each well under 20 s here).
+ITEM_9 = [(scenario, layout) for scenario in ("stale-copy", "host-full", "zeroed-range")
+          for layout in ONLY_ON[scenario]]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+@pytest.mark.parametrize(("scenario", "layout"), ITEM_9,
+                         ids=[f"{scenario}-{layout}" for scenario, layout in ITEM_9])
+def test_item_9_trial_short(scenario: str, layout: str, workroot: Path) -> None:
+    test_scenario_short(scenario, layout, workroot)
