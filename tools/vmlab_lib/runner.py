@@ -1224,7 +1224,7 @@ def check_environment() -> list[str]:
         if shutil.which(tool) is None:
             problems.append(f"{tool} not found")
     missing = dmtools.modprobe("loop", "fuse", "dm-mod", "dm-flakey", "dm-delay",
-                               "dm-log-writes")
+                               "dm-log-writes", "dm-zero")
     if missing:
         problems.append(f"kernel modules missing: {' '.join(missing)}")
     if not os.path.exists("/dev/mapper/control"):
