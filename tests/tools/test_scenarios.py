@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from scenario_lib import placement, report, workload  # noqa: E402
 from scenario_lib.cli import QUICK_SET, parse_args, selection  # noqa: E402
 from scenario_lib.system import missing_prerequisites, mounts  # noqa: E402
-from scenario_lib.trials import LAYOUTS, QUICK, SCENARIOS, Result, run_trial  # noqa: E402
+from scenario_lib.trials import LAYOUTS, ONLY_ON, QUICK, SCENARIOS, Result, run_trial  # noqa: E402
 
 from blockspace.disks.devices import open_device  # noqa: E402
 from blockspace.geometry.layouts import LayoutSpec  # noqa: E402
@@ -254,7 +254,14 @@ def test_verdict_line_and_table() -> None:
 
 
 def test_command_line_selection() -> None:
-    assert selection(parse_args(["--all"])) == [(s, la) for s in SCENARIOS for la in LAYOUTS]
+    assert selection(parse_args(["--all"])) == [
+        (s, la) for s in SCENARIOS for la in LAYOUTS if la in ONLY_ON.get(s, LAYOUTS)]
+    assert selection(parse_args(["--only", "host-full"])) == [("host-full", "mirror-2")]
+    assert selection(parse_args(["--scenarios", "stale-copy,zeroed-range"])) == [
+        ("stale-copy", "mirror-2"), ("stale-copy", "parity-1"), ("zeroed-range", "parity-1")]
+    assert selection(parse_args(["--scenarios", "zeroed-range", "--layouts", "mirror-2"])) == []
+    assert set(ONLY_ON) <= set(SCENARIOS)
+    assert all(set(layouts) <= set(LAYOUTS) for layouts in ONLY_ON.values())
     assert selection(parse_args(["--quick"])) == list(QUICK_SET)
     assert selection(parse_args(["--scenarios", "slow", "--layouts", "simple,parity-2"])) == [
         ("slow", "simple"), ("slow", "parity-2")]
@@ -289,7 +296,19 @@ EXPECTED = {
     "expected failure",
     "flakey": lambda layout: "pass" if LAYOUTS[layout].tolerance else "expected failure",
     "slow": lambda layout: "pass",
+    "stale-copy": lambda layout: "pass",
+    "host-full": lambda layout: "pass",
+    "zeroed-range": lambda layout: "pass",
 }
+
+
+def test_every_scenario_has_an_expected_verdict_and_a_row_in_the_docs() -> None:
+    """A scenario added to the suite is listed with its expected outcome (EXPECTED here, the
+    table in docs/scenarios.md)."""
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "scenarios.md").read_text()
+    for scenario in SCENARIOS:
+        assert scenario in EXPECTED
+        assert f"| `{scenario}` |" in docs, scenario
 
 
 # No trial is marked xfail: the product bugs these trials found (docs/scenarios.md,
@@ -308,3 +327,16 @@ def test_scenario_short(scenario: str, layout: str, workroot: Path) -> None:
     assert result.bytes_checked > 0, line
     expected = EXPECTED[scenario](layout)
     assert result.verdict == expected, line + "\n" + "\n".join(result.problems)
+
+
+# The trials of issue 17 item 9, each on its layouts, quick size (each well under 20 s here).
+ITEM_9 = [(scenario, layout) for scenario in ("stale-copy", "host-full", "zeroed-range")
+          for layout in ONLY_ON[scenario]]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+@pytest.mark.parametrize(("scenario", "layout"), ITEM_9,
+                         ids=[f"{scenario}-{layout}" for scenario, layout in ITEM_9])
+def test_item_9_trial_short(scenario: str, layout: str, workroot: Path) -> None:
+    test_scenario_short(scenario, layout, workroot)

@@ -158,6 +158,10 @@ def test_dm_tables() -> None:
     assert dmtools.bad_range("/dev/loop1", 1000, 100, 50).splitlines() == [
         "0 100 linear /dev/loop1 0", "100 50 error", "150 850 linear /dev/loop1 150"]
     assert dmtools.bad_range("/dev/loop1", 1000, 0, 1000) == "0 1000 error"
+    assert dmtools.zero_range("/dev/loop1", 1000, 100, 50).splitlines() == [
+        "0 100 linear /dev/loop1 0", "100 50 zero", "150 850 linear /dev/loop1 150"]
+    assert dmtools.zero_range("/dev/loop1", 1000, 900, 100).splitlines() == [
+        "0 900 linear /dev/loop1 0", "900 100 zero"]
     assert dmtools.log_writes("/dev/loop2", "/dev/loop3", 8) == \
         "0 8 log-writes /dev/loop2 /dev/loop3"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import report
 from .system import Interrupted, missing_prerequisites, terminate_as_interrupt
-from .trials import FULL, LAYOUTS, QUICK, SCENARIOS, Result, run_trial
+from .trials import FULL, LAYOUTS, ONLY_ON, QUICK, SCENARIOS, Result, run_trial
 
 # The short version, run by the default test suite (tests/test_scenarios.py): three scenarios
 # on a mirror and on dual parity, small files: a disk lost and replaced under writes, one disk
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--quick", action="store_true",
                        help="the short version run by the test suite: "
                             + ", ".join(f"{s}/{la}" for s, la in QUICK_SET))
-    parser.add_argument("--scenarios", metavar="A,B", help="only these scenarios "
+    parser.add_argument("--scenarios", "--only", metavar="A,B", help="only these scenarios "
                         f"({', '.join(SCENARIOS)})")
     parser.add_argument("--layouts", metavar="X,Y",
                         help=f"only these layouts ({', '.join(LAYOUTS)})")
@@ -77,7 +77,8 @@ def selection(args: argparse.Namespace) -> list[tuple[str, str]]:
     scenarios = _names(args.scenarios, SCENARIOS, "scenario") if args.scenarios else list(
         SCENARIOS)
     layouts = _names(args.layouts, LAYOUTS, "layout") if args.layouts else list(LAYOUTS)
-    return [(s, la) for s in scenarios for la in layouts]
+    # A scenario made for some layouts (ONLY_ON) runs on those of the selected ones only.
+    return [(s, la) for s in scenarios for la in layouts if la in ONLY_ON.get(s, layouts)]
 
 
 def main(argv: list[str] | None = None) -> int:

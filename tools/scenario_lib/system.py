@@ -198,6 +198,7 @@ class Env:
         self.volume_loops: list[str] = []
         self.pool_mounts: list[Path] = []
         self.daemons: list[int] = []
+        self.host_mounts: list[Path] = []  # tmpfs under the images: unmounted last
         self.children: list[subprocess.Popen[bytes]] = []
         self.commands: list[str] = []  # a transcript, for the repro in a report
 
@@ -319,6 +320,22 @@ class Env:
             run([tool("umount"), "-l", str(mountpoint)])
         self.fs_mounts.remove(mountpoint)
 
+    def mount_images_tmpfs(self, size: int) -> None:
+        """A tmpfs of `size` bytes under the images directory (a small host file system
+        that can fill up, and be grown with `resize_images_tmpfs`)."""
+        self.commands.append(f"mount -t tmpfs -o size={size} tmpfs {self.images}")
+        self.host_mounts.append(self.images)
+        try:
+            run([tool("mount"), "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                 str(self.images)])
+        except CommandFailed:
+            self.host_mounts.remove(self.images)
+            raise
+
+    def resize_images_tmpfs(self, size: int) -> None:
+        self.commands.append(f"mount -o remount,size={size} {self.images}")
+        run([tool("mount"), "-o", f"remount,size={size}", str(self.images)])
+
     def spawn(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, **kwargs)
         self.children.append(process)
@@ -330,7 +347,7 @@ class Env:
         """Take down everything this env created. Returns what could not be done."""
         problems: list[str] = []
         for step in (self._stop_children, self._cleanup_fs, self._cleanup_loops,
-                     self._cleanup_pools, self._cleanup_daemons):
+                     self._cleanup_pools, self._cleanup_daemons, self._cleanup_host_mounts):
             try:
                 step(problems)
             except BaseException as error:  # keep going: the later steps matter even more
@@ -412,6 +429,16 @@ class Env:
             os.kill(pid, signal.SIGKILL)
             problems.append(f"daemon {pid} needed SIGKILL")
         self.daemons.clear()
+
+    def _cleanup_host_mounts(self, problems: list[str]) -> None:
+        # Last: the daemons that held the images open are gone by now.
+        for mountpoint in reversed(self.host_mounts):
+            if str(mountpoint) not in mounts():
+                continue
+            result = run([tool("umount"), str(mountpoint)], check=False, timeout=60)
+            if result.returncode != 0:
+                problems.append(f"umount {mountpoint}: {result.stderr.strip()}")
+        self.host_mounts.clear()
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -374,6 +375,20 @@ class Trial:
                          f"and {report.get('checksum_errors')} bad blocks (repaired "
                          f"{report.get('repaired_blocks')}): the rebuild left redundancy "
                          "inconsistent")
+
+    def wait_online(self, when: str, timeout: float = 300.0) -> None:
+        """Until every disk is online (a catch-up or resync finished); a problem if not."""
+        states: dict[int, str] = {}
+
+        def online() -> bool:
+            nonlocal states
+            states = self.states(self.status())
+            return all(s == "online" for s in states.values())
+
+        if wait_until(online, timeout, interval=0.5):
+            self.step(f"{when}: every disk online")
+        else:
+            self.problem(f"{when}: disks not online after {timeout:.0f}s: {states}")
 
     def expect_healthy(self, when: str) -> None:
         status = self.status()
@@ -1022,12 +1037,196 @@ def bitrot_and_loss(t: Trial) -> None:
     t.check_all("after replace, scrub, remount: every acknowledged file", must_be_ok=True)
 
 
+def stale_copy(t: Trial) -> None:
+    """A member swapped for an older copy of itself between two mounts: a copy of disk 1's
+    image taken while unmounted, more files written and synced, the copy put back. The disk
+    must not serve as if current (`pool status` says stale), the mount catches it up, and
+    every acknowledged file reads back."""
+    t.result.expected = "pass"
+    t.result.faults = "d1 image replaced by its copy from before more writes"
+    t.setup(t.layout.width)
+    t.write_base()
+    t.down()
+    image = t.images[1]
+    aside = t.env.root / "disk1.old"
+    run(["cp", "--sparse=always", str(image), str(aside)])
+    t.step(f"copied {image.name} aside (cp --sparse=always)")
+    t.up(faults=False)
+    t.start_writers("new", total=t.sizes.phase_bytes)
+    for process in t.writers["new"]:
+        process.wait(timeout=600)
+    t.app_errors("new", allowed=False)
+    t.step(f"{t.phase_bytes('new') / MiB:.1f} MiB more acknowledged")
+    t.down()
+    run(["cp", "--sparse=always", str(aside), str(image)])
+    aside.unlink()
+    t.step(f"put the old copy back as {image.name}")
+    offline = t.status()  # not mounted: read from the images
+    shown = next(d for d in offline["disks"] if int(d["id"]) == 1)
+    reason = str(shown.get("state_reason") or "")
+    t.note(f"pool status before the mount: disk 1 {shown['state']} ({reason})")
+    if shown["state"] in USABLE or "stale" not in reason:
+        t.problem(f"the older copy of disk 1 is {shown['state']} in pool status, not stale: "
+                  f"{reason!r}")
+    t.up(faults=False)
+    t.wait_online("after the mount's catch-up")
+    t.check_all("stale copy caught up: every acknowledged file", must_be_ok=True,
+                final=False)
+    scrub = t.scrub()
+    if scrub and scrub.get("report", {}).get("unrecoverable"):
+        t.problem(f"scrub finds unrecoverable data: {scrub['report']['unrecoverable'][:3]}")
+    t.cycle()
+    t.expect_healthy("after remount")
+    t.check_all("after remount: every acknowledged file", must_be_ok=True)
+
+
+def host_full(t: Trial) -> None:
+    """The host file system under the images fills up (a tmpfs under the trial's images,
+    shrunk to a little above what they use) while the writers run: writes fail, but no disk
+    and not the pool. The tmpfs is grown again and writes succeed without `disk online`;
+    every acknowledged file reads back. (ext4 may abort its journal on the write errors: it
+    is then remounted, which is noted.)"""
+    t.result.expected = "pass"
+    headroom = 16 * MiB
+    t.result.faults = f"tmpfs under the images shrunk to used+{headroom // MiB} MiB mid-write"
+    big = 2 * t.layout.width * t.sizes.disk
+    t.env.mount_images_tmpfs(big)
+    t.setup(t.layout.width)
+    t.write_base()
+    used = shutil.disk_usage(t.env.images).used
+    t.env.resize_images_tmpfs(used + headroom)
+    t.step(f"tmpfs shrunk to {(used + headroom) / MiB:.0f} MiB ({used / MiB:.0f} MiB used)")
+    t.start_writers("full")
+    deadline = time.monotonic() + 120
+    while (time.monotonic() < deadline and not t.errors("full")
+           and any(p.poll() is None for p in t.writers["full"])):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    t.stop_writers("full")
+    errors = t.app_errors("full", allowed=True)
+    if not errors:
+        t.problem("the host file system never filled up: no write failed")
+    status = t.status()
+    states = t.states(status)
+    full = [int(d["id"]) for d in status["disks"] if d.get("host_full")]
+    t.note(f"host full: pool {status['health']}, volume {t.volume_state(status)}, disks "
+           f"{states}, host_full on {full}, actions {status.get('actions')}")
+    if status["health"] == "failed" or t.volume_state(status) == "failed":
+        t.problem(f"a full host failed the pool: {status['health']}, volume "
+                  f"{t.volume_state(status)}")
+    if any(s != "online" for s in states.values()):
+        t.problem(f"a full host took disks out of service: {states}")
+    t.env.resize_images_tmpfs(big)
+    t.step(f"tmpfs grown to {big / MiB:.0f} MiB")
+    if t.fs is not None and not fs_writable(t.fs):
+        t.note("ext4 aborted its journal on the write errors (read-only): ext4 remounted")
+        assert t.loop is not None
+        t.env.umount_fs(t.fs)
+        t.fs = t.env.mount_fs(t.loop)  # replays the journal
+        t.env.umount_fs(t.fs)
+        fsck = run([tool("fsck.ext4"), "-fn", t.loop], check=False, timeout=600)
+        if fsck.returncode != 0:
+            t.problem(f"fsck.ext4 -fn after the journal abort: exit {fsck.returncode}: "
+                      + " | ".join(fsck.stdout.strip().splitlines()[-3:]))
+        t.fs = t.env.mount_fs(t.loop)
+    t.start_writers("after", total=t.sizes.phase_bytes)
+    for process in t.writers["after"]:
+        process.wait(timeout=600)
+    t.app_errors("after", allowed=False)
+    t.step(f"after the host has room: {t.phase_bytes('after') / MiB:.1f} MiB acknowledged")
+    t.expect_healthy("after the host has room (no disk online)")
+    t.check_all("after the host has room: every acknowledged file", must_be_ok=True,
+                final=False)
+    t.cycle()
+    t.expect_healthy("after remount")
+    t.check_all("after remount: every acknowledged file", must_be_ok=True)
+
+
+ZEROED_EXTENTS = 6
+
+
+def zeroed_range(t: Trial) -> None:
+    """A zeroed range under ext4 on a parity volume: a hole punched (`fallocate
+    --punch-hole`) over the data and checksum areas of disk 0's first extents, as a thin
+    store or a disk returning zeros would. Done while unmounted, so the daemon's checksum
+    cache cannot hide it. ext4 is then used live (writers run during the scrub): every file
+    reads back, fsck is clean, scrub repairs it and finds nothing unrecoverable."""
+    t.result.expected = "pass"
+    t.result.faults = f"hole punched over {ZEROED_EXTENTS} extents of d0 (unmounted)"
+    t.may_be_failing.add(0)  # its checksum errors may rightly make it "failing" (a warning)
+    t.setup(t.layout.width)
+    t.write_base()
+    t.down()
+    pool_map = placement.read_pool_map(str(p) for p in t.images.values())
+    disk = pool_map.disks[0]
+    length = ZEROED_EXTENTS * disk.extent_stride
+    run(["fallocate", "--punch-hole", "--offset", str(disk.data_start), "--length",
+         str(length), str(t.images[0])])
+    t.step(f"punched a hole of {length / MiB:.1f} MiB at {disk.data_start} in disk 0's image")
+    t.up(faults=False)
+    t.check_all("zeroed range: every acknowledged file", must_be_ok=True, final=False)
+    t.start_writers("z", total=t.sizes.phase_bytes)
+    scrub = t.scrub()
+    for process in t.writers["z"]:
+        process.wait(timeout=600)
+    t.app_errors("z", allowed=False)
+    report = (scrub or {}).get("report", {})
+    if report.get("unrecoverable"):
+        t.problem(f"scrub finds unrecoverable data: {report['unrecoverable'][:3]}")
+    if scrub and not report.get("repaired_blocks"):
+        t.problem("scrub repaired nothing: the hole hit no written block, or went unseen")
+    again = t.scrub()
+    again_report = (again or {}).get("report", {})
+    if again and (again_report.get("unrecoverable") or again_report.get("mismatches")
+                  or again_report.get("checksum_errors") or again_report.get("repaired_blocks")):
+        t.problem(f"a second scrub still finds work: {again_report}")
+    t.cycle()
+    t.expect_healthy("after scrub and remount")
+    t.check_all("after scrub and remount: every acknowledged file", must_be_ok=True)
+
+
+def fs_writable(root: Path) -> bool:
+    """Does a small file still go through an fsync (ext4 may have aborted its journal and
+    gone read-only on write errors, possibly only now, as its journal commit failed)?"""
+    if "ro" in mount_options(root):
+        return False
+    probe = root / ".writable-probe"
+    try:
+        with open(probe, "wb") as handle:
+            handle.write(b"probe")
+            handle.flush()
+            os.fsync(handle.fileno())
+        probe.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def mount_options(mountpoint: Path) -> list[str]:
+    with open("/proc/self/mounts") as handle:
+        for line in handle:
+            fields = line.split()
+            if len(fields) > 3 and fields[1] == str(mountpoint):
+                return fields[3].split(",")
+    return []
+
+
 SCENARIOS: dict[str, Callable[[Trial], None]] = {
     "loss-within-tolerance": loss_within_tolerance,
     "loss-beyond-tolerance": loss_beyond_tolerance,
     "flakey": flakey,
     "slow": slow,
     "bitrot-and-loss": bitrot_and_loss,
+    "stale-copy": stale_copy,
+    "host-full": host_full,
+    "zeroed-range": zeroed_range,
+}
+
+# Scenarios that run on some layouts only (the others run on every layout).
+ONLY_ON: dict[str, tuple[str, ...]] = {
+    "stale-copy": ("mirror-2", "parity-1"),
+    "host-full": ("mirror-2",),
+    "zeroed-range": ("parity-1",),
 }
 
 
@@ -1060,5 +1259,5 @@ def still_mounted_below(root: Path) -> list[str]:
     return [m for m in mounts() if m.startswith(str(root) + "/")]
 
 
-__all__ = ["LAYOUTS", "SCENARIOS", "FULL", "QUICK", "Result", "Sizes", "run_trial",
+__all__ = ["LAYOUTS", "ONLY_ON", "SCENARIOS", "FULL", "QUICK", "Result", "Sizes", "run_trial",
            "still_mounted_below", "wait_until"]

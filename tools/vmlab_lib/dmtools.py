@@ -80,6 +80,19 @@ def bad_range(dev: str, sectors: int, start: int, count: int) -> str:
     return "\n".join(lines)
 
 
+def zero_range(dev: str, sectors: int, start: int, count: int) -> str:
+    """linear, except sectors [start, start+count), which read as zeros and drop every write
+    (dm `zero`: a thin store or a disk returning zeros for what it lost)."""
+    lines = []
+    if start > 0:
+        lines.append(f"0 {start} linear {dev} 0")
+    lines.append(f"{start} {count} zero")
+    end = start + count
+    if end < sectors:
+        lines.append(f"{end} {sectors - end} linear {dev} {end}")
+    return "\n".join(lines)
+
+
 def log_writes(dev: str, log_dev: str, sectors: int) -> str:
     return f"0 {sectors} log-writes {dev} {log_dev}"
 

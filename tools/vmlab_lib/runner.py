@@ -810,6 +810,27 @@ def sc_bad_sectors(world: World) -> Outcome:
     return Outcome(False, checked, "no read error counted on any disk: bad range never read")
 
 
+ZEROED = 4 * MIB
+
+
+def sc_zeroed_range(world: World) -> Outcome:
+    """A range of one disk under file data turns to zeros (dm linear + zero table, swapped in
+    live under the mounted ext4; the range also drops every write): every file reads back
+    right while files go on being written, fsck is clean, and the pool counted the damage."""
+    files = world.build()
+    _write(files, BEFORE + AFTER)
+    victim = 0
+    start = _find_data_window(world, victim, files.blocks(), 256 * 1024)
+    if start is None:
+        return Outcome(False, 0, f"no file data found on disk {victim}")
+    sector = start // dmtools.SECTOR
+    count = min(ZEROED, DISK_SIZE - start) // dmtools.SECTOR
+    world.inject(victim, dmtools.zero_range(world.backing[victim], world.sectors, sector,
+                                            count), f"linear + zero at sectors {sector}+{count}")
+    _write(files, AFTER)
+    return _checked(world, world.verify_and_fsck(), [victim])
+
+
 def sc_tolerance(world: World) -> Outcome:
     """Tolerance-many disks die (every I/O fails) mid-write; writes go on, every byte reads
     back, and the pool mounts again degraded with every byte there."""
@@ -1016,6 +1037,10 @@ SCENARIOS = [
     Scenario("bad-sectors", sc_bad_sectors, "linear+error: 256 KiB under file data",
              "256 KiB of unreadable sectors (dm linear + error table) right under file data "
              "on one disk; every read is served from redundancy", ("mirror-2", "parity-1")),
+    Scenario("zeroed-range", sc_zeroed_range, "linear+zero: 4 MiB under file data",
+             "4 MiB of one disk, right under file data, read as zeros and drop writes (dm "
+             "linear + zero table, swapped in under the live ext4); files go on being "
+             "written, every file reads back right, fsck clean", ("parity-1",)),
     Scenario("tolerance", sc_tolerance, "tolerance-many disks die mid-write",
              "as many disks as the layout tolerates die (dm error target) mid-write; writes "
              "go on, every byte reads back, and the pool mounts again degraded with every "
@@ -1199,7 +1224,7 @@ def check_environment() -> list[str]:
         if shutil.which(tool) is None:
             problems.append(f"{tool} not found")
     missing = dmtools.modprobe("loop", "fuse", "dm-mod", "dm-flakey", "dm-delay",
-                               "dm-log-writes")
+                               "dm-log-writes", "dm-zero")
     if missing:
         problems.append(f"kernel modules missing: {' '.join(missing)}")
     if not os.path.exists("/dev/mapper/control"):
