@@ -875,7 +875,12 @@ class Pool:
         # `returned`): both label copies go, and the file is closed, so the same disk can
         # be added again, to this pool or another.
         device = disk.device or disk.returned
+        # Both, if both are set (in service, and a copy kept for its return): a handle left
+        # open keeps the file's lock, and `disk add` of it would find it "in use".
+        spare = disk.returned if disk.returned is not device else None
         disk.device = disk.returned = None
+        if spare is not None:
+            spare.close()
         if device is None:
             log.warning("removed disk %d (%s) is not present: its label stays on it (`disk "
                         "add --force` overwrites it)", disk_id, disk.path)
