@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import xxhash
-
 from blockspace.errors import FormatError, InvalidInput
-from blockspace.ondisk.framing import check_format_version, decode_json_body
+from blockspace.ondisk.framing import BLOCK_HEADER, decode_json_body, frame_block, unframe_block
 from blockspace.units import format_size
 
 FORMAT_VERSION = 1
@@ -51,8 +48,7 @@ LEASE_SIZE = 4096
 
 BytesLike = bytes | bytearray | memoryview
 
-_HEADER = struct.Struct("<8sIIQ")
-HEADER_SIZE = _HEADER.size  # 24
+HEADER_SIZE = BLOCK_HEADER.size  # 24
 MAX_BODY_LEN = LABEL_SIZE - HEADER_SIZE
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
@@ -362,9 +358,7 @@ def encode_label(label: DiskLabel) -> bytes:
     )
     if len(body) > MAX_BODY_LEN:  # cannot happen with names of at most 64 characters
         raise ValueError(f"disk label body too large ({len(body)} bytes)")
-    checksum = xxhash.xxh3_64_intdigest(body)
-    header = _HEADER.pack(LABEL_MAGIC, label.format_version, len(body), checksum)
-    return (header + body).ljust(LABEL_SIZE, b"\0")
+    return frame_block(LABEL_MAGIC, label.format_version, body, LABEL_SIZE)
 
 
 def decode_label(raw: BytesLike) -> DiskLabel | None:
@@ -378,17 +372,9 @@ def decode_label(raw: BytesLike) -> DiskLabel | None:
     raw = bytes(raw)
     if len(raw) != LABEL_SIZE:
         raise FormatError(f"disk label is {len(raw)} bytes, expected {LABEL_SIZE}")
-    magic, version, body_len, checksum = _HEADER.unpack_from(raw)
-    if magic != LABEL_MAGIC:
+    body = unframe_block(raw, LABEL_MAGIC, FORMAT_VERSION, "disk label", "label")
+    if body is None:
         return None
-    check_format_version(version, FORMAT_VERSION, "label")
-    if not 2 <= body_len <= MAX_BODY_LEN:
-        raise FormatError(f"disk label body length {body_len} out of bounds")
-    body = raw[HEADER_SIZE : HEADER_SIZE + body_len]
-    if xxhash.xxh3_64_intdigest(body) != checksum:
-        raise FormatError("disk label checksum mismatch")
-    if raw[HEADER_SIZE + body_len :].strip(b"\0"):
-        raise FormatError("disk label padding is not zero")
     return _label_from_body(decode_json_body(body, "disk label body"))
 
 

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import dataclass
 from typing import Any
 
-import xxhash
-
 from blockspace.errors import FormatError
-from blockspace.ondisk.framing import check_format_version, decode_json_body
+from blockspace.ondisk.framing import BLOCK_HEADER, decode_json_body, frame_block, unframe_block
 from blockspace.ondisk.label import LEASE_SIZE, check_uuid, timestamp
 
 LEASE_FORMAT_VERSION = 1
@@ -32,8 +29,7 @@ MAX_COUNTER = (1 << 63) - 1
 MAX_PID_START = (1 << 63) - 1  # clock ticks since boot (/proc/PID/stat field 22)
 MAX_WAIT = 3600.0  # the longest a lease may ask a taker to watch it (more: --force)
 
-_HEADER = struct.Struct("<8sIIQ")
-_MAX_BODY = LEASE_SIZE - _HEADER.size
+_MAX_BODY = LEASE_SIZE - BLOCK_HEADER.size
 _HOST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 _HOST_NAME_RE = re.compile(r"[\x21-\x7e]{1,255}", re.ASCII)  # printable, no spaces
 _KEYS = frozenset({"pool_uuid", "disk_uuid", "host_id", "host_name", "boot_id", "pid",
@@ -147,9 +143,7 @@ def encode_lease(lease: Lease) -> bytes:
                       allow_nan=False).encode("utf-8")
     if len(body) > _MAX_BODY:  # cannot happen: every field is bounded well below
         raise ValueError(f"lease body too large ({len(body)} bytes)")
-    header = _HEADER.pack(LEASE_MAGIC, LEASE_FORMAT_VERSION, len(body),
-                          xxhash.xxh3_64_intdigest(body))
-    return (header + body).ljust(LEASE_SIZE, b"\0")
+    return frame_block(LEASE_MAGIC, LEASE_FORMAT_VERSION, body, LEASE_SIZE)
 
 
 def decode_lease(raw: BytesLike, pool_uuid: str, disk_uuid: str) -> Lease | None:
@@ -160,17 +154,9 @@ def decode_lease(raw: BytesLike, pool_uuid: str, disk_uuid: str) -> Lease | None
     raw = bytes(raw)
     if len(raw) != LEASE_SIZE:
         raise FormatError(f"lease block is {len(raw)} bytes, expected {LEASE_SIZE}")
-    magic, version, length, checksum = _HEADER.unpack_from(raw)
-    if magic != LEASE_MAGIC:
+    body = unframe_block(raw, LEASE_MAGIC, LEASE_FORMAT_VERSION, "lease")
+    if body is None:
         return None
-    check_format_version(version, LEASE_FORMAT_VERSION, "lease")
-    if not 2 <= length <= _MAX_BODY:
-        raise FormatError(f"lease body length {length} out of bounds")
-    body = raw[_HEADER.size:_HEADER.size + length]
-    if xxhash.xxh3_64_intdigest(body) != checksum:
-        raise FormatError("lease checksum mismatch")
-    if raw[_HEADER.size + length:].strip(b"\0"):
-        raise FormatError("lease padding is not zero")
     lease = _from_body(decode_json_body(body, "lease body"))
     if lease.pool_uuid != pool_uuid or lease.disk_uuid != disk_uuid:
         return None
