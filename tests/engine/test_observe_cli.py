@@ -2,38 +2,18 @@
 command line run in-process; and the bad input of the new commands: one line, its exit
 code, nothing changed."""
 
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from blockspace.cli import main as cli
+from engine.test_tier_cli import Run
 
 MiB = 1 << 20
 
 
-class CLI:
-    def __init__(self, root: Path, capsys: pytest.CaptureFixture[str]) -> None:
-        self.root = root
-        self.state = root / "state"
-        self.capsys = capsys
-
-    def __call__(self, *args: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        code = cli.main(["--state-dir", str(self.state), *args])
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def json(self, *args: str) -> Any:
-        code, out, err = self("--json", *args)
-        assert code == 0, err
-        return json.loads(out)
-
-
 @pytest.fixture
-def bs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> CLI:
-    run = CLI(tmp_path, capsys)
+def bs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Run:
+    run = Run(tmp_path, capsys)
     images = []
     for index in range(3):
         path = tmp_path / f"d{index}.img"
@@ -45,7 +25,7 @@ def bs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> CLI:
     return run
 
 
-def test_volume_show_offline_maps_every_slab_to_distinct_disks(bs: CLI) -> None:
+def test_volume_show_offline_maps_every_slab_to_distinct_disks(bs: Run) -> None:
     bs.json("volume", "create", "tank", "v", "--size", "40M", "--resiliency", "mirror",
             "--provisioning", "fixed")
     shown = bs.json("volume", "show", "tank", "v", "--map")
@@ -68,7 +48,7 @@ def test_volume_show_offline_maps_every_slab_to_distinct_disks(bs: CLI) -> None:
     assert "online" in out
 
 
-def test_volume_show_marks_the_extents_of_a_missing_disk(bs: CLI) -> None:
+def test_volume_show_marks_the_extents_of_a_missing_disk(bs: Run) -> None:
     bs.json("volume", "create", "tank", "v", "--size", "40M", "--resiliency", "mirror",
             "--provisioning", "fixed")
     before = bs.json("volume", "show", "tank", "v", "--map")
@@ -82,7 +62,7 @@ def test_volume_show_marks_the_extents_of_a_missing_disk(bs: CLI) -> None:
             assert extent["state"] == ("missing" if extent["disk"] == 2 else "online")
 
 
-def test_offline_changes_reach_the_history_and_the_event_log(bs: CLI) -> None:
+def test_offline_changes_reach_the_history_and_the_event_log(bs: Run) -> None:
     bs.json("volume", "create", "tank", "v", "--size", "16M")
     bs.json("volume", "grow", "tank", "v", "--size", "32M")
     bs.json("pool", "status", "tank")  # changes nothing: not in the history
@@ -117,7 +97,7 @@ def test_offline_changes_reach_the_history_and_the_event_log(bs: CLI) -> None:
      "blockspace: error: --metrics takes HOST:PORT (e.g. 127.0.0.1:9469), not '9469'"),
 ])
 def test_bad_input_is_one_line_and_changes_nothing(
-    bs: CLI, args: tuple[str, ...], code: int, message: str
+    bs: Run, args: tuple[str, ...], code: int, message: str
 ) -> None:
     (bs.root / "MNT").mkdir()
     args = tuple(str(bs.root / "MNT") if a == "MNT" else a for a in args)

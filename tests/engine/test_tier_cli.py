@@ -13,7 +13,10 @@ MiB = 1 << 20
 
 
 class Run:
+    """The CLI in this process, on a state directory under `root` (test_observe_cli too)."""
+
     def __init__(self, root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        self.root = root
         self.state = root / "state"
         self.capsys = capsys
 
