@@ -383,13 +383,23 @@ class Rebuilder:
                 if not moves:
                     break
                 progress.total += len(moves)
-            progress.state = "done" if not progress.failed else "failed"
+            outcome = "done" if not progress.failed else "failed"
             if after is not None:
-                await after()
+                # Part of the job: `--wait` polls the state, and a disk being removed is
+                # still open (its lock held) until the wrap-up ends.
+                try:
+                    await after()
+                except BlockspaceError as error:
+                    outcome = "failed"
+                    progress.errors.append(f"{reason}: {error}")
+                    log.error("%s: its wrap-up failed: %s", reason, error)
+            progress.state = outcome
         except trio.Cancelled:
             progress.state = "cancelled"
             raise
         finally:
+            if progress.state == "running":  # ended by an error nobody expected
+                progress.state = "failed"
             self.pool.evacuating -= sources
             progress.finished = time.time()
             self.finished.set()

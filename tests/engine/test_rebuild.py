@@ -373,3 +373,41 @@ def test_a_tier_rebuilt_or_rebalanced_keeps_its_media_class() -> None:
         assert await hdd.read(0, hdd.size) == data
 
     trio.run(scenario)
+
+
+def test_a_job_is_done_only_once_its_wrap_up_is_done() -> None:
+    """`disk remove --wait` polls the state: "done" while the wrap-up (the removed disk's
+    commit, label wipe and close) still runs let a `disk add` of the same file find it open."""
+
+    async def scenario() -> None:
+        pool, volume, _, _ = await make(MIRROR, disks=4)
+        busy = next(d for d in pool.disks if pool.extents_on(d))
+        await pool.set_state(busy, "retiring", "test")
+        rebuilder = Rebuilder(pool, lambda: volumes_of(volume))
+        seen: list[str] = []
+        entered, release = trio.Event(), trio.Event()
+
+        async def wrap_up() -> None:
+            seen.append(rebuilder.progress.state)
+            entered.set()
+            await release.wait()
+
+        async def fail_wrap_up() -> None:
+            await pool.commit()
+            raise NoSpace("test: the wrap-up could not be recorded")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lambda: rebuilder.run(plan_moves(pool, {busy}), "t",
+                                                     after=wrap_up))
+            await entered.wait()
+            assert rebuilder.progress.state == "running"  # what a poller sees meanwhile
+            assert not rebuilder.finished.is_set()
+            release.set()
+        assert seen == ["running"]
+        assert rebuilder.progress.state == "done"
+        # A wrap-up that fails ends the job as failed, with the reason, never left running.
+        progress = await rebuilder.run([], "t2", after=fail_wrap_up)
+        assert progress.state == "failed"
+        assert any("could not be recorded" in e for e in progress.errors)
+
+    trio.run(scenario)
