@@ -177,15 +177,19 @@ async def opened_disks(
 # ---- status -------------------------------------------------------------------------
 
 
-def volume_state(pool: Pool, spec: LayoutSpec, slabs: dict[int, list[tuple[int, int]]]) -> str:
+def volume_state(pool: Pool, spec: LayoutSpec, slabs: dict[int, list[tuple[int, int]]],
+                 *, unmapped: bool = False) -> str:
+    """A volume is as bad as its worst slab; a thin volume with `unmapped` space also as bad
+    as a new slab would be (placed short of columns, or not at all: its writes fail)."""
+    worst = 0
+    if unmapped:
+        worst = max(0, spec.width - len(pool.usable_disk_ids()))
     # Only extents on a disk out of service, or awaiting resync, can be absent: with every
     # disk in service and nothing resyncing there is nothing to look at (status at 500k slabs).
-    if all(disk.usable for disk in pool.disks.values()) and not pool.resyncing:
-        return "online"
-    worst = 0
-    for extents in slabs.values():
-        lost = sum(pool.extent_device(*extent) is None for extent in extents)
-        worst = max(worst, lost)
+    if worst or not all(disk.usable for disk in pool.disks.values()) or pool.resyncing:
+        for extents in slabs.values():
+            lost = sum(pool.extent_device(*extent) is None for extent in extents)
+            worst = max(worst, lost)
     if worst == 0:
         return "online"
     return "degraded" if worst <= spec.tolerance else "failed"
@@ -197,8 +201,11 @@ VOLUME_STATES = ("online", "degraded", "failed")  # best to worst
 def states_of_volumes(pool: Pool) -> dict[str, str]:
     """Each volume's state. A tiered volume holds no slabs of its own: it is as good as the
     worse of its two tiers (a failed hdd tier fails it, however healthy the ssd tier)."""
-    states = {record.name: volume_state(pool, LayoutSpec.from_dict(record.layout), record.slabs)
-              for record in pool.metadata.volumes}
+    states = {}
+    for record in pool.metadata.volumes:
+        spec = LayoutSpec.from_dict(record.layout)
+        unmapped = record.tiers is None and len(record.slabs) < pool.slab_count(record)
+        states[record.name] = volume_state(pool, spec, record.slabs, unmapped=unmapped)
     for record in pool.metadata.volumes:
         if record.tiers is not None:
             tiers = [states.get(record.tiers.ssd, "failed"), states.get(record.tiers.hdd,

@@ -332,6 +332,42 @@ def test_a_tiered_volume_is_as_bad_as_its_worst_tier() -> None:
     trio.run(scenario)
 
 
+def test_a_thin_volume_is_as_bad_as_the_slabs_it_could_still_place() -> None:
+    """Unmapped space of a thin volume is a promise of slabs: with too few disks left to
+    place one (even degraded), its writes fail, so it is not "online" (an empty thin volume
+    on a pool whose disks had died was shown online)."""
+
+    async def scenario() -> None:
+        parity = LayoutSpec("parity", 2, parity=1, interleave=16 * KiB)  # 3 wide, 1 may go
+        devices = [MemoryDevice(16 * MiB, path=f"mem{i}") for i in range(4)]
+        pool = await Pool.create("p", devices, media=["hdd"] * 4, slab_size=MiB,
+                                 meta_slot_size=64 * KiB)
+        record = await pool.create_volume("v", 4 * parity.slab_data_size(MiB), parity, "thin")
+        await pool.create_volume("empty", 4 * parity.slab_data_size(MiB), parity, "thin")
+        volume = Volume(pool, record)
+
+        def states() -> dict[str, str]:
+            return {v["name"]: v["state"] for v in pool_status(pool)["volumes"]}
+
+        assert states() == {"v": "online", "empty": "online"}
+        await volume.write(0, b"a" * 4096)  # one slab mapped, three still unmapped
+        mapped = {d for d, _ in next(iter(pool.volume("v").slabs.values()))}
+        (spare,) = {0, 1, 2, 3} - mapped
+        await pool.mark_failed(spare, "test: the disk no slab uses died")
+        assert states() == {"v": "online", "empty": "online"}  # 3 disks: whole new slabs
+        first, second, _ = sorted(mapped)
+        await pool.mark_failed(first, "test: died")
+        assert states() == {"v": "degraded", "empty": "degraded"}  # new slabs lack a column
+        await pool.mark_failed(second, "test: died")
+        # One disk left: the mapped slab has lost two columns, and no new slab can be placed.
+        assert states() == {"v": "failed", "empty": "failed"}
+        with pytest.raises(BlockspaceError):
+            await Volume(pool, pool.volume("empty")).write(0, b"b" * 4096)
+        assert pool_status(pool)["health"] == "failed"
+
+    trio.run(scenario)
+
+
 # ---- disk remove ---------------------------------------------------------------------------
 
 
