@@ -13,6 +13,7 @@ from blockspace.cli.output import console, emit, table
 from blockspace.cli.pool import status_of
 from blockspace.cli.tiers import add_volume_options, create_fields
 from blockspace.errors import InvalidInput
+from blockspace.geometry.resiliency_names import RESILIENCY_NAMES
 from blockspace.ondisk.label import validate_name
 from blockspace.service import control
 from blockspace.units import format_size, parse_size
@@ -38,12 +39,6 @@ def find(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 
 # Every output names a layout "mirror-2" or "parity-1": the same names are accepted here.
-RESILIENCY_NAMES = {"simple": ("simple", None, None), "mirror": ("mirror", None, None),
-                    "parity": ("parity", None, None),
-                    "mirror-2": ("mirror", 2, None), "mirror-3": ("mirror", 3, None),
-                    "parity-1": ("parity", None, 1), "parity-2": ("parity", None, 2)}
-
-
 def resiliency_fields(args: argparse.Namespace) -> dict[str, Any]:
     """--resiliency (a kind, or a kind with its count as `pool status` prints it) with
     --copies and --parity: the kind and counts for the request, refusing a contradiction."""

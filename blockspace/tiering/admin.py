@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 from blockspace.errors import InvalidInput, NoSpace
 from blockspace.geometry.allocator import max_slabs
 from blockspace.geometry.layouts import LayoutSpec, default_layout
+from blockspace.geometry.resiliency_names import RESILIENCY_NAMES, names_of_kind
 from blockspace.ondisk.label import BLOCK, validate_name
 from blockspace.ondisk.metadata import MAX_PINS, MAX_TIER_UNIT, TIER_NAMES, TierInfo, VolumeRecord
 from blockspace.pool.pool import Pool
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_UNIT = 1 << 20
 SUFFIX = {"ssd": ".ssd", "hdd": ".hdd"}
-_RESILIENCY = re.compile(r"^(simple|mirror|parity)(?:-([123]))?$")
 
 
 @dataclass(frozen=True)
@@ -55,22 +54,20 @@ def parse_tier(text: str) -> TierSpec:
     size = parse_size(size_text)
     if size <= 0:
         raise InvalidInput(f"--tier {text}: the size must be larger than zero")
-    match = _RESILIENCY.match(resiliency)
-    if match is None:
+    meaning = RESILIENCY_NAMES.get(resiliency)
+    if meaning is None:
+        kind = resiliency.split("-")[0]
+        if kind == "simple":
+            raise InvalidInput(f"--tier {text}: simple takes no number")
+        if kind in ("mirror", "parity"):
+            raise InvalidInput(f"--tier {text}: {kind} is {' or '.join(names_of_kind(kind))}")
         raise InvalidInput(f"--tier {text}: resiliency is simple, mirror-2, mirror-3, "
                            "parity-1 or parity-2")
-    kind, number = match.group(1), match.group(2)
-    if kind == "simple":
-        if number is not None:
-            raise InvalidInput(f"--tier {text}: simple takes no number")
-        return TierSpec(media, size, kind)
-    if kind == "mirror":
-        if number not in (None, "2", "3"):
-            raise InvalidInput(f"--tier {text}: mirror is mirror-2 or mirror-3")
-        return TierSpec(media, size, kind, copies=int(number or 2))
-    if number not in (None, "1", "2"):
-        raise InvalidInput(f"--tier {text}: parity is parity-1 or parity-2")
-    return TierSpec(media, size, kind, parity=int(number or 1))
+    if meaning.kind == "mirror":
+        return TierSpec(media, size, "mirror", copies=meaning.copies or 2)
+    if meaning.kind == "parity":
+        return TierSpec(media, size, "parity", parity=meaning.parity or 1)
+    return TierSpec(media, size, "simple")
 
 
 def _media_disks(pool: Pool, media: str) -> list[int]:
