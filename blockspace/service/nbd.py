@@ -679,7 +679,7 @@ class NbdServer:
             header = await receiver.receive(wire.REQUEST_HEADER_SIZE, at_boundary=True)
             if header is None:
                 return  # closed between requests
-            request = wire.decode_request(bytes(header))
+            request = wire.decode_request(header)
             if request.command == wire.CMD_DISC:
                 return
             error = wire.request_error(request, connection.export.limits)

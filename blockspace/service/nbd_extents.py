@@ -6,8 +6,7 @@ A slab's mapping is asked once, just before the reply is made: a slab unmapped t
 zeros then, which is all a hole claims (requests in flight together are not ordered)."""
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from blockspace.service import nbd_protocol as wire
 
@@ -25,8 +24,9 @@ class AllocationMap(Protocol):
     def is_mapped(self, slab: int) -> bool: ...
 
 
-@dataclass(frozen=True)
-class Segment:
+class Segment(NamedTuple):
+    """A run of the range all mapped or all not (a tuple: one or more per read)."""
+
     offset: int
     length: int
     mapped: bool
@@ -35,6 +35,9 @@ class Segment:
 def segments(slab_data_size: int, offset: int, length: int,
              is_mapped: Callable[[int], bool]) -> list[Segment]:
     """[offset, offset+length) cut where a run of mapped slabs meets a run of unmapped ones."""
+    first = offset // slab_data_size
+    if length and (offset + length - 1) // slab_data_size == first:  # most reads: one slab
+        return [Segment(offset, length, is_mapped(first))]
     out: list[Segment] = []
     position, end = offset, offset + length
     while position < end:
