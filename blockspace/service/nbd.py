@@ -214,7 +214,8 @@ class _ByteBudget:
 
     def release(self, amount: int) -> None:
         self.used -= amount
-        self._waiters.unpark_all()
+        if self._waiters:  # unparking no one still costs a trip through it
+            self._waiters.unpark_all()
 
 
 class _Receiver:
@@ -316,7 +317,8 @@ class _Connection:
 
     def _release_slot(self) -> None:
         self._slots += 1
-        self._waiters.unpark_all()
+        if self._waiters:
+            self._waiters.unpark_all()
 
     def reply(self, error: int, handle: int, data: bytes | bytearray | None, held: int) -> None:
         """Queue a simple reply; what its request held is released once it is sent (or
@@ -328,7 +330,8 @@ class _Connection:
         if self._send_now([header, data] if data else [header], held):
             return
         self._replies.append((header, data, held))
-        self._waiters.unpark_all()
+        if self._waiters:
+            self._waiters.unpark_all()
 
     def reply_pieces(self, pieces: list[_Piece], held: int) -> None:
         """Queue a reply of several pieces (structured chunks), kept together and in order;
@@ -341,7 +344,8 @@ class _Connection:
         last = len(pieces) - 1
         self._replies.extend((header, data, held if index == last else None)
                              for index, (header, data) in enumerate(pieces))
-        self._waiters.unpark_all()
+        if self._waiters:
+            self._waiters.unpark_all()
 
     def _send_now(self, buffers: list[bytes | bytearray], held: int) -> bool:
         """Write a reply without the writer task if it is small, the only request in flight,
@@ -362,7 +366,8 @@ class _Connection:
             return True
         if sent < total:  # rare: the socket's buffer was nearly full
             self._replies.append((b"".join(buffers)[sent:], None, held))
-            self._waiters.unpark_all()
+            if self._waiters:
+                self._waiters.unpark_all()
         else:
             self.release(held)
         return True
@@ -370,7 +375,8 @@ class _Connection:
     def close(self) -> None:
         """No more replies will come: the writer sends what is queued and returns."""
         self._closing = True
-        self._waiters.unpark_all()
+        if self._waiters:
+            self._waiters.unpark_all()
 
     async def run_writer(self) -> None:
         while True:
