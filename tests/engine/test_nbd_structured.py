@@ -13,6 +13,7 @@ import trio
 
 from blockspace.errors import DeviceError
 from blockspace.service import nbd_protocol as wire
+from blockspace.service.iostats import IoStats
 from blockspace.volume.volume import Volume
 from tests.engine.test_nbd_server import (
     PARITY,
@@ -363,3 +364,29 @@ def test_nbdcopy_of_a_sparse_volume_makes_a_sparse_file(tmp_path: Path) -> None:
     assert copied[5 * MiB : 6 * MiB] == data
     assert copied.count(0) >= VOLUME_SIZE - MiB
     assert os.stat(copy).st_blocks * 512 <= 4 * MiB
+
+
+def test_a_structured_read_counts_once_with_its_holes(tmp_path: Path) -> None:
+    """iostat sees a read as the client does: one operation of its full length, whether its
+    slabs were read or sent as holes."""
+    io = IoStats()
+    lengths: list[int] = []
+
+    async def main() -> None:
+        async with exported(tmp_path, io=io) as env:
+            slab = env.volumes["vol"].slab_data_size
+            await env.volumes["vol"].write(slab, b"d" * 4096)
+            client = await RawClient.connect(env.socket)
+            await structured_go(client)
+            for handle, (offset, length) in enumerate(((0, 3 * slab), (0, 4096),
+                                                       (slab, 4096))):
+                await client.request(wire.CMD_READ, offset, length, handle=handle)
+                await chunks(client)
+                lengths.append(length)
+            assert env.server.statistics().bytes_read == sum(lengths)
+            client.close()
+
+    trio.run(main)
+    counters = io.volumes["vol"]
+    assert (counters.read.ops, counters.read.bytes, counters.read.errors) == (
+        3, sum(lengths), 0)
