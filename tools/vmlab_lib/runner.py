@@ -420,6 +420,7 @@ class World:
         ext4."""
         if self.nbd:
             self.nbd_dev = nbd_attach(self.nbd_sock, self.volume)
+            self.log(f"{self.nbd_dev}: nbd-client on export {self.volume} at {self.nbd_sock}")
         else:
             self.vol_loop = self.devs.loop(self.mnt / self.volume, direct_io=True)
         dev = self.vol_dev
@@ -1001,6 +1002,7 @@ def _replay_and_check(world: World, logs: list[Path], mark: str,
                  options=(f"--nbd={sock}",) if world.nbd else ())
         if world.nbd:  # the replayed pool is reached the way the cut one was
             dev = nbd_dev = nbd_attach(sock, world.volume)
+            world.log(f"{dev}: nbd-client on the replayed pool's export {world.volume}")
         else:
             dev = vol_loop = devs.loop(mnt / world.volume, direct_io=True)
         result = sh("mount", "-t", "ext4", dev, str(fs), check=False, timeout=120)
