@@ -2,9 +2,12 @@
 
 What Blockspace speaks: the fixed newstyle handshake; the options NBD_OPT_EXPORT_NAME,
 NBD_OPT_LIST, NBD_OPT_INFO / NBD_OPT_GO (NBD_INFO_EXPORT, NBD_INFO_NAME, NBD_INFO_BLOCK_SIZE)
-and NBD_OPT_ABORT, every other option answered NBD_REP_ERR_UNSUP; simple replies only (no
-structured replies, so no NBD_CMD_BLOCK_STATUS); the commands READ, WRITE, DISC, FLUSH, TRIM
-and WRITE_ZEROES with the FUA and NO_HOLE flags.
+NBD_OPT_ABORT, NBD_OPT_STRUCTURED_REPLY and NBD_OPT_LIST_META_CONTEXT /
+NBD_OPT_SET_META_CONTEXT (the one context `base:allocation`), every other option answered
+NBD_REP_ERR_UNSUP; simple replies, and structured replies once the client asked for them
+(OFFSET_DATA, OFFSET_HOLE, BLOCK_STATUS, ERROR); the commands READ, WRITE, DISC, FLUSH, TRIM,
+WRITE_ZEROES with the FUA and NO_HOLE flags, and BLOCK_STATUS (with REQ_ONE) once a client
+selected `base:allocation`.
 
 The server (blockspace/service/nbd.py) reads the byte counts named here and hands the bytes
 over. Nothing a client sends is trusted: a message that cannot be framed any more (a wrong
@@ -17,6 +20,7 @@ the end, read-only) is answered with the errno `request_error` gives. Nothing el
 import errno
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # ---- magic numbers ---------------------------------------------------------------------
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
@@ -24,6 +28,7 @@ IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT": the newstyle magic, and each option
 OPTION_REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
+STRUCTURED_REPLY_MAGIC = 0x668E33EF
 
 # ---- handshake flags (server, 16 bits) and client flags (32 bits) ----------------------
 FLAG_FIXED_NEWSTYLE = 1 << 0
@@ -73,6 +78,24 @@ REP_ERR_UNKNOWN = REP_ERROR_BIT + 6
 REP_ERR_SHUTDOWN = REP_ERROR_BIT + 7
 REP_ERR_BLOCK_SIZE_REQD = REP_ERROR_BIT + 8
 REP_ERR_TOO_BIG = REP_ERROR_BIT + 9
+
+# ---- structured replies (chunk flags and types) ----------------------------------------
+REPLY_FLAG_DONE = 1 << 0
+REPLY_TYPE_NONE = 0
+REPLY_TYPE_OFFSET_DATA = 1
+REPLY_TYPE_OFFSET_HOLE = 2
+REPLY_TYPE_BLOCK_STATUS = 5
+REPLY_TYPE_ERROR = (1 << 15) + 1
+REPLY_TYPE_ERROR_OFFSET = (1 << 15) + 2
+REPLY_TYPE_ERROR_BIT = 1 << 15
+
+# ---- metadata contexts -----------------------------------------------------------------
+BASE_ALLOCATION = "base:allocation"
+CONTEXTS = (BASE_ALLOCATION,)  # every context this server knows
+BASE_ALLOCATION_ID = 1  # the id it is given by NBD_OPT_SET_META_CONTEXT
+STATE_HOLE = 1 << 0  # base:allocation: not allocated
+STATE_ZERO = 1 << 1  # base:allocation: reads as zeros
+MAX_QUERIES = 64  # queries in one meta context option (the option's size bounds them anyway)
 
 # ---- NBD_REP_INFO types ----------------------------------------------------------------
 INFO_EXPORT = 0
@@ -124,6 +147,7 @@ OPTION_HEADER_SIZE = 16
 REQUEST_HEADER_SIZE = 28
 SIMPLE_REPLY_SIZE = 16
 OPTION_REPLY_HEADER_SIZE = 20
+STRUCTURED_REPLY_HEADER_SIZE = 20
 
 _GREETING = struct.Struct(">QQH")
 _CLIENT_FLAGS = struct.Struct(">I")
@@ -132,6 +156,11 @@ _OPTION_REPLY = struct.Struct(">QIII")
 _EXPORT_NAME_REPLY = struct.Struct(">QH")
 _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE_REPLY = struct.Struct(">IIQ")
+_STRUCTURED_REPLY = struct.Struct(">IHHQI")
+_OFFSET_DATA = struct.Struct(">IHHQIQ")  # a chunk's header and the data's offset
+_OFFSET_HOLE = struct.Struct(">IHHQIQI")
+_ERROR_CHUNK = struct.Struct(">IHHQIIH")  # header, error, message length
+_EXTENT = struct.Struct(">II")
 _INFO_EXPORT = struct.Struct(">HQH")
 _INFO_BLOCK_SIZE = struct.Struct(">HIII")
 
@@ -179,7 +208,17 @@ class InfoRequest:
 
 
 @dataclass(frozen=True)
-class Request:
+class MetaContextRequest:
+    """The data of NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT."""
+
+    name: str
+    queries: tuple[str, ...]
+
+
+class Request(NamedTuple):
+    """One request header. A tuple, not a frozen dataclass: one is made per request, and a
+    frozen dataclass's __init__ (a setattr per field) was a visible share of a 4K read."""
+
     flags: int
     command: int
     handle: int
@@ -203,6 +242,7 @@ class ExportLimits:
     size: int
     read_only: bool = False
     max_payload: int = MAX_PAYLOAD
+    block_status: bool = False  # base:allocation was selected (so replies are structured)
 
 
 # ---- handshake -------------------------------------------------------------------------
@@ -256,6 +296,52 @@ def decode_info_request(data: bytes) -> InfoRequest:
     return InfoRequest(name, infos)
 
 
+def decode_meta_context_request(data: bytes) -> MetaContextRequest:
+    """u32 name length, name, u32 query count, then per query u32 length and the query."""
+    if len(data) < 8:
+        raise OptionInvalid(f"meta context request of {len(data)} bytes (at least 8)")
+    (name_length,) = struct.unpack_from(">I", data)
+    if name_length > len(data) - 8:
+        raise OptionInvalid(f"export name of {name_length} bytes in a request of {len(data)}")
+    name = _decode_string(data[4 : 4 + name_length], "export name")
+    position = 4 + name_length
+    (count,) = struct.unpack_from(">I", data, position)
+    position += 4
+    if count > MAX_QUERIES:
+        raise OptionInvalid(f"{count} queries (at most {MAX_QUERIES})")
+    queries = []
+    for _ in range(count):
+        if len(data) - position < 4:
+            raise OptionInvalid(f"{count} queries in {len(data)} bytes")
+        (length,) = struct.unpack_from(">I", data, position)
+        position += 4
+        if length > len(data) - position:
+            raise OptionInvalid(f"a query of {length} bytes in a request of {len(data)}")
+        query = _decode_string(data[position : position + length], "query")
+        position += length
+        if ":" not in query:  # the spec: a query starts with a namespace
+            raise OptionInvalid(f"query {query!r} names no namespace")
+        queries.append(query)
+    if position != len(data):
+        raise OptionInvalid(f"{len(data) - position} bytes after the queries")
+    return MetaContextRequest(name, tuple(queries))
+
+
+def select_contexts(queries: tuple[str, ...], *, listing: bool) -> list[str]:
+    """The contexts the queries select: `base:` is every base context, `base:allocation`
+    itself; another namespace selects nothing. No query lists all (NBD_OPT_LIST_META_CONTEXT)
+    and selects none (NBD_OPT_SET_META_CONTEXT)."""
+    if not queries:
+        return list(CONTEXTS) if listing else []
+    return [context for context in CONTEXTS
+            if any(query == context or query == "base:" for query in queries)]
+
+
+def encode_meta_context(context_id: int, name: str) -> bytes:
+    """The payload of one NBD_REP_META_CONTEXT."""
+    return struct.pack(">I", context_id) + name.encode()
+
+
 def encode_option_reply(option: int, reply: int, payload: bytes = b"") -> bytes:
     return _OPTION_REPLY.pack(OPTION_REPLY_MAGIC, option, reply, len(payload)) + payload
 
@@ -303,7 +389,7 @@ def transmission_flags(*, read_only: bool, multi_conn: bool) -> int:
 
 # ---- transmission ----------------------------------------------------------------------
 
-def decode_request(data: bytes) -> Request:
+def decode_request(data: bytes | bytearray | memoryview) -> Request:
     """A request header. Raises `ProtocolError` only where the stream is lost: a wrong magic,
     or a write whose payload is over the cap (it cannot be skipped without reading it)."""
     _check_size(data, REQUEST_HEADER_SIZE, "request header")
@@ -318,11 +404,13 @@ def decode_request(data: bytes) -> Request:
 def request_error(request: Request, export: ExportLimits) -> int:
     """0 if the server should carry `request` out, else the NBD errno to answer with."""
     command, flags = request.command, request.flags
+    if command == CMD_BLOCK_STATUS:
+        return _block_status_error(request, export)
     if command not in SERVED_COMMANDS:
-        return EINVAL  # unknown, or not negotiated (CACHE, BLOCK_STATUS)
+        return EINVAL  # unknown, or not advertised (CACHE)
     allowed = CMD_FLAG_FUA | (CMD_FLAG_NO_HOLE if command == CMD_WRITE_ZEROES else 0)
     if flags & ~allowed:
-        return EINVAL  # DF, REQ_ONE, FAST_ZERO were not negotiated; others are unknown
+        return EINVAL  # DF, FAST_ZERO were not advertised; others are unknown
     if command == CMD_DISC:
         return 0
     if command == CMD_FLUSH:
@@ -338,10 +426,70 @@ def request_error(request: Request, export: ExportLimits) -> int:
     return 0
 
 
+def _block_status_error(request: Request, export: ExportLimits) -> int:
+    if not export.block_status:
+        return EINVAL  # the spec: no context selected, EINVAL
+    if request.flags & ~(CMD_FLAG_FUA | CMD_FLAG_REQ_ONE):
+        return EINVAL
+    if not request.length or request.offset + request.length > export.size:
+        return EINVAL
+    return 0
+
+
 def encode_simple_reply(error: int, handle: int) -> bytes:
     if error not in ERRORS and error != 0:
         raise ValueError(f"{error} is not an NBD error value")
     return _SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, handle)
+
+
+def encode_offset_data_header(handle: int, offset: int, length: int, *, done: bool) -> bytes:
+    """An NBD_REPLY_TYPE_OFFSET_DATA chunk up to its data (`length` bytes at `offset`, which
+    follow it on the wire)."""
+    if not 0 < length <= 2**32 - 9:
+        raise ValueError(f"a data chunk of {length} bytes")
+    return _OFFSET_DATA.pack(STRUCTURED_REPLY_MAGIC, _done(done), REPLY_TYPE_OFFSET_DATA,
+                             handle, 8 + length, offset)
+
+
+def encode_offset_hole(handle: int, offset: int, length: int, *, done: bool) -> bytes:
+    """An NBD_REPLY_TYPE_OFFSET_HOLE chunk: `length` bytes at `offset` read as zeros."""
+    if not 0 < length < 2**32:
+        raise ValueError(f"a hole of {length} bytes")
+    return _OFFSET_HOLE.pack(STRUCTURED_REPLY_MAGIC, _done(done), REPLY_TYPE_OFFSET_HOLE,
+                             handle, 12, offset, length)
+
+
+def encode_block_status(handle: int, context_id: int, extents: list[tuple[int, int]], *,
+                        done: bool = True) -> bytes:
+    """An NBD_REPLY_TYPE_BLOCK_STATUS chunk: (length, status flags) per extent, in order."""
+    if not extents or any(not 0 < length < 2**32 for length, _ in extents):
+        raise ValueError(f"block status extents {extents!r}")
+    payload = struct.pack(">I", context_id) + b"".join(
+        _EXTENT.pack(length, flags) for length, flags in extents)
+    return _STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, _done(done),
+                                  REPLY_TYPE_BLOCK_STATUS, handle, len(payload)) + payload
+
+
+def encode_structured_error(handle: int, error: int, message: str = "", *,
+                            offset: int | None = None, done: bool = True) -> bytes:
+    """An NBD_REPLY_TYPE_ERROR chunk, or NBD_REPLY_TYPE_ERROR_OFFSET with `offset`."""
+    if error not in ERRORS:
+        raise ValueError(f"{error} is not an NBD error value")
+    text = message.encode("utf-8", "replace")[:MAX_STRING]
+    tail = b"" if offset is None else struct.pack(">Q", offset)
+    kind = REPLY_TYPE_ERROR if offset is None else REPLY_TYPE_ERROR_OFFSET
+    return _ERROR_CHUNK.pack(STRUCTURED_REPLY_MAGIC, _done(done), kind, handle,
+                             6 + len(text) + len(tail), error, len(text)) + text + tail
+
+
+def encode_structured_none(handle: int) -> bytes:
+    """The final chunk that says only: done, and no error unless one came before."""
+    return _STRUCTURED_REPLY.pack(STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, REPLY_TYPE_NONE,
+                                  handle, 0)
+
+
+def _done(done: bool) -> int:
+    return REPLY_FLAG_DONE if done else 0
 
 
 def nbd_errno(os_errno: int) -> int:
@@ -394,9 +542,18 @@ def decode_simple_reply(data: bytes) -> tuple[int, int]:
     return error, handle
 
 
+def decode_structured_reply_header(data: bytes) -> tuple[int, int, int, int]:
+    """(flags, type, handle, payload length) of a structured reply chunk."""
+    _check_size(data, STRUCTURED_REPLY_HEADER_SIZE, "structured reply header")
+    magic, flags, kind, handle, length = _STRUCTURED_REPLY.unpack(data)
+    if magic != STRUCTURED_REPLY_MAGIC:
+        raise ProtocolError(f"bad structured reply magic {magic:#x}")
+    return flags, kind, handle, length
+
+
 # ---- helpers ---------------------------------------------------------------------------
 
-def _check_size(data: bytes, size: int, what: str) -> None:
+def _check_size(data: bytes | bytearray | memoryview, size: int, what: str) -> None:
     if len(data) != size:
         raise ProtocolError(f"{what} of {len(data)} bytes, not {size}")
 

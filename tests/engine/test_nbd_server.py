@@ -651,7 +651,7 @@ def test_options_the_server_does_not_know_are_answered_unsupported(tmp_path: Pat
         async with exported(tmp_path) as env:
             client = await RawClient.connect(env.socket)
             await client.negotiate()
-            for option in (wire.OPT_STRUCTURED_REPLY, wire.OPT_STARTTLS, 4, 12345):
+            for option in (wire.OPT_STARTTLS, wire.OPT_EXTENDED_HEADERS, 4, 12345):
                 [(reply, _)] = await client.option(option)
                 assert reply == wire.REP_ERR_UNSUP
             [(reply, message)] = await client.option(wire.OPT_GO,

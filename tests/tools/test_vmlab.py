@@ -197,6 +197,28 @@ def test_scenario_selection() -> None:
         runner.select_scenarios(["nope"], False)
 
 
+def test_nbd_variants_run_the_same_scenario_over_the_export() -> None:
+    """error-writes-nbd and power-cut-nbd are in the default table and are the loop-device
+    scenarios with the world switched to NBD (mount --nbd, nbd-client), nothing else."""
+    default = {(s.name, layout) for s, layout in runner.select_scenarios([], False)}
+    assert {("error-writes-nbd", "mirror-2"), ("power-cut-nbd", "mirror-2")} <= default
+    seen: list[bool] = []
+
+    def scenario(world: runner.World) -> runner.Outcome:
+        seen.append(world.nbd)
+        return runner.Outcome(True, 1, "ran")
+
+    class FakeWorld:
+        nbd = False
+
+    wrapped = runner.over_nbd(scenario)
+    assert wrapped(FakeWorld()) == runner.Outcome(True, 1, "ran")  # type: ignore[arg-type]
+    assert seen == [True]
+    by_name = {s.name: s for s in runner.SCENARIOS}
+    for name in ("error-writes", "power-cut"):
+        assert by_name[f"{name}-nbd"].func.__doc__ == by_name[name].func.__doc__
+
+
 # --------------------------------------------------------------------------------------------
 # the VM
 

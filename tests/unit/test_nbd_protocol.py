@@ -4,6 +4,7 @@ own errors."""
 
 import errno
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -14,6 +15,8 @@ from blockspace.service import nbd_protocol as wire
 MiB = 1 << 20
 EXPORT = wire.ExportLimits(size=64 * MiB)
 READ_ONLY = wire.ExportLimits(size=64 * MiB, read_only=True)
+STATUS = wire.ExportLimits(size=64 * MiB, block_status=True)
+STATUS_READ_ONLY = wire.ExportLimits(size=64 * MiB, read_only=True, block_status=True)
 
 
 # ---- handshake -------------------------------------------------------------------------
@@ -200,7 +203,15 @@ SIZE = EXPORT.size
     (request(wire.CMD_FLUSH), READ_ONLY, 0),
     (request(wire.CMD_DISC), EXPORT, 0),
     (request(wire.CMD_CACHE, 0, 4096), EXPORT, wire.EINVAL),  # not advertised
-    (request(wire.CMD_BLOCK_STATUS, 0, 4096), EXPORT, wire.EINVAL),  # needs structured replies
+    (request(wire.CMD_BLOCK_STATUS, 0, 4096), EXPORT, wire.EINVAL),  # no context selected
+    (request(wire.CMD_BLOCK_STATUS, 0, 4096), STATUS, 0),
+    (request(wire.CMD_BLOCK_STATUS, 0, SIZE, wire.CMD_FLAG_REQ_ONE), STATUS, 0),
+    (request(wire.CMD_BLOCK_STATUS, 0, 4096, wire.CMD_FLAG_FUA), STATUS, 0),
+    (request(wire.CMD_BLOCK_STATUS, 0, 4096), STATUS_READ_ONLY, 0),  # it writes nothing
+    (request(wire.CMD_BLOCK_STATUS, 0, 0), STATUS, wire.EINVAL),
+    (request(wire.CMD_BLOCK_STATUS, SIZE - 1, 2), STATUS, wire.EINVAL),
+    (request(wire.CMD_BLOCK_STATUS, 0, 4096, wire.CMD_FLAG_DF), STATUS, wire.EINVAL),
+    (request(wire.CMD_READ, 0, 4096, wire.CMD_FLAG_REQ_ONE), STATUS, wire.EINVAL),
     (request(9, 0, 0), EXPORT, wire.EINVAL),
     (request(0xFFFF, 0, 0), EXPORT, wire.EINVAL),
 ])
@@ -220,7 +231,7 @@ def test_an_accepted_request_is_one_the_volume_can_take(
     assert error == 0 or error in wire.ERRORS
     if error:
         return
-    assert command in wire.SERVED_COMMANDS
+    assert command in wire.SERVED_COMMANDS  # BLOCK_STATUS only with block_status
     assert not flags & ~(wire.CMD_FLAG_FUA | wire.CMD_FLAG_NO_HOLE)
     if command in (wire.CMD_READ, wire.CMD_WRITE, wire.CMD_TRIM, wire.CMD_WRITE_ZEROES):
         assert offset + length <= size
@@ -260,7 +271,8 @@ def test_every_os_errno_maps_to_an_nbd_error(os_errno: int) -> None:
 DECODERS = [
     wire.decode_client_flags, wire.decode_option_header, wire.decode_export_name,
     wire.decode_info_request, wire.decode_request, wire.decode_option_reply_header,
-    wire.decode_simple_reply,
+    wire.decode_simple_reply, wire.decode_meta_context_request,
+    wire.decode_structured_reply_header,
 ]
 
 
@@ -295,3 +307,102 @@ def test_info_requests_with_lying_lengths(name: bytes, count: int, tail: bytes,
     assert claimed == len(name)
     assert len(tail) == 2 * count
     assert len(decoded.infos) == count
+
+
+# ---- structured replies and metadata contexts -------------------------------------------
+
+def test_structured_chunks_are_the_bytes_the_spec_fixes() -> None:
+    handle = 0x0102030405060708
+    assert wire.encode_offset_data_header(handle, 4096, 512, done=True) == bytes.fromhex(
+        "668e33ef" "0001" "0001" "0102030405060708" "00000208" "0000000000001000")
+    assert wire.encode_offset_hole(handle, 0, MiB, done=False) == bytes.fromhex(
+        "668e33ef" "0000" "0002" "0102030405060708" "0000000c" "0000000000000000" "00100000")
+    assert wire.encode_structured_none(7) == bytes.fromhex(
+        "668e33ef" "0001" "0000" "0000000000000007" "00000000")
+    assert wire.encode_block_status(7, 1, [(MiB, 3), (4096, 0)]) == bytes.fromhex(
+        "668e33ef" "0001" "0005" "0000000000000007" "00000014" "00000001"
+        "00100000" "00000003" "00001000" "00000000")
+    assert wire.encode_structured_error(7, wire.EIO, "bad") == bytes.fromhex(
+        "668e33ef" "0001" "8001" "0000000000000007" "00000009" "00000005" "0003") + b"bad"
+    assert wire.encode_structured_error(7, wire.EIO, "", offset=512) == bytes.fromhex(
+        "668e33ef" "0001" "8002" "0000000000000007" "0000000e" "00000005" "0000"
+        "0000000000000200")
+
+
+def test_structured_reply_header_round_trip() -> None:
+    chunk = wire.encode_offset_hole(9, 0, 4096, done=True)
+    assert wire.decode_structured_reply_header(chunk[:20]) == (
+        wire.REPLY_FLAG_DONE, wire.REPLY_TYPE_OFFSET_HOLE, 9, 12)
+    with pytest.raises(wire.ProtocolError, match="bad structured reply magic"):
+        wire.decode_structured_reply_header(wire.encode_simple_reply(0, 9) + bytes(4))
+
+
+@pytest.mark.parametrize(("encode", "args"), [
+    (wire.encode_offset_data_header, (0, 0)),
+    (wire.encode_offset_data_header, (0, 2**32 - 8)),
+    (wire.encode_offset_hole, (0, 0)),
+    (wire.encode_offset_hole, (0, 2**32)),
+])
+def test_chunks_that_cannot_be_framed_are_refused(encode: Any, args: tuple[int, int]) -> None:
+    with pytest.raises(ValueError, match="chunk|hole"):
+        encode(1, *args, done=True)
+
+
+def test_block_status_and_error_chunks_refuse_what_the_spec_forbids() -> None:
+    with pytest.raises(ValueError, match="extents"):
+        wire.encode_block_status(1, 1, [])
+    with pytest.raises(ValueError, match="extents"):
+        wire.encode_block_status(1, 1, [(0, 3)])
+    with pytest.raises(ValueError, match="not an NBD error"):
+        wire.encode_structured_error(1, 0)
+    long = wire.encode_structured_error(1, wire.EIO, "x" * 10000)
+    assert len(long) == 20 + 6 + wire.MAX_STRING
+
+
+def meta(name: bytes, *queries: bytes) -> bytes:
+    return (struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
+            + b"".join(struct.pack(">I", len(q)) + q for q in queries))
+
+
+def test_meta_context_requests() -> None:
+    assert wire.decode_meta_context_request(meta(b"vol")) == wire.MetaContextRequest("vol", ())
+    assert wire.decode_meta_context_request(meta(b"", b"base:allocation", b"qemu:x")) == (
+        wire.MetaContextRequest("", ("base:allocation", "qemu:x")))
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"\x00" * 7, meta(b"vol")[:-1], meta(b"vol") + b"x", meta(b"vol", b"nocolon"),
+    meta(b"vol", b"base:")[:-1], struct.pack(">I", 3) + b"vol" + struct.pack(">I", 2**31),
+    meta(b"v\x00l", b"base:"), meta(b"vol", b"\xff:"),
+    struct.pack(">I", 0) + struct.pack(">I", wire.MAX_QUERIES + 1)
+    + meta(b"", *[b"a:"] * (wire.MAX_QUERIES + 1))[8:],
+])
+def test_malformed_meta_context_requests_are_invalid(data: bytes) -> None:
+    with pytest.raises(wire.OptionInvalid):
+        wire.decode_meta_context_request(data)
+
+
+@pytest.mark.parametrize(("queries", "listing", "expected"), [
+    ((), True, ["base:allocation"]),
+    ((), False, []),
+    (("base:",), False, ["base:allocation"]),
+    (("base:allocation",), True, ["base:allocation"]),
+    (("base:allocation", "base:"), False, ["base:allocation"]),  # once, not twice
+    (("base:other", "qemu:dirty-bitmap:a", "x-y:z"), False, []),
+])
+def test_context_selection(queries: tuple[str, ...], listing: bool,
+                           expected: list[str]) -> None:
+    assert wire.select_contexts(queries, listing=listing) == expected
+
+
+@given(name=st.binary(max_size=20), claimed=st.integers(0, 2**32 - 1),
+       count=st.integers(0, 2**32 - 1), tail=st.binary(max_size=40))
+def test_meta_context_requests_with_lying_lengths(name: bytes, claimed: int, count: int,
+                                                  tail: bytes) -> None:
+    data = struct.pack(">I", claimed) + name + struct.pack(">I", count) + tail
+    try:
+        decoded = wire.decode_meta_context_request(data)
+    except wire.OptionInvalid:
+        return
+    assert claimed == len(name)
+    assert len(decoded.queries) == count

@@ -378,6 +378,10 @@ class World:
         self.stage = "setup"  # -> "fault" once a fault is injected (see EXPECTED_FAILURES)
         self.mount_options: tuple[str, ...] = ()
         self.nbd_dev: str | None = None  # a kernel nbd device attached with nbd-client
+        # The volume reached over NBD (mount --nbd, the guest kernel's nbd driver) instead of
+        # a loop device on its FUSE file: the *-nbd scenarios.
+        self.nbd = False
+        self.nbd_sock = scratch / "nbd.sock"
         for d in (self.mnt, self.fs):
             d.mkdir(parents=True, exist_ok=True)
 
@@ -403,18 +407,30 @@ class World:
                     "--provisioning", provisioning, *self.volume_options)
 
     def mount_pool(self) -> None:
-        self.bs.mount(self.pool, self.mnt, self.daemon_log, options=self.mount_options)
+        nbd = (f"--nbd={self.nbd_sock}",) if self.nbd else ()
+        self.bs.mount(self.pool, self.mnt, self.daemon_log, options=self.mount_options + nbd)
+
+    @property
+    def vol_dev(self) -> str | None:
+        """The block device the ext4 is on: the loop device, or the nbd device."""
+        return self.vol_loop or self.nbd_dev
 
     def attach(self, *, mkfs: bool) -> None:
-        """losetup the volume file, mkfs (first time), mount the ext4."""
-        self.vol_loop = self.devs.loop(self.mnt / self.volume, direct_io=True)
+        """losetup the volume file (or nbd-client the export), mkfs (first time), mount the
+        ext4."""
+        if self.nbd:
+            self.nbd_dev = nbd_attach(self.nbd_sock, self.volume)
+            self.log(f"{self.nbd_dev}: nbd-client on export {self.volume} at {self.nbd_sock}")
+        else:
+            self.vol_loop = self.devs.loop(self.mnt / self.volume, direct_io=True)
+        dev = self.vol_dev
+        assert dev is not None
         if mkfs:
             sh("mkfs.ext4", "-q", "-F", "-b", "4096", "-N", "1024", "-E",
-               "nodiscard,lazy_itable_init=0,lazy_journal_init=1", self.vol_loop, timeout=300)
-        result = sh("mount", "-t", "ext4", self.vol_loop, str(self.fs), timeout=120,
-                    check=False)
+               "nodiscard,lazy_itable_init=0,lazy_journal_init=1", dev, timeout=300)
+        result = sh("mount", "-t", "ext4", dev, str(self.fs), timeout=120, check=False)
         if result.returncode != 0:
-            raise ScenarioFailed(f"mount -t ext4 {self.vol_loop} failed: {_dmesg_tail()}")
+            raise ScenarioFailed(f"mount -t ext4 {dev} failed: {_dmesg_tail()}")
         self.fs_mounted = True
 
     def build(self, *, log_writes: bool = False, provisioning: str = "fixed") -> Files:
@@ -457,10 +473,10 @@ class World:
         raise ScenarioFailed(f"disk {self.disks[i]} not in pool status")
 
     def fsck(self) -> tuple[bool, str]:
-        """Unmount the ext4 and run e2fsck -fn on the volume's loop device."""
+        """Unmount the ext4 and run e2fsck -fn on the volume's loop (or nbd) device."""
         self.umount_fs()
-        assert self.vol_loop is not None
-        result = sh("e2fsck", "-fn", self.vol_loop, check=False, timeout=300)
+        assert self.vol_dev is not None
+        result = sh("e2fsck", "-fn", self.vol_dev, check=False, timeout=300)
         self.log(f"e2fsck -fn -> {result.returncode}")
         text = (result.stdout + result.stderr).strip().splitlines()
         return result.returncode == 0, "; ".join(text[-3:])
@@ -509,7 +525,7 @@ class World:
 
     def detach_nbd(self) -> None:
         if self.nbd_dev is not None:
-            sh("nbd-client", "-d", self.nbd_dev, check=False, timeout=60)
+            nbd_detach(self.nbd_dev)
             self.nbd_dev = None
 
     def close(self) -> None:
@@ -560,6 +576,23 @@ def _checked(world: World, outcome: Outcome, disks: list[int]) -> Outcome:
     return outcome
 
 
+def nbd_attach(sock: Path, volume: str) -> str:
+    """The guest kernel's nbd driver on export `volume` at `sock` (nbd-client; the host
+    kernel here has no nbd module); the /dev/nbdN it took."""
+    if dmtools.modprobe("nbd"):
+        raise ScenarioFailed("no nbd module in this kernel")
+    dev = next((f"/dev/nbd{i}" for i in range(16)
+                if not Path(f"/sys/block/nbd{i}/pid").exists()), None)
+    if dev is None:
+        raise ScenarioFailed("no free /dev/nbdN")
+    sh("nbd-client", "-u", "-N", volume, "-b", "4096", str(sock), dev, timeout=60)
+    return dev
+
+
+def nbd_detach(dev: str) -> None:
+    sh("nbd-client", "-d", dev, check=False, timeout=60)
+
+
 NBD_VOLUME_SIZE = "64M"  # 8 slabs of 8 MiB on mirror-2
 NBD_FILES, NBD_FILE_SIZE, NBD_DELETED = 5, 4 * MIB, 4  # 16 MiB freed: >= 1 whole slab
 
@@ -577,18 +610,9 @@ def sc_nbd_fstrim(world: World) -> Outcome:
                  META_SIZE, "--media", "hdd", *world.disks)
     world.bs.cli("volume", "create", world.pool, world.volume, "--size", NBD_VOLUME_SIZE,
                  "--provisioning", "thin", *world.volume_options)
-    sock = world.dir / "nbd.sock"
-    world.mount_options = (f"--nbd={sock}",)
+    world.nbd = True
     world.mount_pool()
-    missing = dmtools.modprobe("nbd")
-    if missing:
-        raise ScenarioFailed("no nbd module in this kernel")
-    dev = next((f"/dev/nbd{i}" for i in range(16)
-                if not Path(f"/sys/block/nbd{i}/pid").exists()), None)
-    if dev is None:
-        raise ScenarioFailed("no free /dev/nbdN")
-    sh("nbd-client", "-u", "-N", world.volume, "-b", "4096", str(sock), dev, timeout=60)
-    world.nbd_dev = dev
+    dev = world.nbd_dev = nbd_attach(world.nbd_sock, world.volume)
     sh("mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "lazy_itable_init=0,lazy_journal_init=1",
        dev, timeout=300)
     after_mkfs = _allocated(world)
@@ -960,7 +984,7 @@ def _replay_and_check(world: World, logs: list[Path], mark: str,
     mnt.mkdir()
     fs.mkdir()
     pool = f"{world.pool}r"
-    vol_loop = None
+    vol_loop = nbd_dev = None
     fs_mounted = False
     passed = False
     try:
@@ -973,16 +997,22 @@ def _replay_and_check(world: World, logs: list[Path], mark: str,
         rc, out, err = bs.cli("pool", "import", "--name", pool, *disks, check=False)
         if rc != 0:
             return Outcome(False, 0, f"pool import failed after the cut: {err.strip()[-200:]}")
-        bs.mount(pool, mnt, scratch / "daemon.log")
-        vol_loop = devs.loop(mnt / world.volume, direct_io=True)
-        result = sh("mount", "-t", "ext4", vol_loop, str(fs), check=False, timeout=120)
+        sock = scratch / "nbd.sock"
+        bs.mount(pool, mnt, scratch / "daemon.log",
+                 options=(f"--nbd={sock}",) if world.nbd else ())
+        if world.nbd:  # the replayed pool is reached the way the cut one was
+            dev = nbd_dev = nbd_attach(sock, world.volume)
+            world.log(f"{dev}: nbd-client on the replayed pool's export {world.volume}")
+        else:
+            dev = vol_loop = devs.loop(mnt / world.volume, direct_io=True)
+        result = sh("mount", "-t", "ext4", dev, str(fs), check=False, timeout=120)
         if result.returncode != 0:
             return Outcome(False, 0, f"ext4 does not mount after the cut: {_dmesg_tail()}")
         fs_mounted = True
         good, problems = Files(fs, 0).verify(expected=acknowledged)
         sh("umount", str(fs), timeout=120)
         fs_mounted = False
-        result = sh("e2fsck", "-fn", vol_loop, check=False, timeout=300)
+        result = sh("e2fsck", "-fn", dev, check=False, timeout=300)
         if problems:
             return Outcome(False, good, f"{len(problems)} acknowledged files lost or wrong: "
                            f"{problems[:3]}")
@@ -1000,6 +1030,8 @@ def _replay_and_check(world: World, logs: list[Path], mark: str,
             sh("umount", "-l", str(fs), check=False)
         if vol_loop is not None:
             devs.detach_loop(vol_loop)
+        if nbd_dev is not None:
+            nbd_detach(nbd_dev)
         if pool in bs.daemons:
             try:
                 bs.unmount(pool, timeout=30)
@@ -1013,6 +1045,16 @@ def _replay_and_check(world: World, logs: list[Path], mark: str,
 def _dmesg_tail(lines: int = 4) -> str:
     result = sh("dmesg", check=False)
     return " | ".join(result.stdout.strip().splitlines()[-lines:])
+
+
+def over_nbd(func: Callable[[World], Outcome]) -> Callable[[World], Outcome]:
+    """The same scenario with the ext4 on the kernel's nbd driver attached to the volume's
+    NBD export, not on a loop device on its FUSE file: the same fault, the same checks."""
+    def scenario(world: World) -> Outcome:
+        world.nbd = True
+        return func(world)
+    scenario.__doc__ = func.__doc__
+    return scenario
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1066,6 +1108,16 @@ SCENARIOS = [
              "kernel's nbd driver), gets ext4 and files; most are deleted and fstrim run: the "
              "volume's allocation in pool status must drop, the rest read back, fsck clean",
              ("mirror-2",)),
+    Scenario("error-writes-nbd", over_nbd(sc_error_writes),
+             "dm-flakey error_writes on 1 disk, mid-write; ext4 on kernel nbd",
+             "error-writes with the ext4 on the volume's NBD export (mount --nbd, nbd-client "
+             "in the guest) instead of a loop device: the pool marks the disk failed and the "
+             "volume keeps serving intact data", ("mirror-2",)),
+    Scenario("power-cut-nbd", over_nbd(sc_power_cut),
+             "dm-log-writes on every disk, replay to marks; ext4 on kernel nbd",
+             "power-cut with the ext4 on the volume's NBD export, before the cut and after "
+             "each replay: every file fsynced (NBD FLUSH) before a mark reads back right, "
+             "fsck clean", ("mirror-2",), weight=3),
     Scenario("hang", sc_hang, f"dm-delay 3600 s on 1 disk, --io-timeout {HANG_IO_TIMEOUT}",
              f"one disk stops answering (dm-delay of an hour) under a pool mounted with "
              f"--io-timeout {HANG_IO_TIMEOUT}; writes, fsync and reads must complete within "
