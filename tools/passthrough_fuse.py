@@ -15,7 +15,11 @@ The image is opened buffered, like Blockspace's disks. The served file is opened
 SIGTERM/SIGINT unmount cleanly.
 
     python3 tools/passthrough_fuse.py IMAGE MOUNTPOINT [--io blocking|thread] [--min-tasks N]
-                                      [--no-direct-io]
+                                      [--no-direct-io] [--loop stock|queued]
+
+`--loop queued` serves through Blockspace's FUSE loop (blockspace/service/fuse_loop.py: requests
+already queued on /dev/fuse are read at once); the default is pyfuse3's own loop, the baseline
+of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ import time
 
 import pyfuse3
 import trio
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from blockspace.service.fuse_loop import FuseLoop  # noqa: E402
 
 FILE_NAME = b"disk"
 FILE_INODE = pyfuse3.ROOT_INODE + 1
@@ -129,16 +136,22 @@ class PassThrough(pyfuse3.Operations):
         return self._attributes(inode)
 
 
-async def _serve(min_tasks: int) -> None:
+async def _serve(min_tasks: int, loop: FuseLoop | None) -> None:
     async with trio.open_nursery() as nursery:
 
         async def watch_signals() -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
-                    pyfuse3.terminate()
+                    if loop is not None:
+                        loop.terminate()
+                    else:
+                        pyfuse3.terminate()
 
         nursery.start_soon(watch_signals)
-        await pyfuse3.main(min_tasks=min_tasks)
+        if loop is not None:
+            await loop.main()
+        else:
+            await pyfuse3.main(min_tasks=min_tasks)
         nursery.cancel_scope.cancel()
 
 
@@ -150,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-tasks", type=int, default=1, help="pyfuse3.main(min_tasks=N)")
     parser.add_argument("--no-direct-io", action="store_true",
                         help="open the file without FOPEN_DIRECT_IO (the kernel's O_DIRECT path)")
+    parser.add_argument("--loop", choices=("stock", "queued"), default="stock",
+                        help="pyfuse3's own loop, or Blockspace's (queued requests read at once)")
     args = parser.parse_args(argv)
 
     fd = os.open(args.image, os.O_RDWR | os.O_CLOEXEC)
@@ -157,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     ops = PassThrough(fd, size, threaded=args.io == "thread", direct_io=not args.no_direct_io)
     options = set(pyfuse3.default_options)
     options |= {"fsname=passthrough", "subtype=passthrough", "allow_other"}
-    pyfuse3.init(ops, args.mountpoint, options)
+    loop = FuseLoop() if args.loop == "queued" else None
+    if loop is not None:
+        loop.init(ops, args.mountpoint, options)
+    else:
+        pyfuse3.init(ops, args.mountpoint, options)
     print("ready", flush=True)
     try:
-        trio.run(_serve, args.min_tasks)
+        trio.run(_serve, args.min_tasks, loop)
     finally:
         pyfuse3.close(unmount=True)
         os.close(fd)

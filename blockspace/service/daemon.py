@@ -33,6 +33,7 @@ from blockspace.repair.watchdog import watch_disks
 from blockspace.service import control, sd_notify
 from blockspace.service.bringup import bring_up, resync_in_background
 from blockspace.service.fault_requests import handle_fault_request
+from blockspace.service.fuse_loop import FuseLoop
 from blockspace.service.fuse_ops import VolumeFS
 from blockspace.service.malloc_tuning import tune_malloc
 from blockspace.service.nbd import NbdServer, parse_address
@@ -73,6 +74,7 @@ class Daemon:
         self.pool: Pool | None = None
         self.volumes: dict[str, Volume] = {}
         self.fs: VolumeFS | None = None
+        self.fuse = FuseLoop()
         # The fault layer, device path -> FaultyDevice: only with --allow-fault-injection.
         self.faulty: dict[str, FaultyDevice] | None = None
         saved = registry.scrub_state(options.pool)
@@ -130,7 +132,7 @@ class Daemon:
                 fuse_options.add("allow_other")
             if self.options.read_only:
                 fuse_options.add("ro")
-            pyfuse3.init(self.fs, self.options.mountpoint, fuse_options)
+            self.fuse.init(self.fs, self.options.mountpoint, fuse_options)
         except BaseException:
             if self.lease is not None:
                 self.lease.close()
@@ -178,7 +180,7 @@ class Daemon:
                 task_status.started()
                 sd_notify.notify(f"READY=1\nSTATUS={self.status_line()}")
                 nursery.start_soon(sd_notify.report_status, self.status_line)
-                await pyfuse3.main()
+                await self.fuse.main()
                 nursery.cancel_scope.cancel()
         finally:
             # The stop has begun: a second SIGTERM (systemd stopping a .mount unit signals
@@ -200,7 +202,7 @@ class Daemon:
                 device.close()
             pyfuse3.close(unmount=True)
             self.registry.clear_mount(self.options.pool)
-            log.info("pool %s unmounted", pool.name)
+            log.info("pool %s unmounted (%s)", pool.name, self.fuse.summary())
 
     def status_line(self) -> str:
         """What systemd shows for this pool (service/status_line.py)."""
@@ -288,7 +290,7 @@ class Daemon:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for signum in signals:
                 log.info("signal %d: unmounting", signum)
-                pyfuse3.terminate()
+                self.fuse.terminate()
 
     # ---- control requests -----------------------------------------------------------
 
@@ -370,7 +372,7 @@ class Daemon:
                     f"volume {busy[0]!r} is in use (detach its loop device first, "
                     "or unmount with --force)"
                 )
-            pyfuse3.terminate()
+            self.fuse.terminate()
             return {"pid": os.getpid()}
         raise InvalidInput(f"unknown request {op!r}")
 
