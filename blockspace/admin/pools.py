@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import trio
@@ -235,8 +236,7 @@ def pool_status(
 ) -> dict[str, Any]:
     free_map = pool.allocator.free_map()
     pool.check_host_room()
-    on_disk = Counter(d for volume in pool.metadata.volumes for extents in volume.slabs.values()
-                      for d, _ in extents)
+    on_disk = Counter(map(itemgetter(0), pool.metadata.used_extents()))  # C speed: 500k slabs
     disks: list[dict[str, Any]] = []
     for disk_id, disk in sorted(pool.disks.items()):
         disk_record = disk.record

@@ -29,11 +29,13 @@ value is a crafted or corrupt slot: FormatError, one line. Pure code: `Reader` d
 
 from __future__ import annotations
 
+import gc
 import json
 import struct
 import uuid
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -397,9 +399,28 @@ def apply_record(md: PoolMetadata, body: RecordBody) -> PoolMetadata:
     return state
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic collector off while a big map is built: each of its passes walks
+    every container made so far, and a map of 500k slabs is millions of them (open spent
+    more time there than decoding). What a replay builds holds no cycles to collect."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def replay(read: Reader, index: SlotIndex, slot_size: int, pool_uuid: str) -> PoolMetadata:
     """The newest state of a slot: its checkpoint decoded once, its records applied, the
     result validated once. FormatError on anything that does not check."""
+    with _collector_paused():
+        return _replay(read, index, slot_size, pool_uuid)
+
+
+def _replay(read: Reader, index: SlotIndex, slot_size: int, pool_uuid: str) -> PoolMetadata:
     version_1 = index.checkpoint.version == 1
     md = decode_checkpoint(read, index.checkpoint, slot_size, pool_uuid, check=version_1)
     for ref in index.records:
