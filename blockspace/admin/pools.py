@@ -24,7 +24,7 @@ from blockspace.geometry.layouts import KINDS, LayoutSpec, default_layout
 from blockspace.ondisk.label import MEDIA, compute_geometry
 from blockspace.pool.label_copies import repair_label_copies
 from blockspace.pool.lease import LeaseOptions, WriterLease
-from blockspace.pool.pool import Pool, read_label, required_slot_size
+from blockspace.pool.pool import Pool, read_label
 from blockspace.volume.concurrency import leaves
 
 log = logging.getLogger(__name__)
@@ -325,8 +325,7 @@ def host_full_action(path: str) -> str:
 def metadata_status(pool: Pool) -> dict[str, Any]:
     """The metadata area: its format, size, what the pool's capacity may need, and the
     error of the last commit if it failed (a change, or a disk failure, not recorded)."""
-    needed = required_slot_size([d.record.size for d in pool.disks.values()], pool.slab_size,
-                                [d.record.path_hint for d in pool.disks.values()])
+    needed = pool.required_slot_size()
     size = pool.metadata.meta_slot_size
     warning = ""
     if size < needed:
