@@ -176,6 +176,8 @@ class Writer:
         assert process.stdin is not None
         assert process.stdout is not None
         assert process.stderr is not None
+        if process.stdout.closed:
+            return ""  # stopped already
         with contextlib.suppress(BrokenPipeError):
             process.stdin.close()  # its end of input: a live writer exits
         with contextlib.suppress(BrokenPipeError):
@@ -295,51 +297,56 @@ def test_kill_9_during_commits_checkpoints_and_between_them(
     for name in VOLUMES:
         env.create_volume("crash", name, "100M", "mirror", "--copies", "2")
     run = Run(env, bs, images)
-    assert run.slot_size == 64 * KiB
+    try:
+        assert run.slot_size == 64 * KiB
 
-    # 1. A record on two of the three disks (a commit cut short).
-    run.mount()
-    for _ in range(2):
+        # 1. A record on two of the three disks (a commit cut short).
+        run.mount()
+        for _ in range(2):
+            run.step()
+        run.kill_in_flight("record")
+
+        # 2. A checkpoint on two of the three disks (the journal was full: the slot switch).
+        run.mount()
+        slots_seen = {views(images)[0].slot}
+        while not run.next_is_checkpoint():
+            run.step()
+        run.kill_in_flight("checkpoint")
+
+        # 3. Between commits, right after the step that follows a checkpoint: nothing in flight,
+        # the new slot's journal holding a single record.
+        run.mount()
+        start = views(images)[0].slot
+        while views(images)[0].slot == start:
+            run.step()
+            slots_seen.add(views(images)[0].slot)
         run.step()
-    run.kill_in_flight("record")
+        run.kill()
 
-    # 2. A checkpoint on two of the three disks (the journal was full: the slot switch).
-    run.mount()
-    slots_seen = {views(images)[0].slot}
-    while not run.next_is_checkpoint():
-        run.step()
-    run.kill_in_flight("checkpoint")
+        # 4. Several journals' worth of steps at full speed, then a kill mid-record again.
+        run.mount()
+        for _ in range(12):
+            run.step()
+            slots_seen.add(views(images)[0].slot)
+        run.kill_in_flight("record")
 
-    # 3. Between commits, right after the step that follows a checkpoint: nothing in flight,
-    # the new slot's journal holding a single record.
-    run.mount()
-    start = views(images)[0].slot
-    while views(images)[0].slot == start:
-        run.step()
-        slots_seen.add(views(images)[0].slot)
-    run.step()
-    run.kill()
-
-    # 4. Several journals' worth of steps at full speed, then a kill mid-record again.
-    run.mount()
-    for _ in range(12):
-        run.step()
-        slots_seen.add(views(images)[0].slot)
-    run.kill_in_flight("record")
-
-    run.mount()
-    assert slots_seen == {0, 1}, "premise: the journal filled and was checkpointed"
-    scrub = env.cli_json("scrub", "crash", "--wait")
-    assert scrub["state"] == "done", scrub
-    report = scrub["report"]
-    assert (report["checksum_errors"], report["mismatches"], report["unrecoverable"]) == \
-        (0, 0, []), report
-    status = env.status("crash")
-    assert status["metadata"]["error"] == "", status["metadata"]
-    assert wait_until(lambda: all(d["state"] == "online" for d in env.status("crash")["disks"]),
-                      60), env.status("crash")["disks"]
-    assert run.writer is not None
-    run.step()  # and it still takes writes
-    run.writer.stop()
-    env.unmount_pool(run.mountpoint, run.pid)
-    assert len(run.acknowledged) >= 20, run.acknowledged
+        run.mount()
+        assert slots_seen == {0, 1}, "premise: the journal filled and was checkpointed"
+        scrub = env.cli_json("scrub", "crash", "--wait")
+        assert scrub["state"] == "done", scrub
+        report = scrub["report"]
+        assert (report["checksum_errors"], report["mismatches"], report["unrecoverable"]) == \
+            (0, 0, []), report
+        status = env.status("crash")
+        assert status["metadata"]["error"] == "", status["metadata"]
+        assert wait_until(
+            lambda: all(d["state"] == "online" for d in env.status("crash")["disks"]), 60,
+        ), env.status("crash")["disks"]
+        assert run.writer is not None
+        run.step()  # and it still takes writes
+        run.writer.stop()
+        env.unmount_pool(run.mountpoint, run.pid)
+        assert len(run.acknowledged) >= 20, run.acknowledged
+    finally:
+        if run.writer is not None:  # a failed test leaves no writer holding the mount
+            run.writer.stop()
