@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 import trio
@@ -23,7 +24,7 @@ from blockspace.geometry.layouts import KINDS, LayoutSpec, default_layout
 from blockspace.ondisk.label import MEDIA, compute_geometry
 from blockspace.pool.label_copies import repair_label_copies
 from blockspace.pool.lease import LeaseOptions, WriterLease
-from blockspace.pool.pool import Pool, read_label, required_slot_size
+from blockspace.pool.pool import Pool, read_label
 from blockspace.volume.concurrency import leaves
 
 log = logging.getLogger(__name__)
@@ -242,8 +243,7 @@ def pool_status(
 ) -> dict[str, Any]:
     free_map = pool.allocator.free_map()
     pool.check_host_room()
-    on_disk = Counter(d for volume in pool.metadata.volumes for extents in volume.slabs.values()
-                      for d, _ in extents)
+    on_disk = Counter(map(itemgetter(0), pool.metadata.used_extents()))  # C speed: 500k slabs
     disks: list[dict[str, Any]] = []
     for disk_id, disk in sorted(pool.disks.items()):
         disk_record = disk.record
@@ -332,8 +332,7 @@ def host_full_action(path: str) -> str:
 def metadata_status(pool: Pool) -> dict[str, Any]:
     """The metadata area: its format, size, what the pool's capacity may need, and the
     error of the last commit if it failed (a change, or a disk failure, not recorded)."""
-    needed = required_slot_size([d.record.size for d in pool.disks.values()], pool.slab_size,
-                                [d.record.path_hint for d in pool.disks.values()])
+    needed = pool.required_slot_size()
     size = pool.metadata.meta_slot_size
     warning = ""
     if size < needed:

@@ -49,7 +49,8 @@ def cmd_create(args: argparse.Namespace) -> int:
         meta_slot_size=meta_slot_size or DEFAULT_META_SLOT_SIZE, force=args.force,
     )
     needed = required_slot_size([d.size for d in disks], slab_size,
-                                [os.path.abspath(d.path) for d in disks])
+                                [os.path.abspath(d.path) for d in disks],
+                                [d.media for d in disks])
     if meta_slot_size is not None:
         check_slot_size(meta_slot_size, needed, "pool")  # before anything is written
     # Absolute paths: the metadata keeps them as the hint shown for a missing disk.

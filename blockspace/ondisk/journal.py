@@ -29,11 +29,13 @@ value is a crafted or corrupt slot: FormatError, one line. Pure code: `Reader` d
 
 from __future__ import annotations
 
+import gc
 import json
 import struct
 import uuid
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +49,7 @@ from blockspace.ondisk.metadata import (
     META_HEADER,
     META_HEADER_SIZE,
     META_MAGIC,
+    MIN_TIER_UNIT,
     PoolMetadata,
     TrackedMap,
     compact_json,
@@ -397,9 +400,28 @@ def apply_record(md: PoolMetadata, body: RecordBody) -> PoolMetadata:
     return state
 
 
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Python's cyclic collector off while a big map is built: each of its passes walks
+    every container made so far, and a map of 500k slabs is millions of them (open spent
+    more time there than decoding). What a replay builds holds no cycles to collect."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def replay(read: Reader, index: SlotIndex, slot_size: int, pool_uuid: str) -> PoolMetadata:
     """The newest state of a slot: its checkpoint decoded once, its records applied, the
     result validated once. FormatError on anything that does not check."""
+    with _collector_paused():
+        return _replay(read, index, slot_size, pool_uuid)
+
+
+def _replay(read: Reader, index: SlotIndex, slot_size: int, pool_uuid: str) -> PoolMetadata:
     version_1 = index.checkpoint.version == 1
     md = decode_checkpoint(read, index.checkpoint, slot_size, pool_uuid, check=version_1)
     for ref in index.records:
@@ -424,25 +446,44 @@ PER_DISK_STATE = 1 << 10  # one disk record, beside its path hint
 MIN_JOURNAL = 16 << 10
 
 
-def max_state_size(disk_sizes: Sequence[int], slab_size: int, path_bytes: int) -> int:
+# The smallest tier unit a tiered volume gets by default (tiering/admin.py DEFAULT_UNIT): a
+# pool's metadata area is sized for tier maps of its ssd capacity in units of this size; a
+# tiered volume with a smaller unit is refused if the area cannot hold its map.
+SIZED_TIER_UNIT = 1 << 20
+
+
+def tier_slots_bound(ssd_sizes: Sequence[int], slab_size: int) -> int:
+    """How many ssd slots the tier maps of every tiered volume may use, at most, with units
+    of `SIZED_TIER_UNIT`: an ssd tier must fit the ssd disks (tiering/admin.py), so the slots
+    of all of them together never outnumber the ssd capacity's units."""
+    return sum(size // slab_size for size in ssd_sizes) * (slab_size // SIZED_TIER_UNIT)
+
+
+def max_state_size(disk_sizes: Sequence[int], slab_size: int, path_bytes: int,
+                   tier_slots: int = 0) -> int:
     """An upper bound of the encoded state of a pool of these disks with every extent
-    mapped (each in a slab of its own, the worst case), compressed or not: the slot must
-    hold it, so that no state the pool can reach fails to be recorded."""
+    mapped (each in a slab of its own, the worst case) and `tier_slots` ssd slots in tier
+    maps (each a unit at the widest index), compressed or not: the slot must hold it, so
+    that no state the pool can reach fails to be recorded."""
     extents = sum(size // slab_size for size in disk_sizes)
     extent_digits = len(str(max(disk_sizes, default=0) // slab_size))
     index_digits = len(str(MAX_VOLUME_SIZE // slab_size))
     # "[index" + "]," per slab and ",disk,extent" per extent, all at their widest.
     per_extent = index_digits + 3 + len(str(MAX_DISK_ID)) + extent_digits + 2
-    raw = FIXED_STATE + PER_DISK_STATE * len(disk_sizes) + path_bytes + extents * per_extent
+    # "unit,slot,dirty," per mapped tier unit, all at their widest.
+    per_unit = len(str(MAX_VOLUME_SIZE // MIN_TIER_UNIT)) + len(str(tier_slots)) + 1 + 3
+    raw = (FIXED_STATE + PER_DISK_STATE * len(disk_sizes) + path_bytes + extents * per_extent
+           + tier_slots * per_unit)
     return raw + raw // 1000 + 64  # zlib's worst case: stored blocks, 5 bytes per 16 KiB
 
 
-def min_slot_size(disk_sizes: Sequence[int], slab_size: int, path_bytes: int) -> int:
+def min_slot_size(disk_sizes: Sequence[int], slab_size: int, path_bytes: int,
+                  tier_slots: int = 0) -> int:
     """The smallest metadata slot that holds the largest state (`max_state_size`) as a
     checkpoint and leaves a journal of a quarter of that (at least 16 KiB) after it: with the
     journal proportional to the state, a checkpoint's cost spread over the commits that fill
     the journal stays a constant per commit."""
-    state = max_state_size(disk_sizes, slab_size, path_bytes)
+    state = max_state_size(disk_sizes, slab_size, path_bytes, tier_slots)
     return align_up(META_HEADER_SIZE + state + max(MIN_JOURNAL, state // 4), 64 << 10)
 
 

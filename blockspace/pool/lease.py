@@ -24,7 +24,7 @@ import xxhash
 from blockspace.disks.devices import Device
 from blockspace.disks.gate import GatedDevice
 from blockspace.disks.hostlock import DiskInUse, HostLock
-from blockspace.errors import BlockspaceError, DeviceError, FormatError
+from blockspace.errors import BlockspaceError, DeviceError, FormatError, HostSpaceError
 from blockspace.ondisk.label import LEASE_SIZE, check_uuid
 from blockspace.ondisk.lease import MAX_WAIT, Holder, Lease, decode_lease, encode_lease
 from blockspace.pool.pool import Pool, PoolDisk
@@ -244,39 +244,45 @@ class WriterLease:
             await self._write_all("held")
             self.held = True
 
-    async def _write_all(self, state: str) -> None:
-        """Write the lease (the next beat) to every member, durably; a disk that cannot take
-        it is logged (its failures are the I/O path's to judge)."""
+    async def _write_all(self, state: str) -> list[tuple[PoolDisk, DeviceError]]:
+        """Write the lease (the next beat) to every member, durably, each within the I/O
+        timeout; returns the disks in service that could not take it (and why). A member
+        out of service that cannot is only logged."""
         self.counter += 1
         self.last_beat = time.time()
         # Beats can be this far apart (one waits for the slowest disk, up to the I/O
         # timeout); a taker watches at least that long, with a margin of two beats.
         wait = min(MAX_WAIT, max(self.timeout, 3 * self.interval + self.pool.io_timeout))
+        failed: list[tuple[PoolDisk, DeviceError]] = []
 
         async def write_one(disk: PoolDisk, member: Device) -> None:
             device = member.inner if isinstance(member, GatedDevice) else member
             lease = Lease(self.pool.uuid, disk.record.disk_uuid, self.me, self.counter,
                           self.last_beat, state, wait)
+
+            async def write(target: Device) -> None:
+                await target.write(disk.geometry.lease_offset, encode_lease(lease))
+                await target.flush()
+
             try:
-                with trio.move_on_after(self.pool.io_timeout):
-                    await device.write(disk.geometry.lease_offset, encode_lease(lease))
-                    await device.flush()
+                await self.pool.disk_io(disk, "lease write", write, device=device,
+                                        offset=disk.geometry.lease_offset, length=LEASE_SIZE)
+            except HostSpaceError as error:  # the host is full, not the disk broken
+                self.pool.note_host_full(disk.record.disk_id, error)
+                log.warning("disk %d: lease not written: %s", disk.record.disk_id, error)
             except DeviceError as error:
                 log.warning("disk %d: lease not written: %s", disk.record.disk_id, error)
+                if member is disk.device and disk.usable:
+                    failed.append((disk, error))
 
         async with trio.open_nursery() as nursery:  # one slow disk does not delay the rest
             for disk, member in _members(self.pool):
                 nursery.start_soon(write_one, disk, member)
+        return failed
 
-    async def beat_once(self) -> None:
-        """One heartbeat: first make sure nobody took the pool over (then stop: LeaseLost,
-        or `on_lost`), then the next counter on every disk."""
-        if not self.held:
-            return
-        try:
-            self._lock_members()
-        except BlockspaceError as error:  # a disk that joined is locked elsewhere: odd
-            log.error("%s", error)
+    async def _fence_if_taken(self) -> None:
+        """Read every member's lease: if another writer holds one, stop (LeaseLost, and
+        `on_lost`: the daemon exits 75)."""
         for reading in await read_readings(self.pool, self.me):
             lease = reading.lease
             if lease is not None and lease.held and lease.holder != self.me:
@@ -287,7 +293,28 @@ class WriterLease:
                 if self.on_lost is not None:
                     self.on_lost(self.lost)
                 raise LeaseLost(self.lost)
-        await self._write_all("held")
+
+    async def beat_once(self) -> None:
+        """One heartbeat: first make sure nobody took the pool over (then stop: LeaseLost,
+        or `on_lost`), then the next counter on every disk, read back (the same check
+        again); a disk in service that could not take it is failed, durably."""
+        if not self.held:
+            return
+        try:
+            self._lock_members()
+        except BlockspaceError as error:  # a disk that joined is locked elsewhere: odd
+            log.error("%s", error)
+        await self._fence_if_taken()
+        failed = await self._write_all("held")
+        # Read back: a writer that raced this beat (it looked before we wrote, and wrote
+        # after) is seen now, not a beat later.
+        await self._fence_if_taken()
+        for disk, problem in failed:
+            # A disk in service that cannot take the beat failed a write like any other:
+            # out of service, durably (the I/O path's rule), not merely logged.
+            disk_id = disk.record.disk_id
+            self.pool.count_device_error(disk_id, "write")
+            await self.pool.mark_failed(disk_id, f"the lease write failed: {problem}")
 
     async def beat(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                    ) -> None:

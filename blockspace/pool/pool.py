@@ -45,6 +45,7 @@ from blockspace.ondisk.journal import (
     encode_record,
     encode_seal,
     min_slot_size,
+    tier_slots_bound,
 )
 from blockspace.ondisk.label import (
     BLOCK,
@@ -270,7 +271,7 @@ class Pool:
         if len(media) != len(devices) or any(m not in MEDIA for m in media):
             raise InvalidInput(f"media must be one of {', '.join(MEDIA)}")
         needed = required_slot_size([d.size for d in devices], slab_size,
-                                    [d.path for d in devices])
+                                    [d.path for d in devices], media)
         if meta_slot_size is None:
             meta_slot_size = max(DEFAULT_META_SLOT_SIZE, needed)
         check_slot_size(meta_slot_size, needed, "pool")
@@ -423,6 +424,31 @@ class Pool:
     def unusable_disk_ids(self) -> list[int]:
         """Disks new data must not go to (out of service, or retiring)."""
         return [disk_id for disk_id, disk in self.disks.items() if not disk.allocatable]
+
+    def tier_slots(self) -> int:
+        """The ssd slots the tier maps of the pool's tiered volumes may use."""
+        slots = 0
+        for volume in self.metadata.volumes:
+            if volume.tiers is not None:
+                ssd = next((v for v in self.metadata.volumes if v.name == volume.tiers.ssd),
+                           None)
+                slots += ssd.size // volume.tiers.unit if ssd is not None else 0
+        return slots
+
+    def required_slot_size(self, *, extra_disk: tuple[Device, str] | None = None,
+                           extra_tier_slots: int = 0) -> int:
+        """The metadata slot this pool needs (`required_slot_size`), with a disk or the
+        slots of a tiered volume about to be added."""
+        records = [d.record for d in self.disks.values()]
+        sizes = [r.size for r in records]
+        paths = [r.path_hint for r in records]
+        media = [r.media for r in records]
+        if extra_disk is not None:
+            sizes.append(extra_disk[0].size)
+            paths.append(extra_disk[0].path)
+            media.append(extra_disk[1])
+        return required_slot_size(sizes, self.slab_size, paths, media,
+                                  self.tier_slots() + extra_tier_slots)
 
     def media_excluded(self, volume: VolumeRecord) -> list[int]:
         """The disks of the other media class, when `volume` is one tier of a tiered
@@ -811,10 +837,7 @@ class Pool:
         if media not in MEDIA:
             raise InvalidInput(f"media must be one of {', '.join(MEDIA)}")
         geometry = compute_geometry(device.size, self.slab_size, self.metadata.meta_slot_size)
-        needed = required_slot_size([*(d.record.size for d in self.disks.values()), device.size],
-                                    self.slab_size,
-                                    [*(d.record.path_hint for d in self.disks.values()),
-                                     device.path])
+        needed = self.required_slot_size(extra_disk=(device, media))
         check_slot_size(self.metadata.meta_slot_size, needed, "pool with the new disk")
         disk_id = self.metadata.next_disk_id
         disk_uuid = str(uuid.uuid4())
@@ -1244,11 +1267,16 @@ def newest_metadata(members: list[tuple[Device, DiskLabel]], pool_uuid: str) -> 
     return load_newest(members, scans, pool_uuid, problems)[0]
 
 
-def required_slot_size(sizes: Sequence[int], slab_size: int, paths: Sequence[str]) -> int:
-    """The smallest metadata slot a pool of disks of `sizes` needs (`min_slot_size`),
-    counting each path hint as the metadata will record it (and room to grow)."""
+def required_slot_size(sizes: Sequence[int], slab_size: int, paths: Sequence[str],
+                       media: Sequence[str], tier_slots: int = 0) -> int:
+    """The smallest metadata slot a pool of disks of `sizes` (and `media`) needs
+    (`min_slot_size`), counting each path hint as the metadata will record it (and room to
+    grow), and tier maps of the ssd capacity in default units or of `tier_slots` slots,
+    whichever is more."""
     path_bytes = sum(len(path.encode()) + 256 for path in paths)
-    return min_slot_size(sizes, slab_size, path_bytes)
+    ssd = [size for size, kind in zip(sizes, media, strict=True) if kind == "ssd"]
+    slots = max(tier_slots_bound(ssd, slab_size), tier_slots)
+    return min_slot_size(sizes, slab_size, path_bytes, slots)
 
 
 def check_slot_size(meta_slot_size: int, needed: int, what: str) -> None:

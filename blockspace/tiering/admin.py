@@ -19,15 +19,16 @@ from blockspace.errors import InvalidInput, NoSpace
 from blockspace.geometry.allocator import max_slabs
 from blockspace.geometry.layouts import LayoutSpec, default_layout
 from blockspace.geometry.resiliency_names import RESILIENCY_NAMES, names_of_kind
+from blockspace.ondisk.journal import SIZED_TIER_UNIT
 from blockspace.ondisk.label import BLOCK, validate_name
 from blockspace.ondisk.metadata import MAX_PINS, MAX_TIER_UNIT, TIER_NAMES, TierInfo, VolumeRecord
-from blockspace.pool.pool import Pool
+from blockspace.pool.pool import Pool, check_slot_size
 from blockspace.tiering.heat import HeatError, HeatMap
 from blockspace.units import format_size, parse_size
 
 log = logging.getLogger(__name__)
 
-DEFAULT_UNIT = 1 << 20
+DEFAULT_UNIT = SIZED_TIER_UNIT  # the metadata area is sized for it
 SUFFIX = {"ssd": ".ssd", "hdd": ".hdd"}
 
 
@@ -137,6 +138,13 @@ async def create_tiered(
     ssd_size = by_media["ssd"].size // unit * unit
     if ssd_size == 0:
         raise InvalidInput(f"the ssd tier must hold at least one unit ({format_size(unit)})")
+    # The metadata area holds tier maps of the ssd capacity in default units; a smaller
+    # unit can need more slots than that: then they must fit what the area holds.
+    needed = pool.required_slot_size(extra_tier_slots=ssd_size // unit)
+    if needed > pool.required_slot_size():
+        check_slot_size(pool.metadata.meta_slot_size, needed,
+                        f"tiered volume's ssd tier in units of {format_size(unit)} (use a "
+                        "larger --tier-unit)")
     sizes = {"ssd": ssd_size, "hdd": size}
     for media in TIER_NAMES:
         if media == "ssd" or provisioning == "fixed":

@@ -365,3 +365,24 @@ def test_destager_cleans_dirty_units_once_they_settle(monkeypatch: pytest.Monkey
         assert await volume.hdd.read(5 * UNIT, 3 * UNIT) == data  # the home is current
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_tier_unit_whose_map_the_metadata_area_cannot_hold_is_refused() -> None:
+    """The metadata area is sized for tier maps of the ssd capacity in default (1 MiB)
+    units; a smaller unit needs more slots, and a tiered volume whose map could outgrow
+    the area is refused up front (before, it was made, and a map grown past the area would
+    have failed its commits with ENOSPC). One that fits is made."""
+
+    async def scenario() -> None:
+        devices = [MemoryDevice(256 * MiB, path=f"mem{i}") for i in range(len(MEDIA))]
+        pool = await Pool.create("t", devices, media=MEDIA, slab_size=1 * MiB,
+                                 meta_slot_size=128 * KiB)
+        with pytest.raises(InvalidInput, match="use a larger --tier-unit"):
+            await create_tiered(pool, "small", [parse_tier("ssd:200M:mirror-2"),
+                                                parse_tier("hdd:300M:mirror-2")], unit=4 * KiB)
+        assert [v.name for v in pool.metadata.volumes] == []
+        await create_tiered(pool, "v", [parse_tier("ssd:200M:mirror-2"),
+                                        parse_tier("hdd:300M:mirror-2")])
+        assert pool.metadata.volume("v").tiers is not None
+
+    trio.run(scenario)

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -455,3 +456,81 @@ def test_any_host_name_makes_a_valid_lease(
                        "a1b2c3d4-e5f6-4a7b-8c9d-0e1f2a3b4c5d", holder, 1, 1.0, "held")
         raw = encode_lease(record)
         assert decode_lease(raw, record.pool_uuid, record.disk_uuid) == record
+
+
+class RacingDevice(FileDevice):
+    """A disk that another writer's lease reaches right after ours (armed: once), as when
+    two writers race the same heartbeat: it looked before our beat, wrote after it."""
+
+    racer: bytes | None = None
+    lease_offset = -1
+
+    async def write(self, offset: int, data: Any) -> None:
+        await super().write(offset, data)
+        if offset == self.lease_offset and self.racer is not None:
+            racer, self.racer = self.racer, None
+            await super().write(offset, racer)
+
+
+def test_a_writer_racing_the_beat_is_seen_by_that_beat(tmp_path: Path) -> None:
+    """The beat reads the lease back after writing it: another holder found there fences
+    this writer at once (the daemon's `on_lost` exits 75), not at the next beat."""
+    paths, _ = make_pool(tmp_path)
+    lost: list[str] = []
+
+    async def scenario() -> None:
+        devices = [RacingDevice(str(p)) for p in paths]
+        pool = await Pool.open(list(devices))
+        try:
+            lease = WriterLease(pool, on_lost=lost.append)
+            await lease.acquire()
+            disk = pool.disks[0]
+            racing = devices[0] if devices[0].path == disk.path else devices[1]
+            racing.lease_offset = disk.geometry.lease_offset
+            racing.racer = encode_lease(Lease(pool.uuid, disk.record.disk_uuid, OTHER_HOST,
+                                              1000, 1.0, "held", 0.1))
+            with pytest.raises(LeaseLost, match="taken over by host beta"):
+                await lease.beat_once()
+            assert racing.racer is None  # premise: the race happened in this beat
+            assert lost
+            assert lease.describe()["state"] == "lost"
+        finally:
+            close(pool)
+
+    trio.run(scenario)
+
+
+def test_a_beat_a_disk_cannot_take_fails_that_disk_durably(tmp_path: Path) -> None:
+    """A write error on the lease block is the disk's write error: counted, and the disk
+    out of service in a committed generation (as after a failed data write), not only a
+    line in the log. The other disk keeps the pool and its lease."""
+    paths, _ = make_pool(tmp_path, disks=3)
+
+    async def scenario() -> None:
+        devices = [FaultyDevice(FileDevice(str(p))) for p in paths]
+        pool = await Pool.open(list(devices))
+        try:
+            lease = WriterLease(pool)
+            await lease.acquire()
+            disk = pool.disks[1]
+            faulty = disk.device
+            assert isinstance(faulty, FaultyDevice)
+            faulty.set_spec(FaultSpec(write_error=1.0,
+                                      ranges=((disk.geometry.lease_offset, LEASE_SIZE),)))
+            await lease.beat_once()
+            assert pool.disks[1].record.state == "failed"
+            assert "lease write failed" in pool.disks[1].record.state_reason
+            assert pool.disks[1].errors["write"] >= 1
+            assert pool.disks[0].record.state == "online"
+            await lease.release()
+        finally:
+            close(pool)
+            for device in devices:  # the failed disk's handle too
+                device.close()
+        reopened = await open_pool(paths)  # what a crash now would find on the disks
+        try:
+            assert reopened.disks[1].record.state == "failed"
+        finally:
+            close(reopened)
+
+    trio.run(scenario)

@@ -572,3 +572,26 @@ def test_absent_positions_keep_every_column_readable(
             assert set(data_positions(spec, 0, column)) - set(absent)
     with pytest.raises(ValueError):
         absent_positions(spec, spec.tolerance + 1)
+
+
+@pytest.mark.parametrize(
+    ("used", "message"),
+    [
+        ([(0, 1), (1, 1), (0, 1)], "listed as used twice"),
+        ([(0, 1), (1, True)], "must be an integer"),
+        ([(0, 1), (1, -1)], "out of range"),
+        ([(0, 1), (1, 10)], "out of range"),
+        ([(0, 1), (5, 1)], "unknown disk"),
+        ([(0, 1), (1,)], "not an extent"),
+        ([(0, 1), 7], "not an extent"),
+    ],
+)
+def test_the_used_list_is_checked_whole_then_extent_by_extent(
+    used: list[object], message: str
+) -> None:
+    """A pool opens with its used extents checked by whole-list calls; a bad one still
+    fails with the message of the extent-by-extent check."""
+    with pytest.raises(ValueError, match=message):
+        ExtentAllocator({0: 10, 1: 10}, used)  # type: ignore[arg-type]
+    allocator = ExtentAllocator({0: 10, 1: 10}, [(0, 1), (1, 9), (0, 0)])
+    assert allocator.free_map() == {0: 8, 1: 9}

@@ -6,6 +6,7 @@ line; garbage never raises anything but FormatError; the slot sizing bound."""
 
 import copy
 import json
+import random
 import struct
 import uuid
 import zlib
@@ -321,6 +322,56 @@ def test_the_slot_bound_holds_a_full_map_of_single_extent_slabs() -> None:
     assert min_slot_size(sizes, md.slab_size, paths) >= bound + (16 << 10)
 
 
+def test_the_slot_bound_holds_full_tier_maps_too() -> None:
+    """A pool filled to the bound, with a tier: every extent mapped, each its own slab at
+    the highest indexes, and a tiered volume whose ssd tier takes the pool's whole ssd
+    capacity in default units, every slot mapped to a unit at a wide index (scattered, so
+    that it compresses badly) and every pin used. Its checkpoint fits the slot `pool
+    create` sizes (with the journal room the sizing promises), so the state commits; the
+    bound once left tier maps out."""
+    from blockspace.ondisk.journal import SIZED_TIER_UNIT
+    from blockspace.ondisk.metadata import MAX_PINS, MAX_VOLUME_SIZE, TierInfo, VolumeRecord
+    from blockspace.pool.pool import required_slot_size
+
+    md = sample()
+    simple = {"kind": "simple", "columns": 1, "copies": 1, "parity": 0,
+              "interleave": 64 << 10}
+    volume = md.volume("scratch")
+    volume.layout = dict(simple)
+    volume.size = 1 << 60
+    for v in md.volumes:
+        v.slabs.clear()
+    index = (1 << 60) // md.slab_size - 1
+    for disk in md.disks:
+        for extent in range(disk.extent_count):
+            volume.slabs[index] = [(disk.disk_id, extent)]
+            index -= 1
+    unit = SIZED_TIER_UNIT
+    slots = sum(d.extent_count for d in md.disks if d.media == "ssd") * md.slab_size // unit
+    size = MAX_VOLUME_SIZE // unit * unit
+    units = size // unit
+    pins = [(i * 2 * unit, unit, "ssd") for i in range(MAX_PINS)]
+    rng = random.Random(16)  # units scattered at wide indexes, slots shuffled: what
+    order = list(range(slots))  # compresses worst
+    rng.shuffle(order)
+    scattered = sorted(rng.sample(range(units // 2, units), slots))
+    tiers = TierInfo(unit, "fast.ssd", "fast.hdd",
+                     {u: (slot, rng.random() < 0.5) for u, slot in zip(scattered, order,
+                                                                       strict=True)}, pins)
+    md.volumes += [
+        VolumeRecord("fast", str(uuid.UUID(int=90)), size, dict(simple), "thin", {}, 1.0, tiers),
+        VolumeRecord("fast.ssd", str(uuid.UUID(int=91)), slots * unit, dict(simple), "thin", {},
+                     1.0),
+        VolumeRecord("fast.hdd", str(uuid.UUID(int=92)), size, dict(simple), "thin", {}, 1.0),
+    ]
+    needed = required_slot_size([d.size for d in md.disks], md.slab_size,
+                                [d.path_hint for d in md.disks], [d.media for d in md.disks])
+    md.meta_slot_size = needed
+    image = encode_checkpoint(md, needed)  # NoSpace if the state outgrew the bound
+    assert len(image) + (16 << 10) <= needed
+    assert decode_slot(image.ljust(needed, b"\0"), md.pool_uuid).volume("fast").tiers == tiers
+
+
 def test_a_checkpoint_encodes_the_version_1_document_in_pieces() -> None:
     """The maps are encoded a few thousand rows per call (the GIL is let go between them):
     the document is still exactly the version-1 one, tier maps included, and replays."""
@@ -354,3 +405,41 @@ def test_a_record_of_a_bad_placement_is_never_written(placement: list[tuple[int,
     md.generation += 1
     with pytest.raises(ValueError, match="refusing to write invalid pool metadata"):
         encode_record(md, 7, {home.uuid: home.slabs.take_dirty()}, {})  # type: ignore[attr-defined]
+
+
+def test_replay_builds_a_big_map_without_the_cyclic_collector() -> None:
+    """Each pass of Python's cyclic collector walks every container made so far: while a
+    replay builds a map of 500k slabs (millions of lists and tuples) those passes cost more
+    than the decoding. None runs during a replay (one may run as it ends, when the collector
+    is on again), rather than one per 700 containers made."""
+    import gc
+
+    md = sample()
+    volume = md.volume("scratch")
+    volume.layout = {"kind": "simple", "columns": 1, "copies": 1, "parity": 0,
+                     "interleave": 64 << 10}
+    volume.size = 1 << 50
+    for v in md.volumes:
+        v.slabs.clear()
+    from tests.unit.test_metadata import disk_record
+
+    md.disks[0] = disk_record(0, size=2000 << 30, media=md.disks[0].media)  # 31k extents
+    for index in range(30_000):
+        volume.slabs[index] = [(0, index)]
+    image = encode_checkpoint(md, 64 << 20)
+    passes: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            passes.append(info["generation"])
+
+    gc.collect()  # from zero: what the test itself allocated does not count
+    gc.callbacks.append(count)
+    try:
+        assert gc.isenabled()
+        decoded = decode_slot(image.ljust(1 << 20, b"\0"), md.pool_uuid)
+    finally:
+        gc.callbacks.remove(count)
+    assert len(decoded.volume("scratch").slabs) == 30_000
+    assert len(passes) <= 1, passes  # the one when it is back on (with it on: ~130)
+    assert gc.isenabled()

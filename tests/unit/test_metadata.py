@@ -754,3 +754,37 @@ def test_crafted_error_counters_are_rejected(counters: Any) -> None:
     body = document()
     body["disks"][0]["errors"] = counters
     reject(seal(body), "error count")
+
+
+@pytest.mark.parametrize(
+    ("volume", "placement", "message"),
+    [
+        (1, [(0, 0), (1, 1)], "reuses extent 0 of disk 0"),  # another volume's extent
+        (0, [(0, True), (1, 5)], "extent is not an integer"),
+        (0, [(0, -1), (1, 5)], "extent out of range"),
+        (0, [(0, 1, 2), (1, 5)], "not a \\(disk, extent\\) pair"),
+        (0, [[0, 9], (1, 5)], None),  # a list pair is as good as a tuple
+        (0, "ab", "does not have 2 extents"),
+    ],
+)
+def test_whole_map_checks_reject_what_the_row_checks_reject(
+    volume: int, placement: Any, message: str | None
+) -> None:
+    """Open checks big slab maps by whole-map calls first and row by row only when they
+    fail: a fault in any one row is still found, and named."""
+    md = sample()
+    md.volumes[volume].slabs[2] = placement
+    if message is None:
+        validate(md)
+        return
+    with pytest.raises(FormatError, match=message):
+        validate(md)
+
+
+def test_used_extents_are_the_maps_own_pairs() -> None:
+    """No new tuple per extent (32 MiB at 500k slabs, at open and in `pool status`)."""
+    md = sample()
+    pairs = md.used_extents()
+    assert pairs == [(d, e) for v in md.volumes for p in v.slabs.values() for d, e in p]
+    mapped = [pair for v in md.volumes for p in v.slabs.values() for pair in p]
+    assert all(a is b for a, b in zip(pairs, mapped, strict=True))
