@@ -40,7 +40,13 @@ from blockspace.volume.cached_reads import CachedReads
 from blockspace.volume.concurrency import bind, run_all
 from blockspace.volume.extent_io import ExtentIO, Extents, Fault
 from blockspace.volume.redundancy import Check, Counters
-from blockspace.volume.row_judge import Verdict, judge_row, needs_judging
+from blockspace.volume.row_judge import (
+    Verdict,
+    judge_row,
+    needs_judging,
+    row_looks_behind,
+    torn_contents,
+)
 from blockspace.volume.row_locks import RowLocks
 
 log = logging.getLogger(__name__)
@@ -445,16 +451,21 @@ class Parity:
         return found
 
     async def make_consistent(self, extents: Extents, start: int, end: int) -> int:
-        """A dirty region: a write may have reached some fragments and not others. The row
-        is judged first (`row_judge`): a fragment behind the row's newest write (or claiming
-        "never written" against it) is rebuilt from the ones it trusts, which gives the
-        write's new contents, a legal outcome. Only where that cannot tell between data
-        columns that all verify (a torn write) are the data fragments taken as they are,
-        their checksums rewritten to match and parity recomputed from them: old or new per
-        block, both legal. Parity is never recomputed from a column claiming "never written"
-        against its row, nor from one failing its checksum while others can rebuild it. A
-        row with a disk missing cannot be made consistent (its missing column depends on
-        the parity being right): it is left as is and logged."""
+        """A dirty region: a write may have reached some fragments and not others, its data
+        and not its checksum, or (the first write of a row's block) not the stamps of the
+        columns it did not touch. Every fragment that verifies there holds a legal version
+        (old or new) of its blocks, "never written" included: a stamp that did not land.
+
+        The row is judged first (`row_judge`); where it locates the fragments behind the
+        row, they are rebuilt from the ones it trusts (the write's new contents, or the
+        old). Where it cannot tell (a torn write leaves several fragments behind, none of
+        them damage), the data fragments are taken as they are (`torn_contents`) and parity
+        recomputed from them: old or new per block, both legal. Then every fragment of a
+        row that was not already consistent and current is rewritten with one new write
+        number (`_stamp_row`): afterwards nothing in it looks behind its row, so a read
+        with a disk out finds a row it can serve instead of a torn write's leftovers it
+        must refuse. A row with a disk missing cannot be made consistent (its missing
+        column depends on the parity being right): it is left as is and logged."""
         spec = self.spec
         rewritten = 0
         for row in range(start // spec.interleave, end // spec.interleave):
@@ -468,27 +479,34 @@ class Parity:
                 )
                 continue
             verdict = judge_row(self.codec, fragments.raw, spec.width)
+            if verdict.ok and not verdict.bad and not row_looks_behind(
+                    spec.columns, fragments.raw):
+                continue  # consistent, and every fragment current: nothing to do
             if verdict.ok:
-                if not verdict.bad:
-                    continue
-                full = self.codec.reconstruct(verdict.trusted, sorted(verdict.bad))
-                stale = {index: full[index] for index in verdict.bad}
-                await self.rewrite_row(extents, row, offset, stale, verdict=verdict)
-                rewritten += len(stale) * (spec.interleave // CSUM_BLOCK)
-                continue
-            if verdict.claims:
-                log.warning("volume %s: row %d of a dirty region left as it is: %s",
-                            self.io.name, row, verdict.problem)
-                continue
-            data = [fragments.raw[index][0] for index in range(spec.columns)]
-            wanted = data + self.codec.encode(data)
-            stale = {
-                index: wanted[index] for index in range(spec.width)
-                if fragments.raw[index][0] != wanted[index] or index in fragments.corrupt
-            }
-            await self.rewrite_row(extents, row, offset, stale)
-            rewritten += len(stale) * (spec.interleave // CSUM_BLOCK)
+                full = dict(verdict.trusted)
+                full.update(self.codec.reconstruct(verdict.trusted, sorted(verdict.bad)))
+            else:
+                full = torn_contents(self.codec, fragments.raw)
+            rewritten += await self._stamp_row(extents, row, offset, fragments.raw, full)
         return rewritten
+
+    async def _stamp_row(
+        self, extents: Extents, row: int, offset: int, raw: dict[int, tuple[bytes, bytes]],
+        full: dict[int, bytes],
+    ) -> int:
+        """Rewrite every fragment of a row (`full`: index -> contents) with entries of one
+        new write number; a block stays "never written" only where every fragment said so
+        and it is zeros. Returns the blocks rewritten."""
+        seq = self.pool.next_seq()
+        flags = [unwritten_flags(raw[index][1]) for index in sorted(raw)]
+        unwritten = [all(column[b] for column in flags) for b in range(len(flags[0]))]
+        seqs = [seq] * len(unwritten)
+        for index in sorted(full):
+            position = code_position(self.spec, row, index)
+            entries = entries_with_seqs(full[index], seqs, unwritten)
+            await self.io.write_verified(extents, position, offset, full[index], seq=seq,
+                                         entries=entries)
+        return len(full) * (self.spec.interleave // CSUM_BLOCK)
 
     async def catch_up(self, slab: int, extents: Extents, position: int, since: int) -> int:
         """Rebuild every row in which another column carries write `since` or a later one,

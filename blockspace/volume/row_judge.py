@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from blockspace.geometry.erasure import ErasureCodec
 from blockspace.ondisk.checksums import (
+    CSUM_BLOCK,
     ENTRY_SIZE,
     any_unwritten,
     bad_blocks,
@@ -204,3 +205,43 @@ def needs_judging(index: int, k: int, entries: Mapping[int, bytes]) -> bool:
     my_seqs = entry_seqs(mine)
     return any(any(map(operator.gt, entry_seqs(e), my_seqs))
                for i, e in entries.items() if i >= k)
+
+
+def row_looks_behind(k: int, raw: Raw) -> bool:
+    """Does some fragment of a row (all verifying) look behind it: a parity fragment
+    older than the row, or a data fragment saying "never written" where the row holds a
+    write? (A data fragment older than parity is not: the row's newest write touched
+    other columns.) What a read with a fragment out must refuse, so a resync must not
+    leave it."""
+    seqs = {index: entry_seqs(e) for index, (_, e) in raw.items()}
+    unwritten = {index: unwritten_flags(e) for index, (_, e) in raw.items()}
+    ranks = _suspicion(k, seqs, unwritten).values()
+    return any(r in (PARITY_BEHIND, UNWRITTEN_DATA) for r in ranks)
+
+
+def torn_contents(codec: ErasureCodec, raw: Raw) -> dict[int, bytes]:
+    """A dirty row the judgment cannot settle, every fragment present: a torn write, whose
+    data fragments are each a legal version of their blocks. They are taken as they are,
+    but for blocks failing their checksum: those are rebuilt from the other fragments where
+    the rebuilt block verifies against the entry (the write's data, whose entry landed),
+    else kept as they are (the data landed, its entry did not). Parity is recomputed from
+    the result. Index -> contents, every fragment."""
+    k = codec.k
+    data = {index: bytearray(raw[index][0]) for index in range(k)}
+    sound = {index: bytes(d) for index, (d, e) in raw.items() if not bad_blocks(d, e)}
+    for index in range(k):
+        failing = bad_blocks(*raw[index])
+        others = {i: d for i, d in sound.items() if i != index}
+        if not failing or len(others) < k:
+            continue
+        rebuilt = codec.reconstruct(dict(sorted(others.items())[:k]), [index])[index]
+        entries = raw[index][1]
+        still = set(bad_blocks(rebuilt, entries))
+        for block in failing:
+            if block not in still:
+                lo, hi = block * CSUM_BLOCK, (block + 1) * CSUM_BLOCK
+                data[index][lo:hi] = rebuilt[lo:hi]
+    columns = [bytes(data[index]) for index in range(k)]
+    full = dict(enumerate(columns))
+    full.update(enumerate(codec.encode(columns), start=k))
+    return full
