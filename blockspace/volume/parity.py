@@ -355,6 +355,10 @@ class Parity:
         verdict = judge_row(self.codec, found.raw, self.spec.width)
         await self.count_bad(slab, extents, row, verdict, warn=True)
         if not verdict.ok:
+            if all(verdict.as_it_is(index) for index in wanted):
+                # Nothing can contradict them (no spare fragment): served as they are, and
+                # nothing rewritten. Only a rebuild would rest on the fragments in doubt.
+                return {index: verdict.trusted[index] for index in wanted}, verdict
             raise Unrecoverable(
                 f"volume {self.io.name!r}: slab {slab} row {row} at extent offset {offset} "
                 f"cannot be trusted: {verdict.problem}"

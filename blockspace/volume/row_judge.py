@@ -18,6 +18,28 @@ proved where the row has redundancy to spare: the row without the suspect must a
 its own parity. Where it has none to spare (m = 1, or disks out), the suspicion order alone
 decides, and only when exactly one fragment is the first suspect; otherwise the row is
 reported, never guessed.
+
+A torn write leaves the same marks as damage, and is not damage. A power cut can land a
+row's new data and not its parity, parity and not the data, a block without its entry, or
+a first write without the stamps of the columns it did not touch (which then still say
+"never written"). What tells the two apart is the write-intent log: a torn write lies in a
+region it left dirty, damage anywhere. So:
+
+- In a dirty region, with every fragment present, the region resync (parity.py
+  `make_consistent`) settles each row: what this judgment locates is rebuilt; what it cannot
+  settle is taken as a torn write (`torn_contents`: every data fragment that verifies holds
+  a legal old or new version, "never written" included); and every fragment of the row is
+  rewritten with one write number, so that no mark of the tear survives into normal
+  service, where it would be taken for damage (`row_looks_behind`).
+- Everywhere else, a mark is damage: with a spare fragment it is located and repaired; with
+  none (k fragments verify: the row cannot be checked) a read is refused (EIO) rather than
+  served zeros or garbage, but only for what would rest on a fragment in doubt. A fragment
+  that verifies and claims nothing against its row is served as it is (`Verdict.as_it_is`):
+  with no spare, nothing could contradict it, so refusing it would fail a read that one
+  consistent interpretation of the row serves, an acknowledged one after a crash that met a
+  disk out (the tear's parity in doubt, the untouched columns sound). What is refused there
+  is the rebuild of a missing column from parity that may have missed a write: the write
+  hole, reported instead of served.
 """
 
 import itertools
@@ -53,10 +75,23 @@ class Verdict:
     problem: str = ""  # why the row cannot be served or repaired ("" if it can)
     claims: bool = False  # the problem rests on an unverified "never written" or stale parity
     checked: bool = False  # the trusted fragments were proved to agree with their parity
+    spare: bool = False  # more fragments verify than the k needed: the row can be checked
+    ranks: dict[int, int] = field(default_factory=dict)  # suspect index -> how (PARITY_BEHIND..)
 
     @property
     def ok(self) -> bool:
         return not self.problem
+
+    def as_it_is(self, index: int) -> bool:
+        """May fragment `index` be served as it is from a row the judgment could not settle?
+        Only where nothing can contradict it: the row has no spare fragment to check it
+        by, it verifies, and it is not itself behind its row by its own entries (a parity
+        fragment older than the row, a data fragment saying "never written" where the row
+        holds a write). A data fragment older than parity is no such claim (the row's
+        newest write may have been another column's): what a claim about another fragment
+        puts in doubt is what would be rebuilt from that fragment, not this one."""
+        return (not self.spare and index in self.trusted
+                and self.ranks.get(index) not in (PARITY_BEHIND, UNWRITTEN_DATA))
 
     def located(self) -> dict[int, str]:
         """The fragments found bad although their checksums verify."""
@@ -111,6 +146,8 @@ def judge_row(codec: ErasureCodec, raw: Raw, width: int) -> Verdict:
     seqs = {index: entry_seqs(e) for index, (_, e) in verified.items()}
     unwritten = {index: unwritten_flags(e) for index, (_, e) in verified.items()}
     rank = _suspicion(k, seqs, unwritten)
+    verdict.ranks = dict(rank)
+    verdict.spare = len(data) > k
     if len(data) < k:
         verdict.problem = f"only {len(data)} of the {k} fragments needed verify"
     elif len(data) > k and consistent(codec, data):

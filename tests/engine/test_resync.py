@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from blockspace.errors import FormatError
+from blockspace.errors import FormatError, Unrecoverable
 from blockspace.geometry.layouts import LayoutSpec, code_position
 from blockspace.ondisk.checksums import ENTRY_SIZE
 from blockspace.pool.intent import (
@@ -357,5 +357,57 @@ def test_a_torn_first_write_of_a_row_resyncs_to_a_row_every_disk_loss_can_read()
                 assert await volume3.read(0, row) == seen, f"disk {lost} out"
             finally:
                 pool3.close()
+
+    trio.run(scenario)
+
+
+def test_a_torn_write_met_with_a_disk_out_still_serves_the_columns_it_did_not_touch() -> None:
+    """A power cut tears a write (column 0's data landed, the parity's did not) and the
+    pool comes back with another disk missing: the row cannot be resynced (its missing
+    column depends on the parity) and has no spare fragment to check anything by. Column
+    1, written long before and acknowledged, verifies and claims nothing against its row
+    (it is older than parity, as a column the newest writes did not touch is): it is
+    served as it is. Column 2, the missing one, would be rebuilt from the parity that
+    missed the write: refused (EIO), never served as garbage."""
+    async def scenario() -> None:
+        spec = LayoutSpec("parity", 3, parity=1, interleave=8192)
+        pool, volume, devices = await make(spec, disks=4)
+        unit = spec.interleave
+
+        def area(index: int, entries: bool) -> tuple[MemoryDevice, int, int]:
+            disk_id, extent = volume.record.slabs[0][code_position(spec, 0, index)]
+            device = pool.disks[disk_id].device
+            assert isinstance(device, MemoryDevice)
+            if entries:
+                return device, pool.checksum_offset(disk_id, extent), 2 * ENTRY_SIZE
+            return device, pool.extent_offset(disk_id, extent), unit
+
+        def save(index: int, entries: bool) -> bytes:
+            device, at, size = area(index, entries)
+            return bytes(device.data[at : at + size])
+
+        def put(index: int, entries: bool, old: bytes) -> None:
+            device, at, size = area(index, entries)
+            device.data[at : at + size] = old
+
+        first = random.randbytes(3 * unit)
+        await volume.write(0, first)  # the whole row, acknowledged
+        column_1 = save(1, entries=True)  # its entries before a later write stamped them
+        await volume.write(0, random.randbytes(unit))  # column 0 again, acknowledged
+        await volume.flush()
+        parity = save(3, entries=False), save(3, entries=True)
+        await volume.write(0, random.randbytes(unit))  # torn: the parity keeps its old state
+        await volume.flush()
+        put(3, False, parity[0])
+        put(3, True, parity[1])
+        put(1, True, column_1)  # as a pool whose reads never stamped column 1 has it
+        lost = pool.disks[volume.record.slabs[0][code_position(spec, 0, 2)][0]]
+        present = [d for d in devices if d is not lost.device]
+        pool2, volume2 = await mount_like_daemon(present, "v")
+        await volume2.resync_pending()
+        assert await volume2.read(unit, unit) == first[unit : 2 * unit]
+        with pytest.raises(Unrecoverable):
+            await volume2.read(2 * unit, unit)
+        pool2.close()
 
     trio.run(scenario)

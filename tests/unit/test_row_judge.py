@@ -72,3 +72,21 @@ def test_needs_judging_is_false_for_the_usual_read() -> None:
     assert needs_judging(0, 2, entries)
     entries[0] = entries_for(raw[0][0], 4)
     assert needs_judging(0, 2, entries)  # parity carries write 5, column 0 only 4
+
+
+def test_a_row_it_cannot_settle_serves_only_what_nothing_contradicts() -> None:
+    codec = ErasureCodec(2, 1)
+    data = [random.randbytes(UNIT), random.randbytes(UNIT)]
+    raw = row(codec, data, seq=5)
+    parity = raw[2][0]
+    raw[0] = (data[0], entries_for(data[0], 9))  # a newer write of column 0 ...
+    raw[2] = (parity, entries_for(parity, 5))  # ... that its parity missed (torn)
+    del raw[1]  # and column 1's disk is out: no spare fragment
+    verdict = judge_row(codec, raw, 3)
+    assert not verdict.ok
+    assert verdict.as_it_is(0)  # verifies, claims nothing against its row
+    assert not verdict.as_it_is(2)  # parity behind the row: never a source of anything
+    assert not verdict.as_it_is(1)  # out: would be rebuilt from the parity in doubt
+    raw[1] = (bytes(UNIT), UNWRITTEN * (UNIT // 4096))  # back, saying "never written"
+    assert not judge_row(codec, raw, 3).as_it_is(1)
+    assert not judge_row(codec, raw, 3).as_it_is(0)  # a spare: the row can tell, so it must
