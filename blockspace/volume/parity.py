@@ -44,6 +44,7 @@ from blockspace.volume.row_judge import (
     Verdict,
     judge_row,
     needs_judging,
+    one_write,
     row_looks_behind,
     torn_contents,
 )
@@ -461,10 +462,12 @@ class Parity:
         (old or new) of its blocks, "never written" included: a stamp that did not land.
 
         The row is judged first (`row_judge`); where it locates the fragments behind the
-        row, they are rebuilt from the ones it trusts (the write's new contents, or the
-        old). Where it cannot tell (a torn write leaves several fragments behind, none of
-        them damage), the data fragments are taken as they are (`torn_contents`) and parity
-        recomputed from them: old or new per block, both legal. Then every fragment of a
+        row and either proves it (a spare fragment agrees) or the fragments it trusts are
+        all of one write (`one_write`), they are rebuilt from those (the write's new
+        contents, or the old). Otherwise (a torn write can leave several fragments behind,
+        none of them damage, and a parity that assumed a data version that never landed)
+        the data fragments are taken as they are (`torn_contents`) and parity recomputed
+        from them: old or new per block, both legal. Then every fragment of a
         row that was not already consistent and current is rewritten with one new write
         number (`_stamp_row`): afterwards nothing in it looks behind its row, so a read
         with a disk out finds a row it can serve instead of a torn write's leftovers it
@@ -486,10 +489,11 @@ class Parity:
             if verdict.ok and not verdict.bad and not row_looks_behind(
                     spec.columns, fragments.raw):
                 continue  # consistent, and every fragment current: nothing to do
-            if verdict.ok:
+            if verdict.ok and (verdict.checked or not verdict.bad
+                               or one_write(fragments.raw, verdict.trusted)):
                 full = dict(verdict.trusted)
                 full.update(self.codec.reconstruct(verdict.trusted, sorted(verdict.bad)))
-            else:
+            else:  # unproven, and the fragments it would rebuild from may be of two writes
                 full = torn_contents(self.codec, fragments.raw)
             rewritten += await self._stamp_row(extents, row, offset, fragments.raw, full)
         return rewritten

@@ -44,7 +44,7 @@ region it left dirty, damage anywhere. So:
 
 import itertools
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from blockspace.geometry.erasure import ErasureCodec
@@ -254,6 +254,16 @@ def row_looks_behind(k: int, raw: Raw) -> bool:
     unwritten = {index: unwritten_flags(e) for index, (_, e) in raw.items()}
     ranks = _suspicion(k, seqs, unwritten).values()
     return any(r in (PARITY_BEHIND, UNWRITTEN_DATA) for r in ranks)
+
+
+def one_write(raw: Raw, indexes: Iterable[int]) -> bool:
+    """Do fragments `indexes` carry the same write number in every block? Then one write
+    (or a repair that stamped them) left them all, and parity holds what it assumed of
+    the others: a rebuild from them gives a version some write put there. Otherwise, in a
+    dirty region, parity may assume a newer version of a data column than the one that
+    landed, and a rebuild from the two gives bytes no write ever held."""
+    columns = [entry_seqs(raw[index][1]) for index in indexes]
+    return all(len(set(block)) == 1 for block in zip(*columns, strict=True))
 
 
 def torn_contents(codec: ErasureCodec, raw: Raw) -> dict[int, bytes]:

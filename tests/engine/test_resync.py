@@ -316,20 +316,23 @@ def test_a_zeroed_column_in_a_dirty_region_is_rebuilt_not_taken_into_parity() ->
     trio.run(scenario)
 
 
-def test_a_torn_first_write_of_a_row_resyncs_to_a_row_every_disk_loss_can_read() -> None:
+@pytest.mark.parametrize("unlanded", [(0, 2, 3), (0, 2)], ids=["parity-entry", "stamps-only"])
+def test_a_torn_first_write_of_a_row_resyncs_to_a_row_every_disk_loss_can_read(
+    unlanded: tuple[int, ...],
+) -> None:
     """A row's first write, torn by a power cut (tests/engine/test_crash.py, parity-1 cut
-    after op 168): the written column's data and entry landed, the parity's data but not
-    its entry, and not the stamps of the columns the write did not touch, which still say
-    "never written". Nothing in the row is damage. The resync must settle it (old or new
-    data) and leave no fragment looking behind its row, or a read with a disk out refuses
-    the row: EIO on blocks nobody acknowledged a change to."""
+    after op 168): the written column's data and entry landed, and not the stamps of the
+    columns the write did not touch, which still say "never written"; the parity's data
+    landed, with or without its entry. Nothing in the row is damage. The resync must
+    settle it (old or new data) and leave no fragment looking behind its row, or a read
+    with a disk out refuses the row: EIO on blocks nobody acknowledged a change to."""
     async def scenario() -> None:
         spec = LayoutSpec("parity", 3, parity=1, interleave=8192)
         pool, volume, devices = await make(spec, disks=4)
         new = random.randbytes(4096)
         await volume.write(spec.interleave, new)  # row 0, column 1, its first block
         await volume.flush()  # no clean stop: the region stays dirty
-        for index in (0, 2, 3):  # the stamps and the parity's entry never landed
+        for index in unlanded:  # entries that never landed
             disk_id, extent = volume.record.slabs[0][code_position(spec, 0, index)]
             device = pool.disks[disk_id].device
             assert isinstance(device, MemoryDevice)
@@ -409,5 +412,55 @@ def test_a_torn_write_met_with_a_disk_out_still_serves_the_columns_it_did_not_to
         with pytest.raises(Unrecoverable):
             await volume2.read(2 * unit, unit)
         pool2.close()
+
+    trio.run(scenario)
+
+
+def test_a_dirty_row_is_never_rebuilt_from_parity_that_assumed_a_version_never_landed() -> None:
+    """Two unacknowledged writes in one row, torn (test_crash.py parity-1 seed 7): column
+    0's new data never landed but the parity computed with it did, and column 1's new data
+    landed without its entry (it fails its checksum). Rebuilding column 1 from column 0 and
+    that parity gives bytes no write ever held; the resync must instead keep each column a
+    version some write put there, and recompute parity from them."""
+    async def scenario() -> None:
+        spec = LayoutSpec("parity", 3, parity=1, interleave=8192)
+        pool, volume, devices = await make(spec, disks=4)
+        unit = spec.interleave
+
+        def area(index: int, entries: bool) -> tuple[MemoryDevice, int, int]:
+            disk_id, extent = volume.record.slabs[0][code_position(spec, 0, index)]
+            device = pool.disks[disk_id].device
+            assert isinstance(device, MemoryDevice)
+            if entries:
+                return device, pool.checksum_offset(disk_id, extent), 2 * ENTRY_SIZE
+            return device, pool.extent_offset(disk_id, extent), unit
+
+        def save(index: int, entries: bool) -> bytes:
+            device, at, size = area(index, entries)
+            return bytes(device.data[at : at + size])
+
+        def put(index: int, entries: bool, old: bytes) -> None:
+            device, at, size = area(index, entries)
+            device.data[at : at + size] = old
+
+        first = random.randbytes(3 * unit)
+        await volume.write(0, first)
+        await volume.flush()
+        column_0 = save(0, entries=False), save(0, entries=True)
+        column_1_entries = save(1, entries=True)
+        new_0, new_1 = random.randbytes(unit), random.randbytes(unit)
+        await volume.write(0, new_0)
+        await volume.write(unit, new_1)
+        await volume.flush()
+        put(0, False, column_0[0])  # column 0's write never landed (its parity did)
+        put(0, True, column_0[1])
+        put(1, True, column_1_entries)  # column 1's data landed, its entry did not
+
+        pool2, volume2 = await reopen(devices)
+        await volume2.resync_pending()
+        seen = await volume2.read(0, 3 * unit)
+        assert seen[:unit] in (first[:unit], new_0)
+        assert seen[unit : 2 * unit] in (first[unit : 2 * unit], new_1)
+        assert seen[2 * unit :] == first[2 * unit :]
 
     trio.run(scenario)
