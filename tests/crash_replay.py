@@ -227,7 +227,8 @@ def quiet_and_ordered(seed: int) -> Iterator[None]:
     event_class = trio.Event
     trio.Event = crashsim.OrderedEvent  # type: ignore[misc,assignment]
     try:
-        yield
+        with crashsim.inline_threads():
+            yield
     finally:
         trio.Event = event_class  # type: ignore[misc]
         library_log.setLevel(level)

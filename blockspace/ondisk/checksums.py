@@ -70,6 +70,52 @@ def entry_at(entries: bytes | bytearray, index: int) -> bytes:
     return bytes(entries[index * ENTRY_SIZE : (index + 1) * ENTRY_SIZE])
 
 
+def entry_seqs(entries: bytes | bytearray | memoryview) -> list[int]:
+    """The write sequence number of each entry."""
+    return list(_words(entries)[1::2])
+
+
+def unwritten_flags(entries: bytes | bytearray | memoryview) -> list[bool]:
+    """For each entry: does it say "never written" (all zero)?"""
+    words = _words(entries)
+    return [not (a or b) for a, b in zip(words[0::2], words[1::2], strict=True)]
+
+
+def any_unwritten(entries: bytes | bytearray | memoryview) -> bool:
+    """Does some entry say "never written"? (The hot path's question: one C-level search
+    rejects the usual case, where no entry is zero.)"""
+    raw = entries if isinstance(entries, bytes) else bytes(entries)
+    at = raw.find(UNWRITTEN)
+    while at >= 0:
+        if at % ENTRY_SIZE == 0:
+            return True
+        at = raw.find(UNWRITTEN, at + 1)
+    return False
+
+
+def entries_with_seqs(
+    data: bytes | bytearray | memoryview, seqs: list[int], unwritten: list[bool] | None = None
+) -> bytes:
+    """Checksum entries of `data` (whole blocks), block i written by write `seqs[i]`; where
+    `unwritten[i]` (and the block is zeros) the entry says "never written" instead. What a
+    repair writes: the rebuilt blocks keep the write number of the row they belong to, so
+    the sequence numbers keep telling which column is behind."""
+    view = memoryview(data).cast("B")
+    hashes = _hashes(view)
+    if len(seqs) != len(hashes):
+        raise ValueError("one sequence number per block")
+    words = array("Q", bytes(16 * len(hashes)))
+    for index, value in enumerate(hashes):
+        if unwritten is not None and unwritten[index] and (
+                view[index * CSUM_BLOCK : (index + 1) * CSUM_BLOCK] == _ZERO_BLOCK):
+            continue
+        words[2 * index] = value
+        words[2 * index + 1] = seqs[index]
+    if _BIG_ENDIAN:
+        words.byteswap()
+    return words.tobytes()
+
+
 @dataclass
 class Choice:
     """The outcome of comparing the copies of a range, block by block."""
@@ -81,7 +127,11 @@ class Choice:
     checksum_errors: int = 0
     failed: dict[int, int] = field(default_factory=dict)  # position -> blocks failing
     stale: int = 0  # valid copies older than the newest (a lost write)
+    lost: int = 0  # copies saying "never written" where another holds a write (zeroed)
     mismatches: int = 0  # valid copies of the same write that differ
+    # position -> blocks where that copy is behind the chosen one (unwritten or older):
+    # damage in normal service, the expected state of a returning disk in its catch-up
+    behind: dict[int, int] = field(default_factory=dict)
 
 
 def choose_blocks(copies: dict[int, tuple[bytes, bytes]]) -> Choice:
@@ -106,7 +156,8 @@ def choose_blocks(copies: dict[int, tuple[bytes, bytes]]) -> Choice:
             continue
         for position in failing:
             choice.repairs.setdefault(position, []).append(index)
-        best = max(valid, key=lambda p: (entry_seq(entry_at(copies[p][1], index)), -p))
+        best = max(valid, key=lambda p: (entry_seq(entry_at(copies[p][1], index)),
+                                         entry_at(copies[p][1], index) != UNWRITTEN, -p))
         best_data = copies[best][0][lo:hi]
         best_entry = entry_at(copies[best][1], index)
         choice.data[lo:hi] = best_data
@@ -114,8 +165,15 @@ def choose_blocks(copies: dict[int, tuple[bytes, bytes]]) -> Choice:
         for position in valid:
             if position == best:
                 continue
-            if entry_seq(entry_at(copies[position][1], index)) < entry_seq(best_entry):
+            entry = entry_at(copies[position][1], index)
+            if entry == UNWRITTEN and best_entry != UNWRITTEN:
+                # "Never written" is a claim like any other: here another copy holds a
+                # write, so this one lost it (zeroed under us), and is repaired.
+                choice.lost += 1
+                choice.behind[position] = choice.behind.get(position, 0) + 1
+            elif entry_seq(entry) < entry_seq(best_entry):
                 choice.stale += 1
+                choice.behind[position] = choice.behind.get(position, 0) + 1
             elif copies[position][0][lo:hi] != best_data:
                 choice.mismatches += 1
             else:

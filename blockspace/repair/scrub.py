@@ -102,6 +102,9 @@ async def scrub_slab(volume: "Volume", slab: int, *, repair: bool = True) -> Scr
             check = await volume.redundancy.check(slab, extents, start, end, repair=repair)
         report.add_check(volume, slab, check)
         await trio.lowlevel.checkpoint()
+    for name, offset, length in report.unrecoverable:
+        log.warning("scrub: volume %s bytes %d-%d unrecoverable (left as they are)", name,
+                    offset, offset + length)
     return report
 
 

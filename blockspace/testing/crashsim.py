@@ -50,7 +50,8 @@ import logging
 import os
 import random
 import struct
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -1078,6 +1079,25 @@ def seed_trio_scheduler(seed: int) -> None:
         generator.seed(seed)
 
 
+async def _inline_to_thread(fn: Callable[..., object], *args: object, **_: object) -> object:
+    await trio.lowlevel.checkpoint()
+    return fn(*args)
+
+
+@contextmanager
+def inline_threads() -> Iterator[None]:
+    """Work the pool hands to a worker thread (`trio.to_thread.run_sync`: a checkpoint
+    encoded off the trio thread) runs inline for the duration: a thread finishes at a wall
+    time of its own, so which task runs next after it differs from run to run, and a seed
+    would not replay its trial. (The memory disks of a trial never block.)"""
+    original = trio.to_thread.run_sync
+    trio.to_thread.run_sync = _inline_to_thread  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        trio.to_thread.run_sync = original  # type: ignore[assignment]
+
+
 async def build_rig(layout: CrashLayout, rail: PowerRail, config: TrialConfig
                     ) -> CrashRig | BareDiskRig:
     if layout.spec is None:
@@ -1113,7 +1133,8 @@ def run_trial(
     event_class = trio.Event
     trio.Event = OrderedEvent  # type: ignore[misc,assignment]
     try:
-        trio.run(_trial, layout, chosen, rng, config, settle, result, keep, clock=clock)
+        with inline_threads():
+            trio.run(_trial, layout, chosen, rng, config, settle, result, keep, clock=clock)
     except Exception as error:  # noqa: BLE001 - a crash of the trial is a failure, not the end
         record_failure(result, "trial", "crash", None,
                        f"{type(error).__name__}: {error!r}"[:2000])

@@ -10,9 +10,10 @@ is measured in microseconds (docs/benchmarks.md): no copies and no objects beyon
 
 from blockspace.disks.devices import Device
 from blockspace.geometry.layouts import LayoutSpec, Piece, code_position, data_positions, segments
-from blockspace.ondisk.checksums import bad_blocks, newer_elsewhere
+from blockspace.ondisk.checksums import CSUM_BLOCK, any_unwritten, bad_blocks, newer_elsewhere
 from blockspace.volume.extent_io import ExtentIO, Extents
 from blockspace.volume.pieces import BLOCK, align_down, align_up, scatter
+from blockspace.volume.row_judge import needs_judging
 
 
 class CachedReads:
@@ -33,7 +34,36 @@ class CachedReads:
         data = device.read_now(at, end - start)
         if data is None or bad_blocks(data, entries):
             return None
+        if self.spec.kind == "parity" and self.behind_row_now(
+                extents, piece.row, piece.column, start, end, entries):
+            return None
         return data, piece.column_offset - start
+
+    def behind_row_now(
+        self, extents: Extents, row: int, index: int, start: int, end: int, entries: bytes
+    ) -> bool:
+        """Parity: could code fragment `index` of `row` (verified; `entries` of its extent
+        bytes [start, end)) be behind its row, zeroed or missing a write? Asked of every
+        read: the usual case (no entry says "never written", and the parity's write numbers
+        are this column's) costs one search and a cached entry lookup per parity fragment.
+        True also when the row's entries are not all cached (the careful path looks)."""
+        spec = self.spec
+        first, count = start // CSUM_BLOCK, (end - start) // CSUM_BLOCK
+        candidates = range(spec.columns, spec.width)  # the parity fragments first
+        if any_unwritten(entries):
+            candidates = range(spec.width)
+        by_index = {index: entries}
+        for other in candidates:
+            if other == index:
+                continue
+            disk_id, extent = extents[code_position(spec, row, other)]
+            if self.pool.extent_device(disk_id, extent) is None:
+                continue
+            theirs = self.pool.checksums.read_cached(disk_id, extent, first, count)
+            if theirs is None:
+                return True
+            by_index[other] = theirs
+        return needs_judging(index, spec.columns, by_index)
 
     def source_now(
         self, extents: Extents, piece: Piece, start: int, end: int
@@ -99,13 +129,19 @@ class CachedReads:
             span = spans.get(position)
             spans[position] = (start, end) if span is None else (min(span[0], start),
                                                                   max(span[1], end))
-        blocks: dict[int, tuple[bytes, int]] = {}
+        blocks: dict[int, tuple[bytes, bytes, int]] = {}
         for position, (start, end) in spans.items():
-            data = self.io.extent_now(extents, position, start, end)
-            if data is None:
+            disk_id, extent = extents[position]
+            device = self.pool.extent_device(disk_id, extent)
+            cached = self.io.cached_blocks(device, disk_id, extent, start, end) if device else None
+            if cached is None or bad_blocks(*cached):
                 return False
-            blocks[position] = (data, start)
+            blocks[position] = (cached[0], cached[1], start)
         for piece in pieces:
-            data, start = blocks[code_position(self.spec, piece.row, piece.column)]
+            data, entries, start = blocks[code_position(self.spec, piece.row, piece.column)]
+            lo, hi = align_down(piece.column_offset), align_up(piece.column_offset + piece.length)
+            mine = entries[(lo - start) // CSUM_BLOCK * 16 : (hi - start) // CSUM_BLOCK * 16]
+            if self.behind_row_now(extents, piece.row, piece.column, lo, hi, mine):
+                return False
             scatter(self.spec, buffer, piece, data, piece.column_offset - start)
         return True

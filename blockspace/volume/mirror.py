@@ -167,18 +167,28 @@ class Mirror:
                 choice.entries)
         return written
 
-    async def count_failed(self, extents: Extents, merge: Merge, *, warn: bool) -> None:
-        """Blocks that failed their checksum count against their disks."""
-        for position, count in merge.choice.failed.items():
+    async def count_failed(
+        self, extents: Extents, merge: Merge, *, warn: bool, behind: bool = True
+    ) -> None:
+        """Blocks that failed their checksum count against their disks; with `behind`, so
+        do blocks of a copy behind the chosen one (zeroed, or a lost write): damage in
+        service, though not in a returning disk's catch-up, where it is what it missed."""
+        counts = dict(merge.choice.failed)
+        if behind:
+            for position, count in merge.choice.behind.items():
+                counts[position] = counts.get(position, 0) + count
+        for position, count in sorted(counts.items()):
             disk_id, extent = extents[position]
             if warn:
-                log.warning("checksum mismatch on disk %d, extent %d: %d blocks", disk_id,
-                            extent, count)
+                log.warning("checksum mismatch on disk %d, extent %d: %d blocks (%d failing, "
+                            "%d behind the other copies)", disk_id, extent, count,
+                            merge.choice.failed.get(position, 0),
+                            count - merge.choice.failed.get(position, 0))
             await self.pool.count_checksum_errors(disk_id, count)
 
     async def merge_copies(
         self, slab: int, extents: Extents, column: int, start: int, end: int,
-        *, repair: bool = True,
+        *, repair: bool = True, count_behind: bool = True,
     ) -> tuple[bytes, bytes, Choice]:
         """A read's self-heal: compare every copy of a column range block by block, take
         the newest that verifies, and (with `repair`) rewrite the others. Caller holds the
@@ -190,7 +200,7 @@ class Mirror:
                 f"{start}"
             )
         choice = merge.choice
-        await self.count_failed(extents, merge, warn=True)
+        await self.count_failed(extents, merge, warn=True, behind=count_behind)
         merge.rewrite_unreadable()
         if choice.unrecoverable:
             first = start + choice.unrecoverable[0] * BLOCK
@@ -230,7 +240,7 @@ class Mirror:
             choice = merge.choice
             found.blocks_checked += blocks * len(merge.copies)
             found.bytes_checked += (end - start) * len(merge.copies)
-            found.checksum_errors += choice.checksum_errors
+            found.checksum_errors += choice.checksum_errors + choice.lost
             found.mismatches += choice.mismatches + choice.stale
             await self.count_failed(extents, merge, warn=False)
             for index in choice.unrecoverable:
@@ -283,6 +293,7 @@ class Mirror:
                                   "catching up")
             if len(set(entries.values())) == 1:
                 continue  # every copy carries the same writes
-            _, _, choice = await self.merge_copies(slab, extents, column, start, end)
+            _, _, choice = await self.merge_copies(slab, extents, column, start, end,
+                                                   count_behind=False)
             rewritten += len(choice.repairs.get(position, ())) * CSUM_BLOCK
         return rewritten

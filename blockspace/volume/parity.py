@@ -25,11 +25,29 @@ from blockspace.geometry.layouts import (
     row_start,
     unit_range,
 )
-from blockspace.ondisk.checksums import CSUM_BLOCK, bad_blocks, entries_for, entry_at, entry_seq
+from blockspace.ondisk.checksums import (
+    CSUM_BLOCK,
+    bad_blocks,
+    block_runs,
+    entries_for,
+    entries_with_seqs,
+    entry_at,
+    entry_seq,
+    entry_seqs,
+    unwritten_flags,
+)
 from blockspace.volume.cached_reads import CachedReads
 from blockspace.volume.concurrency import bind, run_all
 from blockspace.volume.extent_io import ExtentIO, Extents, Fault
 from blockspace.volume.redundancy import Check, Counters
+from blockspace.volume.row_judge import (
+    Verdict,
+    judge_row,
+    needs_judging,
+    one_write,
+    row_looks_behind,
+    torn_contents,
+)
 from blockspace.volume.row_locks import RowLocks
 
 log = logging.getLogger(__name__)
@@ -100,12 +118,22 @@ class Parity:
         self, slab: int, extents: Extents, row: int, column: int, start: int, end: int,
         *, locked: bool,
     ) -> bytes:
-        """The data column directly, else rebuilt from the row (under its lock)."""
-        result = await self.io.read_verified(extents, code_position(self.spec, row, column),
-                                             start, end)
-        if isinstance(result, bytes):
-            return result
-        self.counters.degraded_reads += 1
+        """The data column directly, else rebuilt from the row (under its lock): when it
+        is out or bad, and when its entries say it is behind its row (`needs_judging`: it
+        claims "never written" where the row holds a write, or parity carries a write it
+        lacks), which the row then decides."""
+        position = code_position(self.spec, row, column)
+        result = await self.io.read_checked(extents, position, start, end)
+        if isinstance(result, tuple):
+            data, entries = result
+            others = await self.io.entries_by_position(
+                extents, [p for p in range(self.spec.width) if p != position], start, end)
+            by_index = {fragment_index(self.spec, row, p): e for p, e in others.items()}
+            by_index[column] = entries
+            if not needs_judging(column, self.spec.columns, by_index):
+                return data
+        else:
+            self.counters.degraded_reads += 1
         unit_start = start - row_start(self.spec, row)
         unit_end = end - row_start(self.spec, row)
         if not locked:
@@ -164,10 +192,46 @@ class Parity:
             columns[piece.column][piece_start - start : piece_end - start] = payload
             position = code_position(self.spec, row, piece.column)
             writes.append((position, piece.column_offset, payload))
+        writes += await self._stamps(extents, row, start, end, ranges, columns)
         parity = self.codec.encode(columns)
         parity_offset = row_start(self.spec, row) + start
         for position, block in zip(parity_positions(self.spec, row), parity, strict=True):
             writes.append((position, parity_offset, block))
+        return writes
+
+    async def _stamps(
+        self, extents: Extents, row: int, start: int, end: int,
+        ranges: dict[int, tuple[int, int]], columns: list[bytearray],
+    ) -> list[ExtentWrite]:
+        """The first write of a row's block stamps every data column there: a column the
+        write does not touch whose entry says "never written" gets its zeros written with
+        a real entry, by the same write. So in a written block of a row every fragment is
+        written, and "never written" beside a written block is damage, located as such
+        (row_judge.py) rather than a guess between two columns that both claim it."""
+        writes: list[ExtentWrite] = []
+        base = row_start(self.spec, row)
+        first, count = (base + start) // CSUM_BLOCK, (end - start) // CSUM_BLOCK
+        for column in range(self.spec.columns):
+            touched = ranges.get(column)
+            if touched == (start, end):
+                continue
+            position = code_position(self.spec, row, column)
+            disk_id, extent = extents[position]
+            if self.pool.extent_device(disk_id, extent) is None:
+                continue
+            entries = self.pool.checksums.read_cached(disk_id, extent, first, count)
+            if entries is None:
+                found = await self.io.entries_by_position(extents, [position], base + start,
+                                                          base + end)
+                entries = found.get(position)
+                if entries is None:
+                    continue
+            flags = unwritten_flags(entries)
+            blocks = [b for b, empty in enumerate(flags) if empty and not (
+                touched and touched[0] <= start + b * CSUM_BLOCK < touched[1])]
+            for lo_block, run in block_runs(blocks):
+                lo, hi = lo_block * CSUM_BLOCK, (lo_block + run) * CSUM_BLOCK
+                writes.append((position, base + start + lo, bytes(columns[column][lo:hi])))
         return writes
 
     # ---- a row read, rebuilt and rewritten: the one routine ---------------------------
@@ -199,16 +263,21 @@ class Parity:
 
     async def rewrite_row(
         self, extents: Extents, row: int, start: int, fragments: dict[int, bytes], *,
-        catching_up: bool = False,
+        catching_up: bool = False, verdict: Verdict | None = None,
     ) -> list[int]:
-        """Write fragments of a row at extent offset `start` (all as one new write number);
-        returns the indexes written (the others' disks are out, or were just failed)."""
+        """Write fragments of a row at extent offset `start`; returns the indexes written
+        (the others' disks are out, or were just failed). With the `verdict` the row was
+        judged by, each block keeps the row's write number (so sequence numbers go on
+        telling which fragment is behind); without, all get a new one."""
         seq = self.pool.next_seq()
         written = []
         for index, data in sorted(fragments.items()):
             position = code_position(self.spec, row, index)
+            entries = None
+            if verdict is not None and verdict.seqs:
+                entries = entries_with_seqs(data, verdict.seqs, verdict.unwritten)
             if await self.io.write_verified(extents, position, start, data, seq=seq,
-                                            catching_up=catching_up):
+                                            entries=entries, catching_up=catching_up):
                 written.append(index)
         return written
 
@@ -223,73 +292,139 @@ class Parity:
                             disk_id, extent, slab, row)
             await self.pool.count_checksum_errors(disk_id, 1)
 
+    async def count_bad(
+        self, slab: int, extents: Extents, row: int, verdict: Verdict, *, warn: bool
+    ) -> None:
+        """Every fragment the row found bad counts against its disk: failing its checksum,
+        or verifying but behind its row (zeroed, or a lost write)."""
+        for index, why in sorted(verdict.bad.items()):
+            disk_id, extent = extents[code_position(self.spec, row, index)]
+            if warn:
+                log.warning("%s fragment %d on disk %d, extent %d (slab %d row %d)",
+                            "checksum mismatch:" if why == "corrupt" else f"{why}:",
+                            index, disk_id, extent, slab, row)
+            await self.pool.count_checksum_errors(disk_id, 1)
+
+    def suspect_now(
+        self, extents: Extents, row: int, index: int, start: int, end: int, entries: bytes
+    ) -> bool:
+        return self.cached.behind_row_now(extents, row, index, start, end, entries)
+
     async def fragments(
         self, slab: int, extents: Extents, row: int, start: int, end: int, wanted: list[int]
     ) -> dict[int, bytes]:
         """A read's self-heal: bytes [start, end) of the row's unit for code fragments
-        `wanted`, rebuilt from the others when some are missing or corrupt; corrupt ones
-        are rewritten. The caller holds the row lock."""
+        `wanted`, rebuilt from the others when some are missing, corrupt or behind the row
+        (`row_judge`); the bad ones are rewritten. The caller holds the row lock."""
         offset = row_start(self.spec, row) + start
         stop = offset + end - start
-        # The usual case, a small write's read-modify-write: every fragment in memory and
-        # sound. Taken at once, with no task per fragment.
+        # The usual case, a small write's read-modify-write: every fragment in memory, sound
+        # and not behind its row. Taken at once, with no task per fragment.
         now: dict[int, bytes] = {}
         for index in wanted:
-            data = self.io.extent_now(extents, code_position(self.spec, row, index), offset,
-                                      stop)
-            if data is None:
+            disk_id, extent = extents[code_position(self.spec, row, index)]
+            device = self.pool.extent_device(disk_id, extent)
+            cached = (self.io.cached_blocks(device, disk_id, extent, offset, stop)
+                      if device else None)
+            if (cached is None or bad_blocks(*cached)
+                    or self.suspect_now(extents, row, index, offset, stop, cached[1])):
                 break  # the careful path below reads them all
-            now[index] = data
+            now[index] = cached[0]
         else:
             return now
         found = await self.read_row(extents, row, offset, stop, wanted)
-        await self.count_corrupt(slab, extents, row, found, warn=True)
-        if all(index in found.good for index in wanted):
-            return {index: found.good[index] for index in wanted}
-        others = await self.read_row(extents, row, offset, stop,
-                                     [i for i in range(self.spec.width) if i not in wanted])
-        await self.count_corrupt(slab, extents, row, others, warn=True)
-        found.add(others)
-        if len(found.good) < self.spec.columns:
+        if all(index in found.good for index in wanted):  # sound: behind their row?
+            positions = {code_position(self.spec, row, i) for i in range(self.spec.width)}
+            others = await self.io.entries_by_position(
+                extents, sorted(positions - {code_position(self.spec, row, i) for i in wanted}),
+                offset, stop)
+            by_index = {fragment_index(self.spec, row, p): e for p, e in others.items()}
+            by_index.update({index: found.raw[index][1] for index in wanted})
+            if not any(needs_judging(index, self.spec.columns, by_index) for index in wanted):
+                return {index: found.good[index] for index in wanted}
+        rebuilt, _ = await self.judged(slab, extents, row, offset, stop, wanted)
+        return rebuilt
+
+    async def judged(
+        self, slab: int, extents: Extents, row: int, offset: int, stop: int, wanted: list[int],
+        *, heal: bool = True,
+    ) -> tuple[dict[int, bytes], Verdict]:
+        """Extent bytes [offset, stop) of fragments `wanted` of a row, as its judgment
+        (`row_judge`) of every fragment says: the bad ones rebuilt from the ones it trusts,
+        and (`heal`) rewritten. Unrecoverable if the row cannot say."""
+        found = await self.read_row(extents, row, offset, stop, range(self.spec.width))
+        verdict = judge_row(self.codec, found.raw, self.spec.width)
+        await self.count_bad(slab, extents, row, verdict, warn=True)
+        if not verdict.ok:
+            if all(verdict.as_it_is(index) for index in wanted):
+                # Nothing can contradict them (no spare fragment): served as they are, and
+                # nothing rewritten. Only a rebuild would rest on the fragments in doubt.
+                return {index: verdict.trusted[index] for index in wanted}, verdict
             raise Unrecoverable(
-                f"volume {self.io.name!r}: slab {slab} row {row} has only {len(found.good)} "
-                f"good fragments of the {self.spec.columns} needed"
+                f"volume {self.io.name!r}: slab {slab} row {row} at extent offset {offset} "
+                f"cannot be trusted: {verdict.problem}"
             )
-        rebuilt = self.codec.reconstruct(found.good, sorted(set(wanted) | set(found.corrupt)))
-        healed = await self.rewrite_row(extents, row, offset,
-                                        {index: rebuilt[index] for index in found.corrupt})
-        for index in healed:
-            self.counters.healed_blocks += (end - start) // CSUM_BLOCK
-            log.info("healed slab %d row %d fragment %d", slab, row, index)
-        return {index: rebuilt[index] for index in wanted}
+        if heal and verdict.checked:
+            await self._stamp_current(extents, row, offset, found, verdict)
+        if not verdict.bad and all(index in verdict.trusted for index in wanted):
+            return {index: verdict.trusted[index] for index in wanted}, verdict
+        rebuilt = self.codec.reconstruct(verdict.trusted, sorted(set(wanted) | set(verdict.bad)))
+        if heal and verdict.bad:
+            healed = await self.rewrite_row(extents, row, offset,
+                                            {index: rebuilt[index] for index in verdict.bad},
+                                            verdict=verdict)
+            for index in healed:
+                self.counters.healed_blocks += (stop - offset) // CSUM_BLOCK
+                log.info("healed slab %d row %d fragment %d (%s)", slab, row, index,
+                         verdict.bad[index])
+        return {index: rebuilt[index] for index in wanted}, verdict
+
+    async def _stamp_current(
+        self, extents: Extents, row: int, offset: int, found: RowRead, verdict: Verdict
+    ) -> None:
+        """Data fragments the row proved current though their entries carry an older write
+        (another column took the newest) get the row's write number: their next read needs
+        no judgment. Their data is written again as it is."""
+        for index, data in sorted(verdict.trusted.items()):
+            if index >= self.spec.columns or index not in found.raw:
+                continue
+            seqs = entry_seqs(found.raw[index][1])
+            if any(own < top for own, top in zip(seqs, verdict.seqs, strict=True)):
+                await self.rewrite_row(extents, row, offset, {index: data}, verdict=verdict)
 
     # ---- the repairs ------------------------------------------------------------------
 
     async def extent_contents(
         self, slab: int, extents: Extents, position: int, start: int, end: int
     ) -> tuple[bytes, bytes]:
-        """Row by row, the extent's own fragment if it verifies, else rebuilt from the row;
-        entries for a new write number."""
-        parts = []
+        """Row by row, the extent's own fragment if it verifies and is not behind its row,
+        else rebuilt from the row; each block keeps its row's write number."""
+        parts, entries = [], []
         unit = self.spec.interleave
         for row in range(start // unit, end // unit):
             offset = row_start(self.spec, row)
-            result = await self.io.read_verified(extents, position, offset, offset + unit)
-            if isinstance(result, bytes):
-                parts.append(result)
-                continue
             index = fragment_index(self.spec, row, position)
-            rebuilt = await self.fragments(slab, extents, row, 0, unit, [index])
+            result = await self.io.read_checked(extents, position, offset, offset + unit)
+            if isinstance(result, tuple) and not self.suspect_now(
+                    extents, row, index, offset, offset + unit, result[1]):
+                parts.append(result[0])
+                entries.append(result[1])
+                continue
+            rebuilt, verdict = await self.judged(slab, extents, row, offset, offset + unit,
+                                                 [index])
             parts.append(rebuilt[index])
-        data = b"".join(parts)
-        return data, entries_for(data, self.pool.next_seq())
+            entries.append(entries_with_seqs(rebuilt[index], verdict.seqs, verdict.unwritten)
+                           if verdict.seqs else entries_for(rebuilt[index],
+                                                            self.pool.next_seq()))
+        return b"".join(parts), b"".join(entries)
 
     async def check(
         self, slab: int, extents: Extents, start: int, end: int, *, repair: bool
     ) -> Check:
-        """Every fragment of every row is checked; bad fragments are rebuilt from the good
-        ones when at least k are good; then the parity is compared with the data and
-        rewritten if it does not match."""
+        """Every fragment of every row is read and the row judged (`row_judge`): fragments
+        failing their checksum, claiming "never written" where the row holds a write, or
+        behind the row's newest write are rebuilt from the fragments the row trusts. A row
+        that cannot tell is reported unrecoverable, and nothing of it is rewritten."""
         spec = self.spec
         unit = spec.interleave
         found = Check()
@@ -298,34 +433,46 @@ class Parity:
             fragments = await self.read_row(extents, row, offset, offset + unit, range(spec.width))
             found.blocks_checked += unit // CSUM_BLOCK * len(fragments.raw)
             found.bytes_checked += unit * len(fragments.raw)
-            found.checksum_errors += len(fragments.corrupt)
-            await self.count_corrupt(slab, extents, row, fragments, warn=False)
-            if len(fragments.good) < spec.columns:
-                for index in fragments.corrupt:
-                    if index < spec.columns:
-                        found.unrecoverable.append((index, offset, unit))
+            verdict = judge_row(self.codec, fragments.raw, spec.width)
+            await self.count_bad(slab, extents, row, verdict, warn=False)
+            reasons = list(verdict.bad.values())
+            found.checksum_errors += reasons.count("corrupt") + reasons.count("unwritten")
+            found.mismatches += reasons.count("stale")
+            if not verdict.ok:
+                columns = [i for i in verdict.bad if i < spec.columns] or range(spec.columns)
+                for index in columns:
+                    found.unrecoverable.append((index, offset, unit))
+                log.warning("volume %s: slab %d row %d unrecoverable, left as it is: %s",
+                            self.io.name, slab, row, verdict.problem)
                 continue
-            full = self.codec.reconstruct(fragments.good, list(range(spec.width)))
-            parity = self.codec.encode([full[i] for i in range(spec.columns)])
-            bad = list(fragments.corrupt)
-            for i in range(spec.parity):
-                index = spec.columns + i
-                if index in fragments.good and fragments.good[index] != parity[i]:
-                    found.mismatches += 1
-                    bad.append(index)
-                full[index] = parity[i]
+            if not verdict.bad:
+                continue
+            full = self.codec.reconstruct(verdict.trusted, sorted(verdict.bad))
             if repair:
-                written = await self.rewrite_row(extents, row, offset,
-                                                 {index: full[index] for index in bad})
+                written = await self.rewrite_row(
+                    extents, row, offset, {index: full[index] for index in verdict.bad},
+                    verdict=verdict)
                 found.repaired_blocks += unit // CSUM_BLOCK * len(written)
         return found
 
     async def make_consistent(self, extents: Extents, start: int, end: int) -> int:
-        """The data fragments are taken as they are (old or new per block), their checksums
-        are rewritten to match, and parity is recomputed from them. This closes the write
-        hole for rows whose disks are all present. A row with a disk missing cannot be made
-        consistent (its missing column depends on the parity being right): it is left as
-        is and logged."""
+        """A dirty region: a write may have reached some fragments and not others, its data
+        and not its checksum, or (the first write of a row's block) not the stamps of the
+        columns it did not touch. Every fragment that verifies there holds a legal version
+        (old or new) of its blocks, "never written" included: a stamp that did not land.
+
+        The row is judged first (`row_judge`); where it locates the fragments behind the
+        row and either proves it (a spare fragment agrees) or the fragments it trusts are
+        all of one write (`one_write`), they are rebuilt from those (the write's new
+        contents, or the old). Otherwise (a torn write can leave several fragments behind,
+        none of them damage, and a parity that assumed a data version that never landed)
+        the data fragments are taken as they are (`torn_contents`) and parity recomputed
+        from them: old or new per block, both legal. Then every fragment of a
+        row that was not already consistent and current is rewritten with one new write
+        number (`_stamp_row`): afterwards nothing in it looks behind its row, so a read
+        with a disk out finds a row it can serve instead of a torn write's leftovers it
+        must refuse. A row with a disk missing cannot be made consistent (its missing
+        column depends on the parity being right): it is left as is and logged."""
         spec = self.spec
         rewritten = 0
         for row in range(start // spec.interleave, end // spec.interleave):
@@ -338,15 +485,36 @@ class Parity:
                     "recomputed (write hole possible there)", self.io.name, row,
                 )
                 continue
-            data = [fragments.raw[index][0] for index in range(spec.columns)]
-            wanted = data + self.codec.encode(data)
-            stale = {
-                index: wanted[index] for index in range(spec.width)
-                if fragments.raw[index][0] != wanted[index] or index in fragments.corrupt
-            }
-            await self.rewrite_row(extents, row, offset, stale)
-            rewritten += len(stale) * (spec.interleave // CSUM_BLOCK)
+            verdict = judge_row(self.codec, fragments.raw, spec.width)
+            if verdict.ok and not verdict.bad and not row_looks_behind(
+                    spec.columns, fragments.raw):
+                continue  # consistent, and every fragment current: nothing to do
+            if verdict.ok and (verdict.checked or not verdict.bad
+                               or one_write(fragments.raw, verdict.trusted)):
+                full = dict(verdict.trusted)
+                full.update(self.codec.reconstruct(verdict.trusted, sorted(verdict.bad)))
+            else:  # unproven, and the fragments it would rebuild from may be of two writes
+                full = torn_contents(self.codec, fragments.raw)
+            rewritten += await self._stamp_row(extents, row, offset, fragments.raw, full)
         return rewritten
+
+    async def _stamp_row(
+        self, extents: Extents, row: int, offset: int, raw: dict[int, tuple[bytes, bytes]],
+        full: dict[int, bytes],
+    ) -> int:
+        """Rewrite every fragment of a row (`full`: index -> contents) with entries of one
+        new write number; a block stays "never written" only where every fragment said so
+        and it is zeros. Returns the blocks rewritten."""
+        seq = self.pool.next_seq()
+        flags = [unwritten_flags(raw[index][1]) for index in sorted(raw)]
+        unwritten = [all(column[b] for column in flags) for b in range(len(flags[0]))]
+        seqs = [seq] * len(unwritten)
+        for index in sorted(full):
+            position = code_position(self.spec, row, index)
+            entries = entries_with_seqs(full[index], seqs, unwritten)
+            await self.io.write_verified(extents, position, offset, full[index], seq=seq,
+                                         entries=entries)
+        return len(full) * (self.spec.interleave // CSUM_BLOCK)
 
     async def catch_up(self, slab: int, extents: Extents, position: int, since: int) -> int:
         """Rebuild every row in which another column carries write `since` or a later one,
@@ -377,8 +545,8 @@ class Parity:
                     log.warning("slab %d row %d kept as it is on the returning disk", slab, row)
                     continue
                 offset = row_start(spec, row)
-                if not await self.rewrite_row(extents, row, offset, {index: rebuilt},
-                                              catching_up=True):
+                if not await self.rewrite_row(extents, row, offset, {index: rebuilt[0]},
+                                              catching_up=True, verdict=rebuilt[1]):
                     raise DeviceError(f"disk {extents[position][0]} failed while catching up")
                 rewritten += unit
         self.pool.resyncing.discard(extents[position])
@@ -386,19 +554,19 @@ class Parity:
 
     async def _rebuild_from_stayers(
         self, extents: Extents, row: int, index: int
-    ) -> bytes | None:
+    ) -> tuple[bytes, Verdict] | None:
         """Code fragment `index` of a row rebuilt only from columns on disks that never
-        left (a returning disk's column may be stale for this row), read one by one until
-        k verify; None if fewer than k do."""
+        left (a returning disk's column may be stale for this row), as their judgment
+        (`row_judge`) says; None if they cannot rebuild it with confidence."""
         spec = self.spec
         offset = row_start(spec, row)
-        found = RowRead()
-        for other in range(spec.width):
-            disk_id, _ = extents[code_position(spec, row, other)]
-            if other == index or self.pool.disks[disk_id].record.state == "resyncing":
-                continue
-            found.add(await self.read_row(extents, row, offset, offset + spec.interleave,
-                                          [other]))
-            if len(found.good) == spec.columns:
-                return self.codec.reconstruct(found.good, [index])[index]
-        return None
+        stayers = [
+            other for other in range(spec.width)
+            if other != index and self.pool.disks[
+                extents[code_position(spec, row, other)][0]].record.state != "resyncing"
+        ]
+        found = await self.read_row(extents, row, offset, offset + spec.interleave, stayers)
+        verdict = judge_row(self.codec, found.raw, spec.width)
+        if not verdict.ok or len(verdict.trusted) < spec.columns:
+            return None
+        return self.codec.reconstruct(verdict.trusted, [index])[index], verdict

@@ -7,10 +7,14 @@ either the old or the new contents of an unacknowledged write, never garbage, so
 
 - mirror: per block, the first copy whose checksum verifies wins (else the first readable
   copy); every copy and checksum is made equal to it.
-- parity: the data columns are taken as they are (old or new per block), their checksums are
-  rewritten to match, and parity is recomputed from them. This closes the write hole for
-  rows whose disks are all present. A row with a disk missing cannot be made consistent
-  (its missing column depends on the parity being right): it is left as is and logged.
+- parity: the row is judged (volume/row_judge.py); what it locates and can rebuild soundly
+  (proved by a spare fragment, or from fragments all of one write) is rebuilt; otherwise
+  the data columns are taken as they are (old or new per block) and parity is recomputed
+  from them. Every fragment of a row that was changed or looked behind its row is then
+  rewritten with one write number, so no mark of the tear is later taken for damage. This
+  closes the write hole for rows whose disks are all present. A row with a disk missing
+  cannot be made consistent (its missing column depends on the parity being right): it is
+  left as is and logged.
 - simple: checksums are rewritten to match the data.
 
 Each kind's rule is its `Redundancy.make_consistent` (mirror.py, parity.py); this module

@@ -263,3 +263,32 @@ def test_a_torn_write_beyond_the_tolerance_does_not_poison_the_returning_columns
         assert await volume.read(row, row) == old[row:]
 
     trio.run(scenario)
+
+
+def test_the_catch_up_never_rebuilds_from_a_zeroed_column() -> None:
+    """Issue 17 item 3: a returning disk's rows are rebuilt only from columns that verify
+    against their row. A stayer whose extent was zeroed (data and checksums: "never
+    written", which verifies on its own) is found out by the row's other columns and left
+    out of the rebuild, and fixed itself by the scrub after."""
+    spec = LayoutSpec("parity", 2, parity=2, interleave=16384)
+
+    async def scenario() -> None:
+        pool, volume, devices, model = await make(spec)
+        devices[1].failed = True
+        await pool.mark_failed(1, "test: cable pulled")
+        await write(volume, model, 0, 8 * spec.interleave * spec.columns, seed=4)
+        disk_id, extent = next(e for e in volume.record.slabs[0] if e[0] != 1)
+        base = pool.extent_offset(disk_id, extent)
+        stride = pool.disks[disk_id].geometry.extent_stride
+        devices[disk_id].data[base : base + stride] = bytes(stride)
+        pool.checksums.forget_disk(disk_id)  # as after a remount: entries from the disk
+        devices[1].failed = False
+        await prepare(pool, 1, devices[1])
+        await catch_up_disk(pool, {"v": volume}, 1, RebuildProgress(state="running"))
+        assert pool.disks[1].record.state == "online"
+        # The returned disk was rebuilt right: with the zeroed disk gone, all still reads.
+        devices[disk_id].failed = True
+        await pool.mark_failed(disk_id, "test")
+        assert await volume.read(0, volume.size) == bytes(model)
+
+    trio.run(scenario)

@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.testing
 
-from blockspace.errors import FormatError
+from blockspace.errors import FormatError, Unrecoverable
 from blockspace.geometry.layouts import LayoutSpec, code_position
 from blockspace.ondisk.checksums import ENTRY_SIZE
 from blockspace.pool.intent import (
@@ -25,6 +25,7 @@ from blockspace.pool.intent import (
     volume_key,
 )
 from blockspace.pool.pool import Pool
+from blockspace.testing.crashsim import mount_like_daemon
 from blockspace.testing.memory_device import MemoryDevice
 from blockspace.volume.volume import Volume
 
@@ -289,5 +290,178 @@ def test_a_write_that_starts_while_its_region_is_being_cleared_waits_and_re_mark
         assert records == [set(), {key}]  # re-marked dirty before the write went ahead
         assert log.durable == {key}
         log.end({key})
+
+    trio.run(scenario)
+
+
+def test_a_zeroed_column_in_a_dirty_region_is_rebuilt_not_taken_into_parity() -> None:
+    """Issue 17 item 3: a region resync never recomputes parity from a column it cannot
+    verify. A column zeroed (data and checksums) reads as "never written" and verifies on
+    its own; its row says otherwise, so it is rebuilt from the others instead of the
+    parity being recomputed from its zeros."""
+    async def scenario() -> None:
+        spec = LayoutSpec("parity", 2, parity=1, interleave=16384)
+        pool, volume, devices = await make(spec, disks=3)
+        data = random.randbytes(volume.slab_data_size)
+        await volume.write(0, data)
+        await volume.flush()  # no clean stop: the intent log keeps slab 0's regions dirty
+        device, base = raw_extent(pool, volume, 0)
+        stride = pool.disks[volume.record.slabs[0][0][0]].geometry.extent_stride
+        device.data[base : base + stride] = bytes(stride)
+        pool2, volume2 = await reopen(devices)
+        assert volume2.pending_resync
+        await volume2.resync_pending()
+        assert await volume2.read(0, len(data)) == data
+
+    trio.run(scenario)
+
+
+@pytest.mark.parametrize("unlanded", [(0, 2, 3), (0, 2)], ids=["parity-entry", "stamps-only"])
+def test_a_torn_first_write_of_a_row_resyncs_to_a_row_every_disk_loss_can_read(
+    unlanded: tuple[int, ...],
+) -> None:
+    """A row's first write, torn by a power cut (tests/engine/test_crash.py, parity-1 cut
+    after op 168): the written column's data and entry landed, and not the stamps of the
+    columns the write did not touch, which still say "never written"; the parity's data
+    landed, with or without its entry. Nothing in the row is damage. The resync must
+    settle it (old or new data) and leave no fragment looking behind its row, or a read
+    with a disk out refuses the row: EIO on blocks nobody acknowledged a change to."""
+    async def scenario() -> None:
+        spec = LayoutSpec("parity", 3, parity=1, interleave=8192)
+        pool, volume, devices = await make(spec, disks=4)
+        new = random.randbytes(4096)
+        await volume.write(spec.interleave, new)  # row 0, column 1, its first block
+        await volume.flush()  # no clean stop: the region stays dirty
+        for index in unlanded:  # entries that never landed
+            disk_id, extent = volume.record.slabs[0][code_position(spec, 0, index)]
+            device = pool.disks[disk_id].device
+            assert isinstance(device, MemoryDevice)
+            at = pool.checksum_offset(disk_id, extent)
+            device.data[at : at + ENTRY_SIZE] = bytes(ENTRY_SIZE)
+        row = spec.interleave * spec.columns
+
+        pool2, volume2 = await reopen(devices)
+        assert volume2.pending_resync
+        await volume2.resync_pending()
+        await pool2.close_intent_log()  # a clean stop, then a disk lost
+        # (The disks as the resync left them: a read would heal what it judges.)
+        images = [bytes(device.data) for device in devices]
+        seen = await volume2.read(0, row)
+        assert seen[spec.interleave : spec.interleave + 4096] in (new, bytes(4096))
+        assert seen[: spec.interleave] == bytes(spec.interleave)
+        assert seen[spec.interleave + 4096 :] == bytes(row - spec.interleave - 4096)
+        for lost in range(len(devices)):
+            present = []  # copies: the mount records the absent disk on the others
+            for i, image in enumerate(images):
+                if i != lost:
+                    present.append(MemoryDevice(len(image), path=f"mem{i}"))
+                    present[-1].data[:] = image
+            pool3, volume3 = await mount_like_daemon(present, "v")
+            try:
+                assert await volume3.read(0, row) == seen, f"disk {lost} out"
+            finally:
+                pool3.close()
+
+    trio.run(scenario)
+
+
+def test_a_torn_write_met_with_a_disk_out_still_serves_the_columns_it_did_not_touch() -> None:
+    """A power cut tears a write (column 0's data landed, the parity's did not) and the
+    pool comes back with another disk missing: the row cannot be resynced (its missing
+    column depends on the parity) and has no spare fragment to check anything by. Column
+    1, written long before and acknowledged, verifies and claims nothing against its row
+    (it is older than parity, as a column the newest writes did not touch is): it is
+    served as it is. Column 2, the missing one, would be rebuilt from the parity that
+    missed the write: refused (EIO), never served as garbage."""
+    async def scenario() -> None:
+        spec = LayoutSpec("parity", 3, parity=1, interleave=8192)
+        pool, volume, devices = await make(spec, disks=4)
+        unit = spec.interleave
+
+        def area(index: int, entries: bool) -> tuple[MemoryDevice, int, int]:
+            disk_id, extent = volume.record.slabs[0][code_position(spec, 0, index)]
+            device = pool.disks[disk_id].device
+            assert isinstance(device, MemoryDevice)
+            if entries:
+                return device, pool.checksum_offset(disk_id, extent), 2 * ENTRY_SIZE
+            return device, pool.extent_offset(disk_id, extent), unit
+
+        def save(index: int, entries: bool) -> bytes:
+            device, at, size = area(index, entries)
+            return bytes(device.data[at : at + size])
+
+        def put(index: int, entries: bool, old: bytes) -> None:
+            device, at, size = area(index, entries)
+            device.data[at : at + size] = old
+
+        first = random.randbytes(3 * unit)
+        await volume.write(0, first)  # the whole row, acknowledged
+        column_1 = save(1, entries=True)  # its entries before a later write stamped them
+        await volume.write(0, random.randbytes(unit))  # column 0 again, acknowledged
+        await volume.flush()
+        parity = save(3, entries=False), save(3, entries=True)
+        await volume.write(0, random.randbytes(unit))  # torn: the parity keeps its old state
+        await volume.flush()
+        put(3, False, parity[0])
+        put(3, True, parity[1])
+        put(1, True, column_1)  # as a pool whose reads never stamped column 1 has it
+        lost = pool.disks[volume.record.slabs[0][code_position(spec, 0, 2)][0]]
+        present = [d for d in devices if d is not lost.device]
+        pool2, volume2 = await mount_like_daemon(present, "v")
+        await volume2.resync_pending()
+        assert await volume2.read(unit, unit) == first[unit : 2 * unit]
+        with pytest.raises(Unrecoverable):
+            await volume2.read(2 * unit, unit)
+        pool2.close()
+
+    trio.run(scenario)
+
+
+def test_a_dirty_row_is_never_rebuilt_from_parity_that_assumed_a_version_never_landed() -> None:
+    """Two unacknowledged writes in one row, torn (test_crash.py parity-1 seed 7): column
+    0's new data never landed but the parity computed with it did, and column 1's new data
+    landed without its entry (it fails its checksum). Rebuilding column 1 from column 0 and
+    that parity gives bytes no write ever held; the resync must instead keep each column a
+    version some write put there, and recompute parity from them."""
+    async def scenario() -> None:
+        spec = LayoutSpec("parity", 3, parity=1, interleave=8192)
+        pool, volume, devices = await make(spec, disks=4)
+        unit = spec.interleave
+
+        def area(index: int, entries: bool) -> tuple[MemoryDevice, int, int]:
+            disk_id, extent = volume.record.slabs[0][code_position(spec, 0, index)]
+            device = pool.disks[disk_id].device
+            assert isinstance(device, MemoryDevice)
+            if entries:
+                return device, pool.checksum_offset(disk_id, extent), 2 * ENTRY_SIZE
+            return device, pool.extent_offset(disk_id, extent), unit
+
+        def save(index: int, entries: bool) -> bytes:
+            device, at, size = area(index, entries)
+            return bytes(device.data[at : at + size])
+
+        def put(index: int, entries: bool, old: bytes) -> None:
+            device, at, size = area(index, entries)
+            device.data[at : at + size] = old
+
+        first = random.randbytes(3 * unit)
+        await volume.write(0, first)
+        await volume.flush()
+        column_0 = save(0, entries=False), save(0, entries=True)
+        column_1_entries = save(1, entries=True)
+        new_0, new_1 = random.randbytes(unit), random.randbytes(unit)
+        await volume.write(0, new_0)
+        await volume.write(unit, new_1)
+        await volume.flush()
+        put(0, False, column_0[0])  # column 0's write never landed (its parity did)
+        put(0, True, column_0[1])
+        put(1, True, column_1_entries)  # column 1's data landed, its entry did not
+
+        pool2, volume2 = await reopen(devices)
+        await volume2.resync_pending()
+        seen = await volume2.read(0, 3 * unit)
+        assert seen[:unit] in (first[:unit], new_0)
+        assert seen[unit : 2 * unit] in (first[unit : 2 * unit], new_1)
+        assert seen[2 * unit :] == first[2 * unit :]
 
     trio.run(scenario)

@@ -154,3 +154,36 @@ def test_scrubber_pauses_resumes_cancels_and_resumes_from_saved_state() -> None:
         assert cancelled.progress.done_slabs < 2
 
     trio.run(scenario, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_single_parity_row_that_cannot_tell_its_stale_column_is_reported_not_rewritten(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 17 item 3: repair only towards verified data. Column 0 of a 2+1 row lost its
+    last write (its older bytes and entries are back), and column 1 legitimately holds an
+    older write too: both are behind the parity, and with one parity nothing can tell
+    which one lost the write. The scrub reports the row's range and rewrites nothing (the
+    old code recomputed the parity from the stale column: the write was lost for good)."""
+    async def scenario() -> None:
+        spec = LayoutSpec("parity", 2, parity=1, interleave=16384)
+        pool, volume, devices = await make(spec, disks=3)
+        unit = spec.interleave
+        await volume.write(0, random.randbytes(2 * unit))  # the whole row: write A
+        position = code_position(spec, 0, 0)
+        device, base = extent_of(pool, volume, 0, position)
+        disk_id, extent = volume.record.slabs[0][position]
+        older = bytes(device.data[base : base + unit])
+        older_entries = await pool.checksums.read(disk_id, extent, 0, unit // 4096)
+        await volume.write(0, random.randbytes(unit))  # column 0 only: write B
+        device.data[base : base + unit] = older  # ... which its disk lost
+        await pool.checksums.write(disk_id, extent, 0, older_entries)
+        images = [bytes(d.data) for d in devices]
+        report = await scrub_slab(volume, 0)
+        assert report.unrecoverable == [("v", 0, 2 * unit)]
+        assert report.repaired_blocks == 0
+        assert [bytes(d.data) for d in devices] == images
+        assert "slab 0 row 0 unrecoverable" in caplog.text
+        with pytest.raises(Unrecoverable, match="could be the stale ones"):
+            await volume.read(0, 4096)
+
+    trio.run(scenario)

@@ -332,19 +332,11 @@ def test_scenario_short(scenario: str, layout: str, workroot: Path) -> None:
 # The trials of issue 17 item 9, each on its layouts, quick size (each well under 20 s here).
 ITEM_9 = [(scenario, layout) for scenario in ("stale-copy", "host-full", "zeroed-range")
           for layout in ONLY_ON[scenario]]
-# A known data-loss bug, not a tolerance limit: a zeroed extent of a parity volume is served
-# as data (issue 17 item 1; the fix was backed out for breaking the power-cut guarantees).
-# Strict: the day it passes, this mark has to go.
-KNOWN_BROKEN = {("zeroed-range", "parity-1"): "issue 17 item 1: a zeroed parity extent is "
-                                               "served as data (fix not landed)"}
 
 
 @pytest.mark.integration
 @pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
-@pytest.mark.parametrize(("scenario", "layout"), [
-    pytest.param(scenario, layout, marks=pytest.mark.xfail(
-        reason=KNOWN_BROKEN[(scenario, layout)], strict=True))
-    if (scenario, layout) in KNOWN_BROKEN else (scenario, layout)
-    for scenario, layout in ITEM_9], ids=[f"{scenario}-{layout}" for scenario, layout in ITEM_9])
+@pytest.mark.parametrize(("scenario", "layout"), ITEM_9,
+                         ids=[f"{scenario}-{layout}" for scenario, layout in ITEM_9])
 def test_item_9_trial_short(scenario: str, layout: str, workroot: Path) -> None:
     test_scenario_short(scenario, layout, workroot)
