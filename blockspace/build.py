@@ -30,6 +30,11 @@ COMPILED_MODULES: tuple[str, ...] = (
     "blockspace.geometry.layouts",
     "blockspace.ondisk.checksums",
     "blockspace.pool.checksum_store",
+    "blockspace.volume.cached_reads",
+    "blockspace.volume.extent_io",
+    "blockspace.volume.mirror",
+    "blockspace.volume.parity",
+    "blockspace.volume.row_locks",
 )
 
 PURE_ENV = "BLOCKSPACE_PURE"
