@@ -79,6 +79,16 @@ create_venv() {
     die "could not create the virtualenv (is python3-venv installed?)"
 }
 
+# An editable install's compiled modules are older than their edited sources (the package
+# then runs the sources and says so): rebuild them.
+compiled_build_stale() {
+    (cd "$REPO" && "$VENV/bin/python" -c \
+        'import sys; from blockspace.build import stale_modules; sys.exit(1 if stale_modules() else 0)' \
+        2>/dev/null) && return 1
+    say "python packages: the compiled modules are older than their sources"
+    return 0
+}
+
 install_python_packages() {
     if venv_ok; then
         say "virtualenv: $VENV exists"
@@ -86,12 +96,14 @@ install_python_packages() {
         create_venv
     fi
     local hash stamp
-    hash="$(sha256sum "$REPO/setup.cfg" | cut -c1-16)"
+    hash="$(cat "$REPO/setup.cfg" "$REPO/setup.py" "$REPO/pyproject.toml" | sha256sum | cut -c1-16)"
     stamp="$VENV/.installed-$hash"
-    if [ -e "$stamp" ]; then
-        say "python packages: up to date (setup.cfg unchanged)"
+    if [ -e "$stamp" ] && ! compiled_build_stale; then
+        say "python packages: up to date (setup.cfg, setup.py, pyproject.toml unchanged)"
         return 0
     fi
+    # The install compiles the hot modules with mypyc when gcc and Python's headers are there
+    # (setup.py, blockspace/build.py): a minute or two; BLOCKSPACE_PURE=1 skips it.
     say "python packages: pip install -e '.[test]'"
     (cd "$REPO" && "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e '.[test]')
     rm -f "$VENV"/.installed-*

@@ -13,6 +13,7 @@ import traceback
 from collections.abc import Sequence
 
 from blockspace import __version__
+from blockspace.build import build_kind
 from blockspace.cli import (
     attach,
     completion,
@@ -33,6 +34,12 @@ from blockspace.cli.output import error_line, json_line
 from blockspace.errors import BlockspaceError
 
 
+def version_line() -> str:
+    """'blockspace 0.1.0 (compiled)': the build says whether the hot modules run as mypyc's
+    C or as Python (blockspace/build.py), for a user's report and the tests."""
+    return f"blockspace {__version__} ({build_kind()})"
+
+
 def build_parser() -> Parser:
     common = Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -50,7 +57,7 @@ def build_parser() -> Parser:
                     epilog="Exit codes: 0 done, 1 failed, 2 bad input (nothing changed), "
                            "3 data at risk, 4 not mounted, 5 nothing to act on, "
                            "70 internal error.")
-    parser.add_argument("--version", action="version", version=f"blockspace {__version__}")
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     pool.add_commands(commands, common)
     volume.add_commands(commands, common)

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from blockspace import __version__
+from blockspace.build import build_kind
 from blockspace.units import format_size
 
 MiB = 1 << 20
@@ -408,7 +409,7 @@ def test_version_and_resiliency_names(world: World) -> None:
     """--version answers without a command; a volume created as "parity-1" or "mirror-3" is
     listed under the name it was created with; a usage error with --json is an object too."""
     version = ok(world.state, "--version", cwd=world.root).out
-    assert version == f"blockspace {__version__}\n"
+    assert version == f"blockspace {__version__} ({build_kind()})\n"
     for name in ("mirror-3", "parity-1"):
         created = ok_json(world.state, "volume", "create", "pool", f"by-{name}", "--size", "64M",
                           "--resiliency", name, cwd=world.root)

@@ -9,6 +9,7 @@ two tests), never on the project's suite: a few seconds in all.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 import textwrap
@@ -22,7 +23,14 @@ from mutants_lib import catalog, report  # noqa: E402
 from mutants_lib.catalog import CatalogError, Mutation  # noqa: E402
 from mutants_lib.cli import judge, main, problems_of  # noqa: E402
 from mutants_lib.mutate import MutationError, apply, check, make_copy, mutated_text  # noqa: E402
-from mutants_lib.runner import Outcome, Run, Runner, classify, pytest_command  # noqa: E402
+from mutants_lib.runner import (  # noqa: E402
+    Outcome,
+    Run,
+    Runner,
+    classify,
+    environment,
+    pytest_command,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -473,3 +481,11 @@ def test_a_run_from_the_command_line_reports_and_cleans_up(
         ("doubles", "killed"), ("triples", "survived")]
     assert document["tree"]["path"] == str(tree)
     assert list(work.iterdir()) == []  # the snapshot and the copies are gone
+
+
+def test_a_mutant_runs_the_pure_sources_not_a_compiled_build(tmp_path: Path) -> None:
+    """The mutated .py is what must run: a compiled module of the copy (built from the
+    unmutated source, blockspace/build.py) would shadow it and let the mutant survive."""
+    env = environment(tmp_path, "some-mutant")
+    assert env["BLOCKSPACE_PURE"] == "1"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path)

@@ -118,6 +118,9 @@ def environment(copy: Path, name: str, *extra: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(copy), *map(str, extra), env.get("PYTHONPATH", "")) if p)
     env["BLOCKSPACE_MUTANT"] = name  # for anyone reading a process list or a log
+    # A mutant is an edit of a .py file: the copy's compiled modules (blockspace/build.py),
+    # built from the unmutated sources, must not be what runs.
+    env["BLOCKSPACE_PURE"] = "1"
     return env
 
 
