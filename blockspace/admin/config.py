@@ -28,7 +28,7 @@ from typing import Any
 
 from blockspace.errors import InvalidInput
 from blockspace.pool.pool import DEFAULT_IO_TIMEOUT
-from blockspace.service.metrics import parse_metrics_address
+from blockspace.service.metrics_address import parse_metrics_address
 from blockspace.tiering.optimizer import DEFAULT_INTERVAL, DEFAULT_RATE
 from blockspace.units import parse_size
 

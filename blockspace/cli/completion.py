@@ -6,8 +6,6 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
-import shtab
-
 from blockspace.cli.common import OK, Parser
 
 SHELLS = ("bash", "zsh")
@@ -15,6 +13,8 @@ SHELLS = ("bash", "zsh")
 
 def script(parser: argparse.ArgumentParser, shell: str) -> str:
     """The completion script of `parser` for `shell` (bash or zsh)."""
+    import shtab  # only this command needs it: not every command's start-up
+
     return str(shtab.complete(parser, shell=shell))
 
 

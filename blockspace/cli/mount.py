@@ -15,7 +15,7 @@ from blockspace.cli.common import OK, NotMounted, Parser, owner, registry_of, se
 from blockspace.cli.output import console, emit
 from blockspace.errors import BlockspaceError, InvalidInput
 from blockspace.service import control, logging_setup
-from blockspace.service.metrics import parse_metrics_address
+from blockspace.service.metrics_address import parse_metrics_address
 from blockspace.service.nbd import default_socket_path, parse_address
 
 

@@ -103,6 +103,21 @@ class ExtentAllocator:
                 raise ValueError(f"extent {index} of disk {disk_id} is listed as used twice")
             state.used.add(index)
 
+    @classmethod
+    def counted(cls, disks: Mapping[int, int], in_use: Mapping[int, set[int]]
+                ) -> ExtentAllocator:
+        """An allocator whose used extents are `in_use` (disk id -> extent indexes, sets
+        it takes over: a validated map's count, see ondisk/metadata.py `validate`), with
+        the cheap checks only. ValueError if a disk is unknown or an extent out of range."""
+        allocator = cls(disks)
+        for disk_id, indexes in in_use.items():
+            state = allocator._state(disk_id)
+            if indexes and (min(indexes) < 0 or max(indexes) >= state.extent_count):
+                raise ValueError(f"extents of disk {disk_id} out of range "
+                                 f"({state.extent_count} extents)")
+            state.used = indexes
+        return allocator
+
     def _take_used(self, used: list[Extent]) -> bool:
         """Mark `used` used if every extent is sound and listed once (whole-list checks at
         C speed: a pool opens with 500k slabs); else change nothing and return False."""

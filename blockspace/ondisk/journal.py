@@ -50,6 +50,7 @@ from blockspace.ondisk.metadata import (
     META_HEADER_SIZE,
     META_MAGIC,
     MIN_TIER_UNIT,
+    ExtentsInUse,
     PoolMetadata,
     TrackedMap,
     compact_json,
@@ -417,11 +418,20 @@ def _collector_paused() -> Iterator[None]:
 def replay(read: Reader, index: SlotIndex, slot_size: int, pool_uuid: str) -> PoolMetadata:
     """The newest state of a slot: its checkpoint decoded once, its records applied, the
     result validated once. FormatError on anything that does not check."""
+    return replay_counted(read, index, slot_size, pool_uuid)[0]
+
+
+def replay_counted(read: Reader, index: SlotIndex, slot_size: int, pool_uuid: str
+                   ) -> tuple[PoolMetadata, ExtentsInUse | None]:
+    """`replay`, and the extents the state uses as its validation counted them (None for a
+    format-1 slot, whose decoder validates on its own): the pool's allocator takes them
+    instead of counting a big map again."""
     with _collector_paused():
         return _replay(read, index, slot_size, pool_uuid)
 
 
-def _replay(read: Reader, index: SlotIndex, slot_size: int, pool_uuid: str) -> PoolMetadata:
+def _replay(read: Reader, index: SlotIndex, slot_size: int, pool_uuid: str
+            ) -> tuple[PoolMetadata, ExtentsInUse | None]:
     version_1 = index.checkpoint.version == 1
     md = decode_checkpoint(read, index.checkpoint, slot_size, pool_uuid, check=version_1)
     for ref in index.records:
@@ -429,13 +439,12 @@ def _replay(read: Reader, index: SlotIndex, slot_size: int, pool_uuid: str) -> P
             continue
         payload = read(ref.offset + RECORD_HEADER_SIZE, ref.payload_len)
         md = apply_record(md, decode_record(payload, ref.generation, slot_size, pool_uuid))
-    if not version_1:
-        validate(md)
+    in_use = None if version_1 else validate(md)
     for volume in md.volumes:  # what replay touched is what the maps hold now: nothing new
         for mapping in (volume.slabs, volume.tiers.map if volume.tiers else None):
             if isinstance(mapping, TrackedMap):
                 mapping.take_dirty()
-    return md
+    return md, in_use
 
 
 # ---------------------------------------------------------------------------------------------

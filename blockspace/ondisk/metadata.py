@@ -388,9 +388,15 @@ def _validate_disks(md: PoolMetadata) -> dict[int, DiskRecord]:
     return by_id
 
 
-def validate(md: PoolMetadata, *, decoded: bool = False) -> None:
-    """Check every field and the cross-references of a map. Raises FormatError. A map
-    `decoded` from a disk must also leave room for commits after it."""
+# The extents each disk's slabs use, by disk id (every disk of the pool has an entry):
+# what validation counts anyway, handed on so that opening a big pool counts it once.
+ExtentsInUse = dict[int, set[int]]
+
+
+def validate(md: PoolMetadata, *, decoded: bool = False) -> ExtentsInUse:
+    """Check every field and the cross-references of a map, and return the extents it uses
+    (fresh sets, the caller's to keep). Raises FormatError. A map `decoded` from a disk
+    must also leave room for commits after it."""
     if not isinstance(md, PoolMetadata):
         raise FormatError("not pool metadata")
     check_uuid("pool uuid", md.pool_uuid)
@@ -442,54 +448,59 @@ def validate(md: PoolMetadata, *, decoded: bool = False) -> None:
         maps.append((where, volume.slabs, width, slab_count))
         if volume.codec is not None:
             _validate_codec(where, volume.codec, volume.layout)
-    if not _slab_maps_ok(maps, disks):  # then find the first fault, one row at a time
+    in_use = _extents_in_use(maps, disks)
+    if in_use is None:  # then find the first fault, one row at a time
         for where, slabs, width, slab_count in maps:
             for index, placement in slabs.items():
                 _int(f"{where} slab index", index, 0, slab_count - 1)
                 _validate_placement(f"{where} slab {index}", placement, width, disks, used)
         raise FormatError("pool metadata slab maps do not check")  # pragma: no cover
     _validate_tiers(md.volumes)
+    return in_use
 
 
 _SEQUENCES = frozenset({list, tuple})
 
 
-def _slab_maps_ok(maps: list[tuple[str, dict[Any, Any], int, int]],
-                  disks: dict[int, DiskRecord]) -> bool:
-    """Whether every slab map is sound (what `_validate_placement` checks row by row), by
-    whole-map checks that run at C speed: open validates maps of 500k slabs. False says
-    only that something is wrong; the row-by-row check then names it."""
+def _extents_in_use(maps: list[tuple[str, dict[Any, Any], int, int]],
+                    disks: dict[int, DiskRecord]) -> ExtentsInUse | None:
+    """The extents of every disk the slab maps use, if every map is sound (what
+    `_validate_placement` checks row by row), by whole-map checks that run at C speed: open
+    validates maps of 500k slabs. None says only that something is wrong; the row-by-row
+    check then names it."""
     per_disk: dict[int, set[int]] = {disk_id: set() for disk_id in disks}
     mapped = 0
     for _, slabs, width, slab_count in maps:
         if not slabs:
             continue
         if set(map(type, slabs)) != _INTS or min(slabs) < 0 or max(slabs) >= slab_count:
-            return False
+            return None
         placements = slabs.values()
         if not set(map(type, placements)) <= _SEQUENCES or set(map(len, placements)) != {width}:
-            return False
+            return None
         pairs = list(chain.from_iterable(placements))
         if not set(map(type, pairs)) <= _SEQUENCES or set(map(len, pairs)) != {2}:
-            return False
+            return None
         first, second = itemgetter(0), itemgetter(1)
         if set(map(type, map(first, pairs))) != _INTS or \
                 set(map(type, map(second, pairs))) != _INTS:
-            return False
+            return None
         present = set(map(first, pairs))
         if not present <= per_disk.keys() or min(map(second, pairs)) < 0:
-            return False
+            return None
         if width > 1 and any(len({pair[0] for pair in placement}) != width
                              for placement in placements):
-            return False
+            return None
         for disk_id in present:  # one C-speed pass per disk, not one step per extent
             per_disk[disk_id].update(compress(map(second, pairs),
                                               map(disk_id.__eq__, map(first, pairs))))
         mapped += len(pairs)
     if sum(map(len, per_disk.values())) != mapped:
-        return False  # an extent used twice
-    return all(not used or max(used) < disks[disk_id].extent_count
-               for disk_id, used in per_disk.items())
+        return None  # an extent used twice
+    if not all(not used or max(used) < disks[disk_id].extent_count
+               for disk_id, used in per_disk.items()):
+        return None
+    return per_disk
 
 
 def _codec_name(what: str, value: object) -> str:

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from blockspace.disks.devices import Device
 from blockspace.errors import DeviceError, FormatError
-from blockspace.ondisk.journal import Reader, SlotIndex, index_slot, replay
+from blockspace.ondisk.journal import Reader, SlotIndex, index_slot, replay, replay_counted
 from blockspace.ondisk.label import BLOCK, DiskGeometry, DiskLabel
-from blockspace.ondisk.metadata import PoolMetadata
+from blockspace.ondisk.metadata import ExtentsInUse, PoolMetadata
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,11 @@ class JournalPosition:
 def load_newest(
     members: list[tuple[Device, DiskLabel]], scans: list[SlotScan], pool_uuid: str,
     problems: list[str],
-) -> tuple[PoolMetadata, JournalPosition]:
-    """The newest state on any member (one checkpoint decoded, its journal replayed), and
-    the journal position the disks that hold exactly it share. A slot that fails to decode
-    is dropped from its member's scan and the next newest is tried."""
+) -> tuple[PoolMetadata, JournalPosition, ExtentsInUse | None]:
+    """The newest state on any member (one checkpoint decoded, its journal replayed), the
+    journal position the disks that hold exactly it share, and the extents the state uses
+    (`replay_counted`). A slot that fails to decode is dropped from its member's scan and
+    the next newest is tried."""
     while True:
         candidates = sorted(
             ((index.generation, i, slot) for i, scan in enumerate(scans)
@@ -124,8 +125,8 @@ def load_newest(
         device, label = members[i]
         index = scans[i].indexes[slot]
         try:
-            md = replay(slot_reader(device, label.geometry, slot), index,
-                        label.geometry.meta_slot_size, pool_uuid)
+            md, in_use = replay_counted(slot_reader(device, label.geometry, slot), index,
+                                        label.geometry.meta_slot_size, pool_uuid)
         except (FormatError, DeviceError) as error:
             problems.append(f"{device.path} slot {slot}: {error}")
             del scans[i].indexes[slot]
@@ -142,7 +143,7 @@ def load_newest(
                 and other.generation == index.generation
                 and other.checkpoint.generation == index.checkpoint.generation):
             position.disks.add(other_label.disk_id)
-    return md, position
+    return md, position, in_use
 
 
 def own_state(device: Device, label: DiskLabel, scan: SlotScan, pool_uuid: str) -> None:

@@ -64,6 +64,7 @@ from blockspace.ondisk.metadata import (
     MAX_VOLUME_SIZE,
     CodecInfo,
     DiskRecord,
+    ExtentsInUse,
     PoolMetadata,
     TrackedMap,
     VolumeRecord,
@@ -205,7 +206,10 @@ def read_label(device: Device) -> DiskLabel | None:
 
 class Pool:
     def __init__(self, metadata: PoolMetadata, disks: dict[int, PoolDisk],
-                 journal: JournalPosition | None = None) -> None:
+                 journal: JournalPosition | None = None,
+                 in_use: ExtentsInUse | None = None) -> None:
+        """`in_use`: the extents `metadata` maps, as its validation counted them (fresh
+        sets this pool keeps); None: counted here."""
         self.metadata = metadata
         self.disks = disks
         self._commit_lock = trio.Lock()
@@ -217,10 +221,11 @@ class Pool:
         # Why the last commit failed (cleared by the next that succeeds): `pool status`.
         self.metadata_error = ""
         self.reserve = MIN_RESERVE
-        used = metadata.used_extents()
-        self.allocator = ExtentAllocator(
-            {disk_id: disk.record.extent_count for disk_id, disk in disks.items()}, used
-        )
+        extent_counts = {disk_id: disk.record.extent_count for disk_id, disk in disks.items()}
+        if in_use is not None:
+            self.allocator = ExtentAllocator.counted(extent_counts, in_use)
+        else:
+            self.allocator = ExtentAllocator(extent_counts, metadata.used_extents())
         self.checksums = ChecksumStore(self.device, self.checksum_offset)
         self.intent: IntentLog | None = None  # enabled by the daemon (enable_intent_log)
         self.on_disk_failed: Callable[[int], None] | None = None  # the daemon starts a repair
@@ -360,7 +365,7 @@ class Pool:
         _check_identities(members)
         problems: list[str] = []
         scans = [scan_member(device, label, pool_uuid, problems) for device, label in members]
-        metadata, journal = load_newest(members, scans, pool_uuid, problems)
+        metadata, journal, in_use = load_newest(members, scans, pool_uuid, problems)
         newest = metadata.generation
         sealed = any(scan.sealed and scan.newest == newest for scan in scans)
         disks: dict[int, PoolDisk] = {}
@@ -396,7 +401,7 @@ class Pool:
                 returned=None if usable else device,
             )
         journal.disks &= {d for d, disk in disks.items() if disk.usable}
-        pool = cls(metadata, disks, journal)
+        pool = cls(metadata, disks, journal, in_use)
         pool._unsaved_states.update(stale)
         for disk_id, disk in disks.items():
             if disk.record.state == "resyncing":  # interrupted: every extent again

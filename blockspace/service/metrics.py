@@ -27,15 +27,6 @@ log = logging.getLogger(__name__)
 DISK_STATES = ("online", "missing", "failed", "retiring", "retired", "resyncing", "failing")
 
 
-def parse_metrics_address(text: str) -> tuple[str, int]:
-    """HOST:PORT (or [v6]:PORT, or :PORT for 127.0.0.1) of --metrics."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise InvalidInput(f"--metrics takes HOST:PORT (e.g. 127.0.0.1:9469), not {text!r}")
-    host = host.strip("[]") or "127.0.0.1"
-    return host, int(port_text)
-
-
 def _counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
     return CounterMetricFamily(name, doc, labels=labels)
 

@@ -21,7 +21,8 @@ from blockspace.events.log import EventLog, events_path
 from blockspace.pool.pool import Pool
 from blockspace.service import iostat
 from blockspace.service.iostats import IoStats
-from blockspace.service.metrics import MetricsServer, parse_metrics_address
+from blockspace.service.metrics import MetricsServer
+from blockspace.service.metrics_address import parse_metrics_address
 
 log = logging.getLogger(__name__)
 

@@ -437,18 +437,18 @@ def test_offline_open_of_a_big_state_reads_headers_not_every_slot(tmp_path: Path
         pool.close()
         files = [FileDevice(str(p)) for p in paths]
         calls = []
-        real = metastore.replay
+        real = metastore.replay_counted
 
         def counting(*args: Any) -> Any:
             calls.append(args)
             return real(*args)
 
-        metastore.replay = counting  # type: ignore[assignment]
+        metastore.replay_counted = counting  # type: ignore[assignment]
         try:
             pool = await Pool.open(files)
             pool.close()
         finally:
-            metastore.replay = real
+            metastore.replay_counted = real
             for f in files:
                 f.close()
         assert len(calls) == 1

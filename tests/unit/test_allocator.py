@@ -595,3 +595,29 @@ def test_the_used_list_is_checked_whole_then_extent_by_extent(
         ExtentAllocator({0: 10, 1: 10}, used)  # type: ignore[arg-type]
     allocator = ExtentAllocator({0: 10, 1: 10}, [(0, 1), (1, 9), (0, 0)])
     assert allocator.free_map() == {0: 8, 1: 9}
+
+
+def test_counted_allocator_equals_one_built_from_the_extent_list() -> None:
+    """Opening a pool hands the allocator the per-disk sets validation counted
+    (`ExtentAllocator.counted`): it must place exactly as one given the extents as a list."""
+    disks = {0: 6, 1: 6, 2: 4}
+    used = [(0, 0), (0, 3), (1, 1), (2, 0), (2, 3)]
+    listed = ExtentAllocator(disks, used)
+    counted = ExtentAllocator.counted(disks, {0: {0, 3}, 1: {1}, 2: {0, 3}})
+    for disk_id in disks:
+        assert counted.free_extents(disk_id) == listed.free_extents(disk_id)
+    assert all(counted.is_used(extent) for extent in used)
+    placements = [counted.allocate(2) for _ in range(5)]
+    assert placements == [listed.allocate(2) for _ in range(5)]
+    assert not set(used) & {extent for slab in placements for extent in slab}
+
+
+@pytest.mark.parametrize(("in_use", "message"), [
+    ({7: {0}}, "unknown disk 7"),
+    ({0: {6}}, "out of range"),
+    ({0: {-1}}, "out of range"),
+])
+def test_counted_allocator_refuses_what_does_not_fit_the_disks(
+        in_use: dict[int, set[int]], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ExtentAllocator.counted({0: 6, 1: 6}, in_use)

@@ -12,7 +12,8 @@ from blockspace.errors import InvalidInput
 from blockspace.latency import LATENCY_BUCKETS, OpCounter
 from blockspace.service.iostat import report
 from blockspace.service.iostats import IoStats, cumulative
-from blockspace.service.metrics import SnapshotCollector, parse_metrics_address
+from blockspace.service.metrics import SnapshotCollector
+from blockspace.service.metrics_address import parse_metrics_address
 
 
 def test_a_counter_puts_each_request_in_its_latency_bucket() -> None:
