@@ -7,6 +7,10 @@ PY   := $(VENV)/bin/python
 
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-k layouts -x"`.
 PYTEST_ARGS ?=
+# `make test` spreads the test files over this many pytest-xdist workers (a file stays on one
+# worker, so its module fixtures, the crash campaigns, are built once); 0 runs in-process.
+# Two: on a 2-core machine the serial run left a core idle while a test waited on its daemon.
+TEST_WORKERS ?= 2
 
 # pytest exit codes are propagated; 5 ("no tests collected") is a failure too, with a word why.
 define run_pytest
@@ -32,7 +36,7 @@ setup:
 	@bash "$(REPO)/tools/setup-env.sh"
 
 test: setup lint
-	$(call run_pytest,-q -m "not slow")
+	$(call run_pytest,-q -m "not slow" -n $(TEST_WORKERS) --dist loadfile)
 
 test-unit: setup
 	$(call run_pytest,-q tests/unit)

@@ -43,7 +43,10 @@ def test_thin_overcommit_is_reported_as_configured(pool: Path,
     assert status["actions"] == []
 
 
-def test_a_missing_disk_gets_status_and_action_lines(pool: Path) -> None:
+def test_a_missing_disk_gets_status_and_action_lines(pool: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # Wide enough for any tmp path (pytest-xdist's are longer): folding is the next test's
+    monkeypatch.setenv("COLUMNS", "400")
     state = pool / "state"
     (pool / LONG_DIR / "disk-1.img").rename(pool / "elsewhere.img")
     status = ok_json(state, "pool", "status", "p", cwd=pool)
